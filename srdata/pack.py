@@ -1,0 +1,301 @@
+"""Pack a folder of images into an srpipe database (see ``srdata.format``).
+
+Worker processes read, orient, convert, resize and encode the images (the costly part);
+the parent writes the encoded bytes to LMDB in order (cheap: a memcpy per image), so the
+writer never serialises the job and the output is the same for any number of workers.
+The database is built in a hidden sibling directory and renamed into place when complete:
+a killed pack leaves no directory that looks like a database.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lmdb
+from tqdm import tqdm
+
+from . import __version__
+from . import format as fmt
+from . import images
+
+log = logging.getLogger(__name__)
+GiB = 1 << 30
+
+
+class PackError(ValueError):
+    """The pack cannot run or produced nothing; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    size: int = 512
+    fit: str = "short"
+    codec: str = "jpeg"
+    quality: int = 95
+    subsampling: str = "444"
+    min_size: int = 256
+    max_pixels: int = 100_000_000
+    shard_size: int | None = None  # None: about 1 GiB per shard
+    workers: int = 0  # 0: all cores; 1 .. n: that many worker processes
+
+    def __post_init__(self):
+        if self.fit not in images.FITS:
+            raise ValueError(f"fit={self.fit!r}, expected one of {images.FITS}")
+        if self.codec not in fmt.CODECS:
+            raise ValueError(f"codec={self.codec!r}, expected one of {fmt.CODECS}")
+        if self.subsampling not in fmt.SUBSAMPLINGS:
+            raise ValueError(f"subsampling={self.subsampling!r}, expected one of "
+                             f"{fmt.SUBSAMPLINGS}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality={self.quality}, expected 1..100")
+        for name in ("size", "min_size", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}, expected a positive number")
+        if self.shard_size is not None and self.shard_size < 1:
+            raise ValueError(f"shard_size={self.shard_size}, expected a positive number")
+        if self.workers < 0:
+            raise ValueError(f"workers={self.workers}, expected 0 (all cores) or more")
+
+    def resolved_shard_size(self) -> int:
+        if self.shard_size is not None:
+            return self.shard_size
+        # bytes per image for a 4:3 photo at `size`; ratios measured by benchmarks/codecs.py
+        ratio = {"raw": 1.0, "png": 0.6, "jpeg": 0.15 if self.quality <= 95 else 0.3}
+        est = self.size * self.size * 4 / 3 * fmt.CHANNELS * ratio[self.codec]
+        return max(1, int(GiB // est))
+
+    def resolved_workers(self) -> int:
+        return self.workers or len(os.sched_getaffinity(0))
+
+
+def display(rel: bytes) -> str:
+    """A source path for humans and JSON: non-UTF-8 bytes shown as \\xNN escapes."""
+    return rel.decode("utf-8", "backslashreplace")
+
+
+def scan(root: Path, exclude: Path | None = None) -> list[bytes]:
+    """Every file under ``root`` (recursively), as sorted relative byte paths."""
+    root_b = os.fsencode(root)
+    exclude_b = os.fsencode(exclude.resolve()) if exclude else None
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root_b):
+        if exclude_b is not None:
+            dirnames[:] = [d for d in dirnames
+                           if os.path.realpath(os.path.join(dirpath, d)) != exclude_b]
+        dirnames.sort()
+        for name in filenames:
+            found.append(os.path.relpath(os.path.join(dirpath, name), root_b))
+    return sorted(found)
+
+
+def _init_worker():
+    import cv2
+    from PIL import Image
+    cv2.setNumThreads(1)  # one image per process; OpenCV's own threads would oversubscribe
+    Image.MAX_IMAGE_PIXELS = None  # PackConfig.max_pixels is the cap, checked before decode
+
+
+def _process(job: tuple[bytes, bytes, PackConfig]):
+    """(rel, value, shape) for a packed image, (rel, None, reason) for a skipped one."""
+    root, rel, cfg = job
+    try:
+        rgb = images.resize(images.load_rgb(os.path.join(root, rel), cfg.max_pixels),
+                            cfg.size, cfg.fit)
+        if min(rgb.shape[:2]) < cfg.min_size:
+            h, w = rgb.shape[:2]
+            raise images.Skip(f"too small: {w}x{h} px after resize, below --min-size "
+                              f"{cfg.min_size}")
+        return rel, fmt.encode_image(rgb, cfg.codec, cfg.quality, cfg.subsampling), rgb.shape
+    except images.Skip as e:
+        return rel, None, str(e)
+    except Exception as e:  # a bug or a library failure on one file must not lose the pack
+        return rel, None, f"failed: {type(e).__name__}: {e}"
+
+
+class _ShardWriter:
+    """Writes records in order, starting a new LMDB shard every ``per_shard`` images."""
+
+    def __init__(self, root: Path, per_shard: int):
+        self.root, self.per_shard = root, per_shard
+        self.shards: list[dict] = []
+        self.env = self.txn = None
+        self.map_size = 4 * GiB
+        self.seconds = 0.0
+
+    def put(self, key: bytes, value: bytes) -> int:
+        t0 = time.perf_counter()
+        if self.env is None or self.shards[-1]["count"] == self.per_shard:
+            self._close_shard()
+            self._open_shard()
+        shard = self.shards[-1]
+        while True:
+            try:
+                self.txn.put(key, value)
+                break
+            except lmdb.MapFullError:
+                self.txn.abort()  # loses this txn's uncommitted puts: replay them
+                self.map_size *= 2
+                self.env.set_mapsize(self.map_size)
+                self.txn = self.env.begin(write=True)
+                for k, v in shard["_pending"]:
+                    self.txn.put(k, v)
+        shard["_pending"].append((key, value))
+        shard["count"] += 1
+        if len(shard["_pending"]) >= 64:
+            self.txn.commit()
+            self.txn = self.env.begin(write=True)
+            shard["_pending"] = []
+        self.seconds += time.perf_counter() - t0
+        return len(self.shards) - 1
+
+    def _open_shard(self):
+        name = fmt.shard_name(len(self.shards))
+        self.env = lmdb.open(str(self.root / name), map_size=self.map_size, subdir=True,
+                             readahead=False, meminit=False, sync=False)
+        self.txn = self.env.begin(write=True)
+        self.shards.append({"name": name, "count": 0, "_pending": []})
+
+    def _close_shard(self):
+        if self.env is None:
+            return
+        self.txn.commit()
+        self.env.sync(True)
+        self.env.close()
+        self.env = self.txn = None
+        shard = self.shards[-1]
+        del shard["_pending"]
+        data = self.root / shard["name"] / "data.mdb"
+        (self.root / shard["name"] / "lock.mdb").unlink(missing_ok=True)  # readers use none
+        digest = hashlib.sha256()
+        with open(data, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        shard["bytes"], shard["sha256"] = data.stat().st_size, digest.hexdigest()
+
+    def close(self) -> list[dict]:
+        self._close_shard()
+        return self.shards
+
+
+def _remove_stale_partials(dst: Path) -> None:
+    for p in dst.parent.glob(f".{dst.name}.partial-*"):
+        try:
+            os.kill(int(p.name.rsplit("-", 1)[1]), 0)
+        except (ValueError, ProcessLookupError):
+            log.warning("removing %s, left by an interrupted pack", p)
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            pass  # another user's live process
+
+
+def check_destination(dst: Path, overwrite: bool) -> None:
+    if dst.exists() and not dst.is_dir():
+        raise PackError(f"{dst} exists and is not a directory; choose another DB path")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise PackError(f"{dst} exists and is not empty; pass --overwrite to replace it, "
+                        "or choose another DB path")
+
+
+def pack(src: str | os.PathLike, dst: str | os.PathLike, cfg: PackConfig,
+         overwrite: bool = False, progress: bool = True) -> dict:
+    """Pack ``src`` into the database ``dst``; returns the summary (also in the manifest)."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise PackError(f"image folder {src} does not exist or is not a directory")
+    check_destination(dst, overwrite)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(dst)
+    exclude = dst if dst.resolve().is_relative_to(src.resolve()) else None
+    files = scan(src, exclude)
+    if not files:
+        raise PackError(f"{src} holds no files; point IMAGES at a folder of images")
+
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        summary = _pack_into(src, files, tmp, cfg, progress)
+        _publish(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary["db"] = str(dst)
+    return summary
+
+
+def _pack_into(src: Path, files: list[bytes], tmp: Path, cfg: PackConfig,
+               progress: bool) -> dict:
+    t0 = time.perf_counter()
+    root = os.fsencode(src)
+    jobs = ((root, rel, cfg) for rel in files)
+    writer = _ShardWriter(tmp, cfg.resolved_shard_size())
+    rows, skipped = [], []
+    workers = cfg.resolved_workers()
+    bar = tqdm(total=len(files), unit="img", disable=not progress, desc="packing",
+               dynamic_ncols=True)
+    pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker)
+    try:
+        for rel, value, info in pool.imap(_process, jobs, chunksize=4):
+            bar.update()
+            if value is None:
+                skipped.append({"path": display(rel), "reason": info})
+                continue
+            gid = len(rows)
+            shard = writer.put(fmt.record_key(gid), value)
+            h, w, c = info
+            rows.append([shard, fmt.record_key(gid).decode(), h, w, c, len(value),
+                         fmt.crc32(value), display(rel)])
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+        bar.close()
+    shards = writer.close()
+    if not rows:
+        reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:5])
+        raise PackError(f"no image in {src} could be packed ({len(skipped)} skipped: "
+                        f"{reasons}{' ...' if len(skipped) > 5 else ''})")
+    seconds = time.perf_counter() - t0
+    total_bytes = sum(r[5] for r in rows)
+    manifest = {
+        "format": fmt.FORMAT_NAME,
+        "format_version": fmt.FORMAT_VERSION,
+        "srpipe_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source_root": str(src.resolve()),
+        "params": {k: v for k, v in asdict(cfg).items() if k not in ("workers", "shard_size")}
+        | {"shard_size": writer.per_shard},
+        "count": len(rows),
+        "codec": cfg.codec,
+        "bytes": total_bytes,
+        "index": fmt.INDEX,
+        "shards": shards,
+        "skipped": skipped,
+        "pack_stats": {"seconds": round(seconds, 3), "workers": workers,
+                       "images_per_s": round((len(rows) + len(skipped)) / seconds, 1),
+                       "writer_seconds": round(writer.seconds, 3)},
+    }
+    fmt.write_json_atomic(tmp / fmt.INDEX, {"format_version": fmt.FORMAT_VERSION,
+                                           "columns": list(fmt.INDEX_COLUMNS), "rows": rows})
+    fmt.write_json_atomic(tmp / fmt.MANIFEST, manifest)  # last: its presence means complete
+    return manifest
+
+
+def _publish(tmp: Path, dst: Path) -> None:
+    """Move the finished database into place; an old one is removed only after that."""
+    old = None
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    if old is not None:
+        shutil.rmtree(old)
