@@ -15,6 +15,8 @@ import multiprocessing as mp
 import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -240,9 +242,12 @@ def _pack_into(src: Path, files: list[bytes], tmp: Path, cfg: PackConfig,
     workers = cfg.resolved_workers()
     bar = tqdm(total=len(files), unit="img", disable=not progress, desc="packing",
                dynamic_ncols=True)
-    pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker)
+    # An executor, not mp.Pool: a worker that dies (OOM kill, a script without a main
+    # guard re-importing itself under spawn) fails the pack instead of hanging it forever.
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                               initializer=_init_worker)
     try:
-        for rel, value, info in pool.imap(_process, jobs, chunksize=4):
+        for rel, value, info in pool.map(_process, jobs, chunksize=4):
             bar.update()
             if value is None:
                 skipped.append({"path": display(rel), "reason": info})
@@ -252,12 +257,12 @@ def _pack_into(src: Path, files: list[bytes], tmp: Path, cfg: PackConfig,
             h, w, c = info
             rows.append([shard, fmt.record_key(gid).decode(), h, w, c, len(value),
                          fmt.crc32(value), display(rel)])
-        pool.close()
-    except BaseException:
-        pool.terminate()
-        raise
+    except BrokenProcessPool as e:
+        raise PackError("a packing worker process died (out of memory?); if you call "
+                        "srdata.pack from a script, put the call under "
+                        "`if __name__ == '__main__':`") from e
     finally:
-        pool.join()
+        pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
     shards = writer.close()
     if not rows:
