@@ -1,9 +1,12 @@
 import os
+from pathlib import Path
 
+import cv2
+import lmdb
 import numpy as np
 import pytest
 
-from srdata.pack import PackConfig
+from srdata.pack import PackConfig, pack
 from srdata.samples import synthetic_image, write_image
 
 # Small images keep the suite fast: pack to 96 px short side, keep anything >= 48 px.
@@ -52,3 +55,63 @@ def corrupt_byte(path, offset):
 def no_root():
     if os.geteuid() == 0:
         pytest.skip("root reads files whatever their permissions")
+
+
+def make_basicsr_lmdb(lmdb_path, data_path, img_path_list, keys, compress_level=1):
+    """What BasicSR's make_lmdb_from_imgs writes (basicsr/utils/lmdb_util.py), step by step."""
+    lmdb_path = str(lmdb_path)
+    assert lmdb_path.endswith(".lmdb")
+    env = lmdb.open(lmdb_path, map_size=1 << 26)
+    txn = env.begin(write=True)
+    with open(Path(lmdb_path) / "meta_info.txt", "w") as txt_file:
+        for path, key in zip(img_path_list, keys):
+            img = cv2.imread(str(Path(data_path) / path), cv2.IMREAD_UNCHANGED)
+            h, w, c = (*img.shape, 1) if img.ndim == 2 else img.shape
+            _, img_byte = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, compress_level])
+            txn.put(key.encode("ascii"), img_byte)
+            txt_file.write(f"{key}.png ({h},{w},{c}) {compress_level}\n")
+    txn.commit()
+    env.close()
+
+
+@pytest.fixture
+def basicsr_db(image_dir, tmp_path):
+    """The six conftest images plus a grayscale one whose name holds a dot and a space."""
+    cv2.imwrite(str(image_dir / "gray v1.5.png"),
+                cv2.cvtColor(cv2.imread(str(image_dir / "b" / "im000.png")), cv2.COLOR_BGR2GRAY))
+    files = sorted(str(p.relative_to(image_dir)) for p in image_dir.rglob("*.*"))
+    # keys as BasicSR's prepare_keys_reds makes them: the relative path, extension dropped
+    keys = [f.rsplit(".", 1)[0] for f in files]
+    db = tmp_path / "train_HR.lmdb"
+    make_basicsr_lmdb(db, image_dir, files, keys)
+    return db, image_dir, files, keys
+
+
+# Ten varied images for the loader tests, packed once per session and codec.
+LOADER_SIZES = [(120, 160), (200, 130), (96, 96), (150, 150), (100, 250), (180, 140),
+                (130, 130), (110, 170), (160, 100), (99, 120)]
+
+
+@pytest.fixture(scope="session")
+def packed(tmp_path_factory):
+    """``packed(codec)``: the path of a database of LOADER_SIZES images (96 px short side)."""
+    root = tmp_path_factory.mktemp("loader-images")
+    make_images(root, LOADER_SIZES)
+    built = {}
+
+    def get(codec):
+        if codec not in built:
+            built[codec] = tmp_path_factory.mktemp("db") / codec
+            pack(root, built[codec], PackConfig(**(SMALL | {"codec": codec})), progress=False)
+        return built[codec]
+    return get
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; run `pytest -m gpu` on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

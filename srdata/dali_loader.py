@@ -1,0 +1,149 @@
+"""``loader="dali"``: decode, crop, flip and downscale on the GPU with NVIDIA DALI.
+
+Python worker processes (DALI's parallel external source) read each sample's encoded bytes
+from LMDB and hand over the sampler's crop and flips; everything after that runs in DALI:
+``mixed`` decode on a GPU (``cpu`` without one, ``device_id=None``, the same graph CI
+tests), slice, flips, transpose and the nearest-neighbour downscale.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import format as fmt
+from .loader import Loader
+from .sampler import HFLIP, ID, TRANSPOSE, X, Y, crop_and_flip
+
+try:
+    from nvidia.dali import fn, pipeline_def, types
+except ImportError:  # reported when a DALI loader is asked for, not at import
+    fn = pipeline_def = types = None
+
+MISSING_DALI = ("NVIDIA DALI is not installed: `pip install '.[dali]'` (nvidia-dali-cuda120) "
+                "in the srpipe checkout, or use loader='torch' (--loader torch)")
+
+
+class PatchSource:
+    """The per-sample callback of the external source; picklable and stateless per sample.
+
+    Sample ``info.idx_in_epoch`` of DALI epoch ``info.epoch_idx`` is row
+    ``idx_in_epoch + skip`` of sampler epoch ``first_epoch + epoch_idx`` (``skip`` rows, a
+    resumed run's already-seen batches, apply to the first epoch only). Raw records are cut
+    here, at no cost; encoded ones go whole to the decoder with the crop as arguments.
+    """
+
+    def __init__(self, db, sampler, first_epoch: int, skip: int, padded_len: int):
+        self.db, self.sampler = db, sampler
+        self.first_epoch, self.skip, self.padded_len = first_epoch, skip, padded_len
+        self._epoch, self._rows = None, None
+
+    def __call__(self, info):
+        epoch = self.first_epoch + info.epoch_idx
+        j = info.idx_in_epoch + (self.skip if info.epoch_idx == 0 else 0)
+        if j >= self.padded_len:
+            raise StopIteration
+        if self._epoch != epoch:
+            self._epoch, self._rows = epoch, self.sampler.plan(epoch)
+        row = self._rows[min(j, len(self._rows) - 1)]  # a short last batch is padded
+        flags = row[HFLIP:TRANSPOSE + 1].astype(np.int32)
+        if self.db.codec == "raw":
+            return crop_and_flip(self.db.image(int(row[ID])), row, self.sampler.patch)
+        value = np.frombuffer(self.db.read(int(row[ID])), np.uint8)
+        return value, np.array([row[Y], row[X]], np.int32), flags
+
+
+def _sr_pipeline(source, raw, patch, scale, gpu, roi, workers):
+    shape = np.array([patch, patch], np.int32)
+
+    @pipeline_def(enable_conditionals=True, py_num_workers=workers, py_start_method="spawn")
+    def sr_pipeline():
+        if raw:  # cut and flipped by the source already
+            data = fn.external_source(source=source, batch=False, parallel=True,
+                                      dtype=types.UINT8, layout="HWC")
+            hr = data.gpu() if gpu else data
+        else:
+            data, anchor, flags = fn.external_source(
+                source=source, num_outputs=3, batch=False, parallel=True,
+                dtype=[types.UINT8, types.INT32, types.INT32])
+            device = "mixed" if gpu else "cpu"
+            if roi:
+                hr = fn.decoders.image_slice(data, anchor, shape, axis_names="HW",
+                                             device=device, output_type=types.RGB)
+            else:
+                img = fn.decoders.image(data, device=device, output_type=types.RGB)
+                hr = fn.slice(img, anchor, shape, axis_names="HW")
+            hr = fn.flip(hr, horizontal=flags[0], vertical=flags[1])
+            if flags[2] == 1:
+                hr = fn.transpose(hr, perm=[1, 0, 2], transpose_layout=False)
+        lr = fn.resize(hr, size=[patch // scale] * 2, interp_type=types.INTERP_NN,
+                       antialias=False)
+        return lr, hr
+
+    return sr_pipeline
+
+
+class DaliLoader(Loader):
+    def __init__(self, db, sampler, scale, device, dtype, channels_last, workers: int,
+                 roi_decode: bool = False):
+        if pipeline_def is None:
+            raise ImportError(MISSING_DALI)
+        super().__init__(db, sampler, scale, device, dtype, channels_last)
+        self.workers, self.roi_decode = max(1, workers), roi_decode
+        self._pipe, self._pipe_at = None, None  # the pipeline and the (epoch, batch) it is at
+
+    def _build(self, epoch: int, start: int):
+        s = self.sampler
+        source = PatchSource(self.db, s, epoch, start * s.batch_size,
+                             len(s) * s.batch_size)
+        gpu = self.device.type == "cuda"
+        build = _sr_pipeline(source, self.db.codec == "raw", s.patch, self.scale, gpu,
+                             self.roi_decode, self.workers)
+        pipe = build(batch_size=s.batch_size, num_threads=self.workers,
+                     device_id=self.device.index if gpu else None, prefetch_queue_depth=2,
+                     seed=s.seed)
+        pipe.build()
+        self._pipe = pipe
+
+    def _batches(self, epoch, start):
+        if self._pipe is None or self._pipe_at != (epoch, start):
+            self._build(epoch, start)  # first use, or a jump (resume, set_epoch, break)
+        self._pipe_at = None  # mid-epoch until the epoch is drained
+        s, pipe = self.sampler, self._pipe
+        for b in range(start, len(s)):
+            try:
+                lr, hr = pipe.run()
+            except StopIteration:
+                raise RuntimeError("DALI ended the epoch early; this is a bug") from None
+            except Exception as e:  # DALI raises several types; name the bad record
+                raise self._explain(epoch, b, e) from e
+            n = min(s.batch_size, s.per_rank - b * s.batch_size)
+            yield self._to_torch(lr, n), self._to_torch(hr, n)
+        try:
+            pipe.run()  # the source's StopIteration: DALI's end of epoch
+        except StopIteration:
+            pipe.reset()
+            self._pipe_at = (epoch + 1, 0)
+
+    def _to_torch(self, tl, n: int) -> torch.Tensor:
+        t = tl.as_tensor()
+        if self.device.type == "cuda":
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+            out = torch.empty(t.shape(), dtype=torch.uint8, device=self.device)
+            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device))
+        else:
+            out = torch.from_numpy(np.array(t))
+        return self._output(out[:n].permute(0, 3, 1, 2))
+
+    def _explain(self, epoch, b, err):
+        """DALI cannot say which sample failed: re-read the records of this batch and the
+        ones prefetched behind it on the CPU."""
+        s = self.sampler
+        rows = s.plan(epoch)[b * s.batch_size:(b + 3) * s.batch_size]
+        for row in rows:
+            try:
+                self.db.image(int(row[ID]))
+            except fmt.DBError as e:
+                return fmt.DBError(f"{e}; run `srdata verify {self.db.path}` to list every bad "
+                                   "record")
+        return RuntimeError(f"DALI pipeline failed on batch {b} of epoch {epoch} of "
+                            f"{self.db.path}: {err}")

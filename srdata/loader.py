@@ -1,0 +1,115 @@
+"""One loader interface, two implementations (``torch`` and ``dali``).
+
+Both iterate ``(lr, hr)`` pairs on the device as NCHW tensors in channels_last memory
+format, either float in [0, 1] (the dtype the caller asks for) or uint8. ``lr`` is the
+nearest-neighbour downscale of ``hr`` by ``scale``: ``lr[y, x] = hr[y*s + s//2, x*s + s//2]``
+(what DALI's INTERP_NN resize computes), so no blur or ringing is baked into the inputs.
+
+Progress is counted in batches handed to the caller: ``state_dict()`` taken after k batches
+of epoch e resumes, through ``load_state_dict()``, at batch k of epoch e, and after a full
+epoch at batch 0 of epoch e + 1.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .sampler import Sampler
+
+LOADERS = ("dali", "torch")
+
+
+class Loader:
+    """What both implementations share: the sampler, the position, the output format."""
+
+    def __init__(self, db, sampler: Sampler, scale: int, device: torch.device,
+                 dtype: torch.dtype, channels_last: bool):
+        self.db, self.sampler, self.scale = db, sampler, scale
+        self.device, self.dtype, self.channels_last = device, dtype, channels_last
+        self.epoch, self.batch = 0, 0
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` at its first batch (a no-op for the epoch already under way)."""
+        if epoch != self.epoch:
+            self.epoch, self.batch = epoch, 0
+
+    def state_dict(self) -> dict:
+        s = self.sampler
+        return {"epoch": self.epoch, "batch": self.batch, "seed": s.seed,
+                "batch_size": s.batch_size, "world_size": s.world_size, "rank": s.rank,
+                "draw": s.draw}
+
+    def load_state_dict(self, state: dict) -> None:
+        s = self.sampler
+        mine = {"seed": s.seed, "batch_size": s.batch_size, "world_size": s.world_size,
+                "draw": s.draw}
+        theirs = {k: state.get(k) for k in mine}
+        if theirs != mine:
+            raise ValueError(f"loader state was saved with {theirs}, this loader has {mine}; "
+                             "resume with the same seed, batch size, sample ratio and GPUs")
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+    def __iter__(self):
+        start = self.batch
+        for pair in self._batches(self.epoch, start):
+            self.batch += 1
+            yield pair
+        self.epoch, self.batch = self.epoch + 1, 0
+
+    def _batches(self, epoch: int, start: int):
+        raise NotImplementedError
+
+    def _output(self, t: torch.Tensor) -> torch.Tensor:
+        """An NCHW uint8 view on the device -> the output dtype and memory format."""
+        if self.dtype != torch.uint8:
+            t = t.to(self.dtype).div_(255)  # .to keeps channels_last strides
+        return t.contiguous(memory_format=torch.channels_last if self.channels_last
+                            else torch.contiguous_format)
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int = 256,
+                scale: int = 4, seed: int = 0, sample_ratio: float = 1.0, rank: int = 0,
+                world_size: int = 1, device=None, dtype: torch.dtype = torch.float32,
+                channels_last: bool = True, augment: bool = True, drop_last: bool = True,
+                workers: int | None = None, roi_decode: bool = False) -> Loader:
+    """An iterable of ``(lr, hr)`` batches from the database ``db`` (a path or an open one).
+
+    ``workers``: CPU processes reading the database (torch: DataLoader workers; dali:
+    external-source workers); default all cores but one. ``roi_decode`` (dali only): decode
+    just the patch's region of each JPEG.
+    """
+    from .basicsr import open_db
+    if loader not in LOADERS:
+        raise ValueError(f"got loader={loader!r}, expected one of {', '.join(LOADERS)}")
+    if scale not in (2, 3, 4):
+        raise ValueError(f"got scale={scale}, expected 2, 3 or 4")
+    if patch_size % scale:
+        raise ValueError(f"patch size {patch_size} is not divisible by scale {scale}; use "
+                         f"{patch_size - patch_size % scale} or {patch_size + scale - patch_size % scale}")
+    if dtype not in (torch.uint8, torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"got dtype={dtype}, expected uint8, float32, float16 or bfloat16")
+    db = open_db(db) if isinstance(db, (str, os.PathLike)) else db
+    sampler = Sampler(db.heights, db.widths, batch_size, patch_size, seed=seed,
+                      sample_ratio=sample_ratio, rank=rank, world_size=world_size,
+                      augment=augment, drop_last=drop_last)
+    device = resolve_device(device)
+    if workers is None:
+        workers = max(1, len(os.sched_getaffinity(0)) - 1)
+    if loader == "torch":
+        from .torch_loader import TorchLoader
+        return TorchLoader(db, sampler, scale, device, dtype, channels_last, workers)
+    from .dali_loader import DaliLoader
+    return DaliLoader(db, sampler, scale, device, dtype, channels_last, workers, roi_decode)

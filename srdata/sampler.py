@@ -1,0 +1,112 @@
+"""The one place training randomness is decided: which image, where to crop, which flips.
+
+Both loaders consume the rows of ``Sampler.plan(epoch)``, so ``loader="torch"`` and
+``loader="dali"`` see the same samples in the same order. A row is::
+
+    (image id, crop y, crop x, horizontal flip, vertical flip, transpose)
+
+with the crop the HR patch's top-left corner. Augmentations are applied in that order:
+flip left-right, flip top-bottom, then transpose (swap H and W). With the three bits the
+eight symmetries of the square (flips and 90-degree rotations) are equally likely.
+
+An epoch draws a fresh random ``sample_ratio`` fraction of the database (all of it at 1.0),
+in random order. Row j's crop and flips depend only on ``(seed, epoch, j)``, not on the
+number of ranks. Ranks take interleaved rows ``j = rank, rank + world_size, ...`` of an equal
+share, so every rank runs the same number of batches:
+
+- ``drop_last=True`` (training): each rank's share is cut to whole batches; at most
+  ``world_size * batch_size - 1`` drawn samples go unused each epoch (a different few each
+  epoch, since the order is reshuffled).
+- ``drop_last=False`` (evaluation): the drawn samples are wrapped around to fill every
+  rank's share equally, and each rank's last batch may be short.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+ID, Y, X, HFLIP, VFLIP, TRANSPOSE = range(6)
+
+
+class Sampler:
+    def __init__(self, heights, widths, batch_size: int, patch: int, seed: int = 0,
+                 sample_ratio: float = 1.0, rank: int = 0, world_size: int = 1,
+                 augment: bool = True, drop_last: bool = True):
+        self.heights = np.asarray(heights, np.int64)
+        self.widths = np.asarray(widths, np.int64)
+        n = len(self.heights)
+        if n == 0:
+            raise ValueError("the database holds no images")
+        if batch_size < 1 or patch < 1:
+            raise ValueError(f"got batch_size={batch_size}, patch={patch}, expected >= 1")
+        if not 0 < sample_ratio <= 1:
+            raise ValueError(f"got sample_ratio={sample_ratio}, expected 0 < ratio <= 1")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"got rank={rank}, world_size={world_size}, expected "
+                             "0 <= rank < world_size")
+        small = np.flatnonzero(np.minimum(self.heights, self.widths) < patch)
+        if small.size:
+            i = int(small[0])
+            raise ValueError(f"patch {patch} is larger than image {i} "
+                             f"({self.widths[i]}x{self.heights[i]} px) and {small.size - 1} "
+                             f"other(s); use a smaller patch or pack with --min-size {patch}")
+        self.batch_size, self.patch, self.seed = batch_size, patch, seed
+        self.rank, self.world_size = rank, world_size
+        self.augment, self.drop_last = augment, drop_last
+        self.draw = max(1, round(sample_ratio * n))
+        if drop_last:
+            self.per_rank = self.draw // world_size // batch_size * batch_size
+            if self.per_rank == 0:
+                raise ValueError(f"an epoch draws {self.draw} samples, fewer than batch_size "
+                                 f"{batch_size} x world_size {world_size}; lower the batch "
+                                 "size or raise sample_ratio")
+        else:
+            self.per_rank = math.ceil(self.draw / world_size)
+
+    def __len__(self) -> int:
+        """Batches per epoch on each rank."""
+        return math.ceil(self.per_rank / self.batch_size)
+
+    def plan(self, epoch: int) -> np.ndarray:
+        """This rank's rows for ``epoch``: an int64 array of shape (samples, 6)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        ids = rng.permutation(len(self.heights))[: self.draw]
+        rows = np.zeros((self.draw, 6), np.int64)
+        rows[:, ID] = ids
+        rows[:, Y] = rng.random(self.draw) * (self.heights[ids] - self.patch + 1)
+        rows[:, X] = rng.random(self.draw) * (self.widths[ids] - self.patch + 1)
+        flips = rng.integers(0, 2, (self.draw, 3))
+        if self.augment:
+            rows[:, HFLIP:] = flips
+        total = self.per_rank * self.world_size
+        rows = np.resize(rows, (total, 6)) if total > self.draw else rows[:total]
+        return rows[self.rank::self.world_size]
+
+    def batches(self, epoch: int, start: int = 0):
+        """Yield this rank's batches of rows for ``epoch``, from batch ``start`` on."""
+        rows = self.plan(epoch)
+        for b in range(start, len(self)):
+            yield rows[b * self.batch_size:(b + 1) * self.batch_size]
+
+
+def crop_and_flip(img: np.ndarray, row, patch: int) -> np.ndarray:
+    """The HR patch a plan row describes, as a contiguous HxWxC array (the reference)."""
+    y, x = int(row[Y]), int(row[X])
+    hr = img[y:y + patch, x:x + patch]
+    if row[HFLIP]:
+        hr = hr[:, ::-1]
+    if row[VFLIP]:
+        hr = hr[::-1]
+    if row[TRANSPOSE]:
+        hr = hr.transpose(1, 0, 2)
+    return np.ascontiguousarray(hr)
+
+
+def nn_downscale(hr, scale: int):
+    """``lr[y, x] = hr[y*s + s//2, x*s + s//2]`` on the last two spatial axes given (HWC
+    numpy or NCHW torch); the same pixels DALI's INTERP_NN resize picks."""
+    o = scale // 2
+    if isinstance(hr, np.ndarray):
+        return hr[o::scale, o::scale]
+    return hr[..., o::scale, o::scale]

@@ -1,0 +1,78 @@
+"""``loader="torch"``: a plain PyTorch DataLoader over the sampler's rows.
+
+Each worker opens the database lazily (see ``srdata.reader``), decodes with OpenCV, and cuts
+the HR patch the row describes; batches travel as uint8 NHWC in pinned memory and the LR is
+picked on the device. It is the baseline DALI is measured against, and a fallback that needs
+nothing beyond PyTorch.
+"""
+from __future__ import annotations
+
+import weakref
+
+import cv2
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import format as fmt
+from .loader import Loader
+from .sampler import ID, crop_and_flip, nn_downscale
+
+
+class PatchDataset(Dataset):
+    """Indexed by a sampler row, not an integer: the row says which image and how to cut."""
+
+    def __init__(self, db, patch: int):
+        self.db, self.patch = db, patch
+
+    def __getitem__(self, row):
+        return crop_and_flip(self.db.image(int(row[ID])), row, self.patch)
+
+
+class _RowBatches:
+    """The DataLoader's batch sampler: the loader's current epoch, from its current batch."""
+
+    def __init__(self, loader: "TorchLoader"):
+        # A weak reference: a cycle loader -> DataLoader -> sampler -> loader would leave
+        # the workers to the garbage collector, which finalises their queues first, and
+        # every discarded loader would then wait 5 s for its workers to time out.
+        self._loader = weakref.ref(loader)
+
+    def __iter__(self):
+        lo = self._loader()
+        for rows in lo.sampler.batches(lo.epoch, lo.batch):
+            yield [tuple(r) for r in rows.tolist()]
+
+    def __len__(self):
+        return len(self._loader().sampler)
+
+
+def _worker_init(_):
+    cv2.setNumThreads(1)  # one image per worker at a time; more threads only contend
+
+
+class TorchLoader(Loader):
+    def __init__(self, db, sampler, scale, device, dtype, channels_last, workers: int):
+        super().__init__(db, sampler, scale, device, dtype, channels_last)
+        self.workers = workers
+        self._dl = DataLoader(
+            PatchDataset(db, sampler.patch), batch_sampler=_RowBatches(self),
+            num_workers=workers, pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+            worker_init_fn=_worker_init if workers else None)
+
+    def _batches(self, epoch, start):
+        try:
+            for hr in self._dl:
+                hr = hr.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+                yield self._output(nn_downscale(hr, self.scale)), self._output(hr)
+        except fmt.DBError as e:
+            # A worker's error arrives with its traceback folded into the message; the
+            # last line is ours and names the database and key.
+            raise fmt.DBError(_last_line(str(e)) + f"; run `srdata verify {self.db.path}` "
+                              "to list every bad record") from None
+
+
+def _last_line(message: str) -> str:
+    line = message.strip().splitlines()[-1]
+    prefix = fmt.DBError.__module__ + ".DBError: "
+    return line[len(prefix):] if line.startswith(prefix) else line

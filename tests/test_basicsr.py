@@ -1,0 +1,118 @@
+import multiprocessing
+import pickle
+from pathlib import Path
+
+import cv2
+import lmdb
+import numpy as np
+import pytest
+
+from srdata import DBError, PackedDB
+from srdata.basicsr import BasicSRDB, open_db
+from srdata.pack import pack
+
+
+def test_round_trip_bit_exact(basicsr_db):
+    path, image_dir, files, keys = basicsr_db
+    db = BasicSRDB(path)
+    assert len(db) == 7 and db.codec == "png"
+    assert db.manifest == {"format": "basicsr-lmdb", "count": 7, "codec": "png",
+                           "source_root": str(path), "skipped": [], "shards": []}
+    assert [r.key for r in db.records] == keys and [r.id for r in db.records] == list(range(7))
+    for i, f in enumerate(files):
+        bgr = cv2.imread(str(image_dir / f), cv2.IMREAD_COLOR)
+        rgb = db.image(i)
+        assert rgb.dtype == np.uint8 and rgb.shape == bgr.shape
+        assert np.array_equal(rgb, bgr[:, :, ::-1]), f
+        assert (db.heights[i], db.widths[i]) == bgr.shape[:2]
+        assert db.records[i].shape == (*bgr.shape[:2], 3) and db.records[i].shard == 0
+    assert db.heights.dtype == db.widths.dtype == np.int64
+    assert db.read(0)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_grayscale_decodes_to_three_channels(basicsr_db):
+    path, image_dir, files, keys = basicsr_db
+    meta = (path / "meta_info.txt").read_text()
+    assert "gray v1.5.png (120,160,1) 1\n" in meta
+    db = BasicSRDB(path)
+    i = keys.index("gray v1.5")
+    gray = cv2.imread(str(image_dir / files[i]), cv2.IMREAD_UNCHANGED)
+    assert gray.ndim == 2 and db.records[i].channels == 3
+    rgb = db.image(i)
+    assert rgb.shape == (*gray.shape, 3)
+    assert all(np.array_equal(rgb[:, :, c], gray) for c in range(3))
+
+
+def test_open_db_dispatch(basicsr_db, image_dir, tmp_path, small_cfg):
+    path = basicsr_db[0]
+    assert type(open_db(path)) is BasicSRDB
+    pack(image_dir, tmp_path / "packed", small_cfg(codec="png"), progress=False)
+    packed = open_db(tmp_path / "packed")
+    assert type(packed) is PackedDB and len(packed) == 7
+    (tmp_path / "neither").mkdir()
+    for bad in (tmp_path / "neither", tmp_path / "absent"):
+        with pytest.raises(DBError, match="srdata pack"):
+            open_db(bad)
+
+
+def test_missing_meta(basicsr_db):
+    path = basicsr_db[0]
+    (path / "meta_info.txt").unlink()
+    with pytest.raises(DBError, match=r"meta_info\.txt is missing"):
+        BasicSRDB(path)
+
+
+def test_missing_data_mdb(basicsr_db):
+    path = basicsr_db[0]
+    (path / "data.mdb").unlink()
+    with pytest.raises(DBError, match=r"data\.mdb is missing"):
+        BasicSRDB(path)
+
+
+@pytest.mark.parametrize("bad", ["im009.png", "im009.png (120,160) 1", "im009.png 120x160x3 1",
+                                 "(120,160,3) 1", "im009.png (120,160,3)"])
+def test_malformed_line_names_file_and_line(basicsr_db, bad):
+    path = basicsr_db[0]
+    meta = path / "meta_info.txt"
+    lines = meta.read_text().splitlines()
+    lines[2] = bad
+    meta.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DBError) as e:
+        BasicSRDB(path)
+    assert str(e.value) == (f"line 3 of {meta}: expected `name (h,w,c) level`, "
+                            f"got {bad!r}")
+
+
+def test_empty_meta(basicsr_db):
+    path = basicsr_db[0]
+    (path / "meta_info.txt").write_text("\n\n")
+    with pytest.raises(DBError, match="lists no images"):
+        BasicSRDB(path)
+
+
+def test_missing_key_named(basicsr_db):
+    path = basicsr_db[0]
+    with open(path / "meta_info.txt", "a") as f:
+        f.write("000/00000099.png (96,96,3) 1\n")
+    db = BasicSRDB(path)
+    assert db.records[-1].key == "000/00000099"
+    for get in (db.read, db.image):
+        with pytest.raises(DBError, match=r"key '000/00000099' .* missing from data\.mdb"):
+            get(len(db) - 1)
+    assert db.image(0).shape[2] == 3  # the rest still reads
+
+
+def _read_all(db):
+    return [db.image(i).sum() for i in range(len(db))]
+
+
+def test_pickles_and_reads_in_workers(basicsr_db):
+    db = BasicSRDB(basicsr_db[0])
+    expected = _read_all(db)  # the parent holds an open environment before forking
+    clone = pickle.loads(pickle.dumps(db))
+    assert clone.path == db.path and clone.records == db.records
+    assert _read_all(clone) == expected
+    methods = [m for m in ("fork", "spawn") if m in multiprocessing.get_all_start_methods()]
+    for method in methods:
+        with multiprocessing.get_context(method).Pool(1) as pool:
+            assert pool.apply(_read_all, (db,)) == expected, method

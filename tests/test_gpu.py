@@ -1,0 +1,70 @@
+"""The GPU paths: DALI ``mixed`` decode against the torch loader, and a throughput smoke.
+
+Skipped without CUDA (see conftest). On a GPU machine: ``pytest -m gpu -s``; the smoke
+prints one JSON line per loader (not a benchmark: see benchmarks/loader_throughput.py).
+"""
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import srdata
+from conftest import make_images
+from srdata.pack import PackConfig, pack
+
+pytest.importorskip("nvidia.dali", reason="needs DALI: pip install '.[dali]'")
+pytestmark = [pytest.mark.gpu, pytest.mark.dali]
+
+KW = dict(batch_size=4, patch_size=48, scale=4, seed=7, dtype=torch.uint8, workers=2,
+          device="cuda")
+
+
+def epoch(loader):
+    return [(lr.cpu(), hr.cpu()) for lr, hr in loader]
+
+
+@pytest.mark.parametrize("codec, roi, tol", [("png", False, 0), ("raw", False, 0),
+                                             ("jpeg", False, 1), ("jpeg", True, 1)])
+def test_mixed_decode_matches_the_torch_loader(packed, codec, roi, tol):
+    path = packed(codec)
+    dali = srdata.make_loader(path, "dali", roi_decode=roi, **KW)
+    ref = srdata.make_loader(path, "torch", **KW)
+    for _ in range(2):  # two epochs: the pipeline's end-of-epoch reset on the GPU too
+        a, b = epoch(ref), epoch(dali)
+        assert len(a) == len(b) > 0
+        for (lr1, hr1), (lr2, hr2) in zip(a, b):
+            assert hr2.shape == hr1.shape and lr2.shape == lr1.shape
+            assert (hr1.float() - hr2.float()).abs().mean() <= tol
+            assert (lr1.float() - lr2.float()).abs().mean() <= tol
+
+
+def test_outputs_live_on_the_gpu_in_channels_last(packed):
+    lr, hr = next(iter(srdata.make_loader(packed("jpeg"), "dali",
+                                          **(KW | {"dtype": torch.float16}))))
+    for t in (lr, hr):
+        assert t.device.type == "cuda" and t.dtype == torch.float16
+        assert t.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_throughput_smoke(tmp_path):
+    src = tmp_path / "images"
+    make_images(src, [(512, 512)] * 64, exts=(".jpg",))
+    db = tmp_path / "db"
+    pack(src, db, PackConfig(size=512, min_size=256), progress=False)
+    for name in ("dali", "torch"):
+        lo = srdata.make_loader(db, name, batch_size=16, patch_size=256, scale=4,
+                                dtype=torch.bfloat16, device="cuda")
+        for _ in lo:  # warm up: workers, decoder, allocator
+            pass
+        torch.cuda.synchronize()
+        t0, n = time.perf_counter(), 0
+        for _ in range(3):
+            for lr, hr in lo:
+                n += hr.shape[0]
+        torch.cuda.synchronize()
+        rate = n / (time.perf_counter() - t0)
+        print(json.dumps({"loader": name, "images_per_s": round(rate, 1),
+                          "gpu": torch.cuda.get_device_name(), "images": n}))
+        assert rate > 0 and np.isfinite(rate)

@@ -1,0 +1,184 @@
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import srdata
+from conftest import corrupt_byte, make_basicsr_lmdb, make_images
+from srdata import DBError, PackedDB
+from srdata.pack import PackConfig, pack
+from srdata.sampler import ID, crop_and_flip, nn_downscale
+
+pytest.importorskip("nvidia.dali", reason="the parity tests need DALI: pip install '.[dali]'")
+pytestmark = pytest.mark.dali
+
+KW = dict(batch_size=4, patch_size=48, scale=4, seed=7, dtype=torch.uint8, workers=1,
+          device="cpu")
+
+
+def run(loader, n=None):
+    """The next ``n`` batches (all that are left of the epoch by default), as NHWC numpy."""
+    return [(lr.permute(0, 2, 3, 1).numpy().copy(), hr.permute(0, 2, 3, 1).numpy().copy())
+            for lr, hr in itertools.islice(loader, n)]
+
+
+def reference(db, loader, epoch):
+    """What any loader must yield: the sampler's rows applied to the decoded images."""
+    out = []
+    for rows in loader.sampler.batches(epoch):
+        hr = np.stack([crop_and_flip(db.image(int(r[ID])), r, loader.sampler.patch)
+                       for r in rows])
+        out.append((nn_downscale(hr.transpose(1, 2, 0, 3), loader.scale).transpose(2, 0, 1, 3),
+                    hr))
+    return out
+
+
+def assert_same(a, b, tol=0.0):
+    assert len(a) == len(b)
+    for (lr1, hr1), (lr2, hr2) in zip(a, b):
+        assert lr1.shape == lr2.shape and hr1.shape == hr2.shape
+        for x, y in ((lr1, lr2), (hr1, hr2)):
+            diff = np.abs(x.astype(np.int16) - y.astype(np.int16)).mean()
+            assert diff <= tol, f"mean abs difference {diff}"
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+@pytest.mark.parametrize("codec, scale", [("png", 4), ("raw", 3), ("png", 2)])
+def test_loaders_yield_the_sampler_s_samples_bit_exact(packed, loader, codec, scale):
+    path = packed(codec)
+    kw = KW | {"scale": scale, "patch_size": 48, "drop_last": False}  # a short last batch
+    lo = srdata.make_loader(path, loader, **kw)
+    assert len(lo) == 3
+    db = PackedDB(path)
+    for epoch in range(2):
+        got = run(lo)
+        assert got[-1][1].shape == (2, 48, 48, 3) and got[0][0].shape == (4, 48 // scale,
+                                                                           48 // scale, 3)
+        assert_same(got, reference(db, lo, epoch))
+    assert lo.state_dict()["epoch"] == 2
+
+
+@pytest.mark.parametrize("roi", [False, True])
+def test_dali_jpeg_within_one_grey_level_of_torch(packed, roi):
+    path = packed("jpeg")
+    a = run(srdata.make_loader(path, "torch", **KW))
+    b = run(srdata.make_loader(path, "dali", roi_decode=roi, **KW))
+    assert_same(a, b, tol=1.0)
+
+
+def test_basicsr_lmdb_feeds_both_loaders_alike(image_dir, tmp_path):
+    files = sorted(str(p.relative_to(image_dir)) for p in image_dir.rglob("*.*"))
+    db = tmp_path / "train_HR.lmdb"
+    make_basicsr_lmdb(db, image_dir, files, [f.rsplit(".", 1)[0] for f in files])
+    kw = KW | {"batch_size": 2, "patch_size": 64}
+    a = run(srdata.make_loader(db, "torch", **kw))
+    assert len(a) == 3
+    assert_same(a, run(srdata.make_loader(db, "dali", **kw)))
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_output_dtype_and_memory_format(packed, loader):
+    path = packed("png")
+    kw = KW | {"batch_size": 2}
+    u8 = next(iter(srdata.make_loader(path, loader, **kw)))
+    for dtype in (torch.float32, torch.bfloat16):
+        lr, hr = next(iter(srdata.make_loader(path, loader, **(kw | {"dtype": dtype}))))
+        assert lr.dtype == hr.dtype == dtype and hr.shape == (2, 3, 48, 48)
+        assert hr.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(hr.float(), u8[1].float() / 255, atol=1 / 255 * 0.01 +
+                              (4e-3 if dtype == torch.bfloat16 else 0))
+        assert 0 <= hr.min() and hr.max() <= 1
+    lr, hr = next(iter(srdata.make_loader(path, loader, **(kw | {"channels_last": False}))))
+    assert hr.is_contiguous() and lr.is_contiguous() and lr.shape == (2, 3, 12, 12)
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_state_dict_resumes_at_the_exact_next_batch(packed, loader):
+    path = packed("png")
+    whole = srdata.make_loader(path, loader, **KW)
+    expect = run(whole) + run(whole)  # epochs 0 and 1
+    first = srdata.make_loader(path, loader, **KW)
+    head = run(first, 2)
+    state = json.loads(json.dumps(first.state_dict()))  # it goes into checkpoints
+    assert state["epoch"] == 0 and state["batch"] == 2
+    resumed = srdata.make_loader(path, loader, **KW)
+    resumed.load_state_dict(state)
+    tail = run(resumed) + run(resumed)
+    assert_same(head + tail, expect)
+
+
+def test_set_epoch_and_len(packed):
+    lo = srdata.make_loader(packed("png"), "torch", **(KW | {"sample_ratio": 0.5}))
+    assert len(lo) == 1  # 5 drawn, whole batches of 4
+    lo.set_epoch(3)
+    assert lo.state_dict()["epoch"] == 3
+    assert_same(run(lo), reference(PackedDB(packed("png")), lo, 3))
+
+
+def test_load_state_dict_refuses_other_settings(packed):
+    state = srdata.make_loader(packed("png"), "torch", **KW).state_dict()
+    other = srdata.make_loader(packed("png"), "torch", **(KW | {"batch_size": 2}))
+    with pytest.raises(ValueError, match="same seed, batch size"):
+        other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    ({"scale": 5}, ValueError, "got scale=5, expected 2, 3 or 4"),
+    ({"patch_size": 50}, ValueError, "patch size 50 is not divisible by scale 4; use 48 or 52"),
+    ({"patch_size": 128}, ValueError, "patch 128 is larger than image .*--min-size 128"),
+    ({"dtype": torch.int32}, ValueError, "got dtype=torch.int32"),
+    ({"batch_size": 11}, ValueError, "fewer than batch_size 11"),
+])
+def test_bad_options_are_named(packed, kw, err, match):
+    with pytest.raises(err, match=match):
+        srdata.make_loader(packed("png"), "torch", **(KW | kw))
+
+
+def test_bad_loader_and_database_are_named(packed, tmp_path):
+    with pytest.raises(ValueError, match="got loader='jax', expected one of dali, torch"):
+        srdata.make_loader(packed("png"), "jax", **KW)
+    with pytest.raises(DBError, match=str(tmp_path / "nope")):
+        srdata.make_loader(tmp_path / "nope", "dali", **KW)
+    db = tmp_path / "old"
+    make_images(tmp_path / "im", [(100, 100)] * 4)
+    pack(tmp_path / "im", db, PackConfig(size=96, min_size=48, workers=1), progress=False)
+    manifest = json.loads((db / "manifest.json").read_text())
+    (db / "manifest.json").write_text(json.dumps(manifest | {"format_version": 99}))
+    with pytest.raises(DBError, match="version 99"):
+        srdata.make_loader(db, "torch", **KW)
+
+
+def test_missing_dali_says_how_to_get_it(packed, monkeypatch):
+    from srdata import dali_loader
+    monkeypatch.setattr(dali_loader, "pipeline_def", None)
+    with pytest.raises(ImportError, match=r"pip install '\.\[dali\]'.*--loader torch"):
+        srdata.make_loader(packed("png"), "dali", **KW)
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_undecodable_record_is_named_not_hung(image_dir, tmp_path, loader):
+    db = tmp_path / "db"
+    pack(image_dir, db, PackConfig(size=96, min_size=48, workers=1), progress=False)
+    packed_db = PackedDB(db)
+    value = packed_db.read(2)
+    data = (db / "shard-00000" / "data.mdb").read_bytes()
+    for at in range(200, len(value), 97):  # scramble the entropy-coded data, keep the header
+        corrupt_byte(db / "shard-00000" / "data.mdb", data.index(value) + at)
+    corrupt_byte(db / "shard-00000" / "data.mdb", data.index(value) + 2)  # and the SOI marker
+    lo = srdata.make_loader(db, loader, **(KW | {"batch_size": 6}))
+    key = packed_db.records[2].key
+    with pytest.raises(DBError, match=f"key {key} .*srdata verify"):
+        run(lo)
+
+
+def test_missing_key_in_a_dali_worker_surfaces(image_dir, tmp_path):
+    db = tmp_path / "db"
+    pack(image_dir, db, PackConfig(size=96, min_size=48, workers=1, codec="raw"),
+         progress=False)
+    index = json.loads((db / "index.json").read_text())
+    index["rows"][3][1] = "99999999"  # a key the shard does not hold
+    (db / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DBError, match="key 99999999"):
+        run(srdata.make_loader(db, "dali", **(KW | {"batch_size": 6})))
