@@ -13,7 +13,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dali,dev]"
+	$(BIN)/python -m pip install -q -e ".[dali,dev,bench]"
 	touch $@
 
 demo: venv

@@ -10,20 +10,23 @@ from tqdm import tqdm
 
 from . import format as fmt
 from .reader import PackedDB
+from .warm import shard_files
 
 
 def describe(db: PackedDB) -> dict:
-    m = db.manifest
+    m = db.manifest  # a BasicSR LMDB's manifest lacks what srpipe records at pack time
+    nbytes = m.get("bytes") or sum(f.stat().st_size for f in shard_files(db))
     short = np.minimum(db.heights, db.widths)
     pct = lambda a, q: int(np.percentile(a, q))  # noqa: E731
     return {
         "path": str(db.path),
-        "format_version": m["format_version"],
+        "format": m.get("format", fmt.FORMAT_NAME),
+        "format_version": m.get("format_version"),
         "count": len(db),
         "codec": db.codec,
-        "params": m["params"],
-        "bytes": m["bytes"],
-        "bytes_per_image": round(m["bytes"] / len(db)),
+        "params": m.get("params", {}),
+        "bytes": nbytes,
+        "bytes_per_image": round(nbytes / len(db)),
         "shards": [{k: s[k] for k in ("name", "count", "bytes")} for s in m["shards"]],
         "sizes": {
             "height": {"min": int(db.heights.min()), "median": pct(db.heights, 50),
@@ -35,7 +38,7 @@ def describe(db: PackedDB) -> dict:
         },
         "skipped": m["skipped"],
         "source_root": m["source_root"],
-        "created": m["created"],
+        "created": m.get("created"),
     }
 
 
@@ -47,13 +50,13 @@ def _sha256(path) -> str:
     return digest.hexdigest()
 
 
-def _check_record(db: PackedDB, rec: fmt.Record) -> str | None:
+def _check_record(db: PackedDB, rec: fmt.Record, checksums: bool) -> str | None:
     where = f"key {rec.key} (image {rec.id}, from {rec.path})"
     try:
         value = db.read(rec.id)
     except fmt.DBError:
         return f"{where}: missing from {fmt.shard_name(rec.shard)}"
-    if len(value) != rec.nbytes or fmt.crc32(value) != rec.crc32:
+    if checksums and (len(value) != rec.nbytes or fmt.crc32(value) != rec.crc32):
         return (f"{where}: checksum mismatch ({len(value)} bytes, crc32 "
                 f"{fmt.crc32(value):08x}; index says {rec.nbytes} bytes, {rec.crc32:08x})")
     try:
@@ -64,8 +67,12 @@ def _check_record(db: PackedDB, rec: fmt.Record) -> str | None:
 
 
 def verify(db: PackedDB, progress: bool = True) -> list[str]:
-    """Decode every record and check its crc32 and shape; returns one line per problem."""
+    """Decode every record and check its crc32 and shape; returns one line per problem.
+
+    A BasicSR LMDB records no checksums: its records are only decoded and their shapes
+    checked against meta_info.txt."""
     problems = []
+    checksums = db.manifest.get("format") == fmt.FORMAT_NAME
     for shard in db.manifest["shards"]:
         path = db.path / shard["name"] / "data.mdb"
         if not path.is_file():
@@ -80,7 +87,7 @@ def verify(db: PackedDB, progress: bool = True) -> list[str]:
                  "is missing" for r in db.records if fmt.shard_name(r.shard) in missing]
     threads = min(8, len(os.sched_getaffinity(0)))  # OpenCV decode releases the GIL
     with ThreadPoolExecutor(threads) as ex:
-        results = ex.map(lambda r: _check_record(db, r), records)
+        results = ex.map(lambda r: _check_record(db, r, checksums), records)
         for problem in tqdm(results, total=len(records), unit="img", desc="verifying",
                             disable=not progress, dynamic_ncols=True):
             if problem:

@@ -1,4 +1,4 @@
-"""``srdata``: pack, inspect and verify srpipe databases."""
+"""``srdata``: pack, inspect, verify and warm srpipe databases (and BasicSR LMDBs)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import click
 from . import format as fmt
 from . import images
 from .pack import PackConfig, PackError, pack
-from .reader import PackedDB
+from .basicsr import open_db
 
 SHOWN_SKIPS = 20
 
@@ -22,9 +22,9 @@ def _human_bytes(n: float) -> str:
         n /= 1024
 
 
-def _open(db: str) -> PackedDB:
+def _open(db: str):
     try:
-        return PackedDB(db)
+        return open_db(db)
     except fmt.DBError as e:
         raise click.ClickException(str(e)) from None
 
@@ -99,10 +99,10 @@ def inspect_cmd(db, as_json):
         click.echo(json.dumps(d))
         return
     sz = d["sizes"]
-    click.echo(f"{d['path']}: {d['count']:,} images, codec {d['codec']}, format version "
-               f"{d['format_version']}\n"
+    click.echo(f"{d['path']}: {d['count']:,} images, codec {d['codec']}, format "
+               f"{d['format']} {d['format_version'] or ''}\n"
                f"  bytes:  {_human_bytes(d['bytes'])} ({_human_bytes(d['bytes_per_image'])} "
-               f"per image) in {len(d['shards'])} shard(s)\n"
+               f"per image) in {max(1, len(d['shards']))} shard(s)\n"
                f"  height: {sz['height']['min']}..{sz['height']['max']} "
                f"(median {sz['height']['median']})\n"
                f"  width:  {sz['width']['min']}..{sz['width']['max']} "
@@ -128,6 +128,29 @@ def verify_cmd(db, quiet):
         raise click.ClickException(f"{db}: {len(problems)} problem(s) in {len(d):,} records; "
                                    "pack the database again from its source")
     click.echo(f"{db}: all {len(d):,} records OK")
+
+
+@main.command("warm")
+@click.argument("db", metavar="DB")
+@click.option("--evict", is_flag=True,
+              help="Drop DB from the page cache instead (to measure a cold start).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def warm_cmd(db, evict, quiet):
+    """Read DB once so the first training epoch finds it in memory (the page cache)."""
+    from . import warm
+    d = _open(db)
+    if evict:
+        click.echo(f"{db}: asked the kernel to drop {_human_bytes(warm.evict(d))} from the "
+                   "page cache")
+        return
+    r = warm.warm(d, progress=not quiet)
+    click.echo(f"{db}: read {_human_bytes(r['bytes'])} in {r['seconds']:.1f} s "
+               f"({r['gib_per_s']:.2f} GiB/s)")
+    free = warm.available_memory()
+    if free is not None and r["bytes"] > free:
+        click.echo(f"note: {db} is larger than the {_human_bytes(free)} of available memory; "
+                   "the page cache cannot hold all of it, so reads will still hit the disk",
+                   err=True)
 
 
 @main.command("make-samples")

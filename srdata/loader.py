@@ -84,12 +84,14 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
                 scale: int = 4, seed: int = 0, sample_ratio: float = 1.0, rank: int = 0,
                 world_size: int = 1, device=None, dtype: torch.dtype = torch.float32,
                 channels_last: bool = True, augment: bool = True, drop_last: bool = True,
-                workers: int | None = None, roi_decode: bool = False) -> Loader:
+                workers: int | None = None, roi_decode: bool | None = None) -> Loader:
     """An iterable of ``(lr, hr)`` batches from the database ``db`` (a path or an open one).
 
     ``workers``: CPU processes reading the database (torch: DataLoader workers; dali:
     external-source workers); default all cores but one. ``roi_decode`` (dali only): decode
-    just the patch's region of each JPEG.
+    just the patch's region of each JPEG; by default on when DALI decodes on the CPU (1.7x
+    the full decode on a 2-core machine, benchmarks/results/cpu-2core-2026-11-26) and off
+    with ``mixed`` GPU decode, whose hardware JPEG decoder takes whole images.
     """
     from .basicsr import open_db
     if loader not in LOADERS:
@@ -112,4 +114,6 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
         from .torch_loader import TorchLoader
         return TorchLoader(db, sampler, scale, device, dtype, channels_last, workers)
     from .dali_loader import DaliLoader
+    if roi_decode is None:
+        roi_decode = device.type != "cuda"
     return DaliLoader(db, sampler, scale, device, dtype, channels_last, workers, roi_decode)

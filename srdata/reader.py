@@ -40,8 +40,8 @@ def open_shard(path: Path) -> lmdb.Environment:
                 env = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False,
                                 max_readers=fmt.MAX_READERS, subdir=True)
             except lmdb.Error as e:
-                raise fmt.DBError(f"cannot open shard {path}: {e}; the database is "
-                                  "incomplete or damaged, pack it again") from e
+                raise fmt.DBError(f"cannot open LMDB {path}: {e}; the database is "
+                                  "incomplete or damaged, pack or copy it again") from e
             _ENVS[key] = env
         return env
 

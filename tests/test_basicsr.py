@@ -1,3 +1,4 @@
+import json
 import multiprocessing
 import pickle
 from pathlib import Path
@@ -116,3 +117,25 @@ def test_pickles_and_reads_in_workers(basicsr_db):
     for method in methods:
         with multiprocessing.get_context(method).Pool(1) as pool:
             assert pool.apply(_read_all, (db,)) == expected, method
+
+
+def test_cli_inspects_verifies_and_warms_a_basicsr_lmdb(basicsr_db):
+    from click.testing import CliRunner
+
+    from conftest import corrupt_byte
+    from srdata.cli import main
+    path, image_dir, files, keys = basicsr_db
+    run = lambda *a: CliRunner().invoke(main, [str(x) for x in a])  # noqa: E731
+    r = run("inspect", path, "--json")
+    d = json.loads(r.output)
+    assert r.exit_code == 0 and d["format"] == "basicsr-lmdb" and d["count"] == 7
+    assert d["bytes"] > 0
+    assert run("inspect", path).exit_code == 0
+    r = run("verify", path, "-q")
+    assert r.exit_code == 0 and "all 7 records OK" in r.output, r.output
+    assert run("warm", path, "-q").exit_code == 0
+    value = BasicSRDB(path).read(2)
+    data = (path / "data.mdb").read_bytes()
+    corrupt_byte(path / "data.mdb", data.index(value) + 20)  # inside the PNG's IHDR
+    r = run("verify", path, "-q")
+    assert r.exit_code == 1 and f"key {keys[2]}" in r.output, r.output

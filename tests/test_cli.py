@@ -85,3 +85,15 @@ def test_tools_script_runs_from_a_checkout(image_dir, tmp_path):
 def test_make_samples(tmp_path):
     r = run("make-samples", tmp_path / "s", "--count", "3")
     assert r.exit_code == 0 and len(list((tmp_path / "s").rglob("*.*"))) == 3
+
+
+def test_warm_and_evict(image_dir, tmp_path):
+    db = tmp_path / "db"
+    assert run("pack", image_dir, db, *SMALL).exit_code == 0
+    r = run("warm", db, "-q")
+    assert r.exit_code == 0 and "GiB/s" in r.output, r.output
+    r = run("warm", db, "--evict")
+    assert r.exit_code == 0 and "page cache" in r.output, r.output
+    r = run("warm", tmp_path / "nope")
+    assert r.exit_code == 1 and str(tmp_path / "nope") in r.output
+    assert "Traceback" not in r.output

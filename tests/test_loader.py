@@ -45,10 +45,11 @@ def assert_same(a, b, tol=0.0):
 
 
 @pytest.mark.parametrize("loader", ["torch", "dali"])
-@pytest.mark.parametrize("codec, scale", [("png", 4), ("raw", 3), ("png", 2)])
-def test_loaders_yield_the_sampler_s_samples_bit_exact(packed, loader, codec, scale):
+@pytest.mark.parametrize("codec, scale, roi", [("png", 4, None), ("raw", 3, None),
+                                               ("png", 2, False)])
+def test_loaders_yield_the_sampler_s_samples_bit_exact(packed, loader, codec, scale, roi):
     path = packed(codec)
-    kw = KW | {"scale": scale, "patch_size": 48, "drop_last": False}  # a short last batch
+    kw = KW | {"scale": scale, "drop_last": False, "roi_decode": roi}  # a short last batch
     lo = srdata.make_loader(path, loader, **kw)
     assert len(lo) == 3
     db = PackedDB(path)

@@ -1,0 +1,228 @@
+"""How many (LR, HR) training pairs per second each loader delivers to the device.
+
+    python benchmarks/loader_throughput.py [--db DB | --count 10000] \
+        [--loaders dali,dali-roi,torch] [--batch-sizes 32,64] [--workers 4,0] \
+        [--out F.jsonl] [--md F.md] [--plot F.png]
+
+Without ``--db`` it builds, with the real packer, a database of COUNT 512x512 photo-like
+JPEG q95 images (the users' setting). Each configuration (loader x batch size x CPU
+workers, 0 meaning all cores but one) runs epochs of exactly ``--batches`` batches (a
+``sample_ratio`` of the database), so a pass never breaks off mid-epoch: one warm-up epoch
+(workers start, decoders allocate), then ``--repeats`` timed epochs, synchronised on the
+GPU; img/s is the median epoch's. One JSON line per configuration.
+
+The first batch of every epoch is left out of the timing (it holds the workers' start-up
+on a fresh loader; ``startup_s`` reports that). Then a cold/warm pair for the first loader
+at the largest budget: a fresh loader's first epoch after the database was dropped from the
+page cache (``srdata warm --evict``) and after it was read in (``srdata warm``).
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+import _common
+from srdata import warm
+from srdata.basicsr import open_db
+from srdata.pack import PackConfig, pack
+
+LOADERS = {  # name -> make_loader arguments
+    "dali": {"loader": "dali", "roi_decode": False},
+    "dali-roi": {"loader": "dali", "roi_decode": True},
+    "torch": {"loader": "torch"},
+}
+
+
+def _sync(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def epoch_seconds(loader) -> tuple[float, float, int]:
+    """(seconds to the first batch, seconds for the rest, images after the first batch)
+    for one whole epoch, the device's work included."""
+    t0 = time.perf_counter()
+    first, n = None, 0
+    for lr, hr in loader:
+        if first is None:
+            _sync(loader.device)
+            first, t1 = time.perf_counter() - t0, time.perf_counter()
+        else:
+            n += hr.shape[0]
+    _sync(loader.device)
+    return first, time.perf_counter() - t1, n
+
+
+def build_loader(db, name, batch_size, workers, args):
+    import srdata
+    # + 1: the first batch of an epoch is not timed (see epoch_seconds)
+    ratio = min(1.0, (args["batches"] + 1) * batch_size / len(db))
+    return srdata.make_loader(db, batch_size=batch_size, patch_size=args["patch"],
+                              scale=args["scale"], sample_ratio=ratio, workers=workers,
+                              dtype=args["dtype"], device=args["device"], **LOADERS[name])
+
+
+def measure(db, name, batch_size, workers, args) -> dict:
+    lo = build_loader(db, name, batch_size, workers, args)
+    startup, _, _ = epoch_seconds(lo)  # warm-up: workers start, decoders allocate
+    runs = [epoch_seconds(lo) for _ in range(args["repeats"])]
+    rates = [n / t for _, t, n in runs]
+    return {"images_per_epoch": runs[0][2] + batch_size,
+            "images_per_s": round(statistics.median(rates), 1),
+            "images_per_s_all": [round(r, 1) for r in rates],
+            "startup_s": round(startup, 3)}
+
+
+def cold_warm(db, name, batch_size, workers, args) -> dict:
+    """A fresh loader's first epoch after the first batch, from a cold and a warm cache."""
+    out = {}
+    for state in ("cold", "warm"):
+        warm.evict(db) if state == "cold" else warm.warm(db, progress=False)
+        lo = build_loader(db, name, batch_size, workers, args)
+        _, seconds, n = epoch_seconds(lo)
+        out[f"first_epoch_{state}_images_per_s"] = round(n / seconds, 1)
+        del lo
+    return out
+
+
+def render_markdown(records: list[dict]) -> str:
+    rows = [r for r in records if r.get("kind") == "throughput"]
+    torch_rate = {(r["batch_size"], r["workers"]): r["images_per_s"]
+                  for r in rows if r["loader"] == "torch"}
+    lines = ["| loader | batch | CPU workers | img/s | x torch (same batch, workers) |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        base = torch_rate.get((r["batch_size"], r["workers"]))
+        ratio = f"{r['images_per_s'] / base:.2f}" if base else "-"
+        lines.append(f"| {r['loader']} | {r['batch_size']} | {r['workers']} | "
+                     f"{r['images_per_s']:,.0f} | {ratio} |")
+    for r in records:
+        if r.get("kind") == "cold_warm":
+            lines.append(f"\nFirst epoch of a fresh `{r['loader']}` loader (batch "
+                         f"{r['batch_size']}, {r['workers']} workers): "
+                         f"cold page cache {r['first_epoch_cold_images_per_s']:,.0f} img/s, "
+                         f"warm {r['first_epoch_warm_images_per_s']:,.0f} img/s.")
+    env = records[0]["env"]
+    lines.append(f"\n{env.get('gpu') or 'no GPU'}, {env['cpus']} CPUs ({env['cpu_model']}), "
+                 f"torch {env['torch']}, DALI {env.get('dali')}, {env['date'][:10]}; "
+                 f"{records[0]['db_images']:,} x {records[0]['codec']} records, patch "
+                 f"{records[0]['patch']}, scale {records[0]['scale']}.")
+    return "\n".join(lines) + "\n"
+
+
+def render_plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display on servers
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in records if r.get("kind") == "throughput"]
+    batches = sorted({r["batch_size"] for r in rows})
+    loaders = list(dict.fromkeys(r["loader"] for r in rows))
+    workers = sorted({r["workers"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 3.6), sharey=True,
+                             squeeze=False)
+    width = 0.8 / len(loaders)
+    for ax, bs in zip(axes[0], batches):
+        for k, name in enumerate(loaders):
+            rate = {r["workers"]: r["images_per_s"] for r in rows
+                    if r["loader"] == name and r["batch_size"] == bs}
+            xs = [i + (k - (len(loaders) - 1) / 2) * width for i in range(len(workers))]
+            ax.bar(xs, [rate.get(w, 0) for w in workers], width, label=name)
+        ax.set_xticks(range(len(workers)), [str(w) for w in workers])
+        ax.set_xlabel("CPU workers")
+        ax.set_title(f"batch {bs}")
+    axes[0][0].set_ylabel("images / s")
+    axes[0][-1].legend()
+    env = rows[0]["env"]
+    fig.suptitle(f"loader throughput: {env.get('gpu') or 'CPU only'}, {env['cpus']} CPUs",
+                 fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+@click.command()
+@click.option("--db", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Measure this database instead of building one.")
+@click.option("--count", default=10_000, show_default=True,
+              help="Images in the database built when --db is not given.")
+@click.option("--size", default=512, show_default=True, help="Side of the built images.")
+@click.option("--loaders", default="dali,dali-roi,torch", show_default=True)
+@click.option("--batch-sizes", default="32,64", show_default=True)
+@click.option("--workers", "worker_counts", default="4,0", show_default=True,
+              help="CPU workers per loader; 0 means all cores but one.")
+@click.option("--patch", default=256, show_default=True, help="HR patch side.")
+@click.option("--scale", default=4, show_default=True)
+@click.option("--dtype", default="uint8", type=click.Choice(["uint8", "float16", "bfloat16",
+                                                              "float32"]), show_default=True)
+@click.option("--device", default=None, help="cuda or cpu  [default: cuda if present]")
+@click.option("--batches", default=50, show_default=True, help="Batches per timed epoch.")
+@click.option("--repeats", default=3, show_default=True)
+@click.option("--cold/--no-cold", default=True, show_default=True,
+              help="Also measure a first epoch from a cold and a warm page cache.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also append the JSON lines to this file.")
+@click.option("--md", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a markdown table here.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a PNG bar chart here (needs matplotlib: pip install '.[bench]').")
+def main(db, count, size, loaders, batch_sizes, worker_counts, patch, scale, dtype, device,
+         batches, repeats, cold, out, md, plot):
+    import torch
+
+    from srdata.loader import resolve_device
+    names = [n for n in loaders.split(",") if n]
+    unknown = sorted(set(names) - set(LOADERS))
+    if unknown:
+        raise click.BadParameter(f"got {', '.join(unknown)}, expected some of "
+                                 f"{', '.join(LOADERS)}", param_hint="--loaders")
+    env = _common.environment() | _common.accelerator_environment()
+    cores = env["cpus"]
+    budgets = sorted({w or max(1, cores - 1) for w in _ints(worker_counts)})
+    args = {"patch": patch, "scale": scale, "dtype": getattr(torch, dtype),
+            "device": resolve_device(device), "batches": batches, "repeats": repeats}
+    with tempfile.TemporaryDirectory(prefix="srpipe-bench-") as tmp:
+        source = str(db) if db else f"synthetic {size}x{size} jpeg q95"
+        if db is None:
+            photos, db = Path(tmp) / "photos", Path(tmp) / "db"
+            _common.make_photos(photos, count, min_side=size, max_side=size)
+            pack(photos, db, PackConfig(size=size, min_size=patch, codec="jpeg", quality=95),
+                 progress=False)
+        database = open_db(db)
+        common = {"benchmark": "loader_throughput", "source": source,
+                  "db_images": len(database), "codec": database.codec, "patch": patch,
+                  "scale": scale, "dtype": dtype, "device": str(args["device"])}
+        records = []
+        for bs in _ints(batch_sizes):
+            for workers in budgets:
+                for name in names:
+                    r = common | {"kind": "throughput", "loader": name, "batch_size": bs,
+                                  "workers": workers}
+                    records.append(r | measure(database, name, bs, workers, args)
+                                   | {"env": env})
+                    _common.emit(records[-1], out)
+        if cold:
+            bs, workers = _ints(batch_sizes)[-1], budgets[-1]
+            r = common | {"kind": "cold_warm", "loader": names[0], "batch_size": bs,
+                          "workers": workers}
+            records.append(r | cold_warm(database, names[0], bs, workers, args) | {"env": env})
+            _common.emit(records[-1], out)
+    if md:
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(render_markdown(records))
+    if plot:
+        render_plot(records, plot)
+
+
+if __name__ == "__main__":  # spawned workers import this module as __mp_main__
+    main()
