@@ -148,6 +148,17 @@ def make_photos(root: str | os.PathLike, count: int, min_side: int = 1000,
         return list(pool.map(_write_photo, jobs))
 
 
+def build_jpeg_db(root: str | os.PathLike, count: int, size: int = 512,
+                  min_size: int = 256) -> Path:
+    """The users' setting, packed by the real packer: ``count`` size x size JPEG q95 photos."""
+    from srdata.pack import PackConfig, pack
+    root = Path(root)
+    make_photos(root / "photos", count, min_side=size, max_side=size)
+    pack(root / "photos", root / "db", PackConfig(size=size, min_size=min_size, codec="jpeg",
+                                                 quality=95), progress=False)
+    return root / "db"
+
+
 def _write_photo(job) -> Path:
     from srdata.samples import synthetic_image, write_image
 

@@ -28,7 +28,6 @@ import click
 import _common
 from srdata import warm
 from srdata.basicsr import open_db
-from srdata.pack import PackConfig, pack
 
 LOADERS = {  # name -> make_loader arguments
     "dali": {"loader": "dali", "roi_decode": False},
@@ -194,10 +193,7 @@ def main(db, count, size, loaders, batch_sizes, worker_counts, patch, scale, dty
     with tempfile.TemporaryDirectory(prefix="srpipe-bench-") as tmp:
         source = str(db) if db else f"synthetic {size}x{size} jpeg q95"
         if db is None:
-            photos, db = Path(tmp) / "photos", Path(tmp) / "db"
-            _common.make_photos(photos, count, min_side=size, max_side=size)
-            pack(photos, db, PackConfig(size=size, min_size=patch, codec="jpeg", quality=95),
-                 progress=False)
+            db = _common.build_jpeg_db(tmp, count, size, min_size=patch)
         database = open_db(db)
         common = {"benchmark": "loader_throughput", "source": source,
                   "db_images": len(database), "codec": database.codec, "patch": patch,

@@ -84,14 +84,16 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
                 scale: int = 4, seed: int = 0, sample_ratio: float = 1.0, rank: int = 0,
                 world_size: int = 1, device=None, dtype: torch.dtype = torch.float32,
                 channels_last: bool = True, augment: bool = True, drop_last: bool = True,
-                workers: int | None = None, roi_decode: bool | None = None) -> Loader:
+                workers: int | None = None, roi_decode: bool | None = None,
+                ids=None) -> Loader:
     """An iterable of ``(lr, hr)`` batches from the database ``db`` (a path or an open one).
 
     ``workers``: CPU processes reading the database (torch: DataLoader workers; dali:
     external-source workers); default all cores but one. ``roi_decode`` (dali only): decode
     just the patch's region of each JPEG; by default on when DALI decodes on the CPU (1.7x
     the full decode on a 2-core machine, benchmarks/results/cpu-2core-2026-11-26) and off
-    with ``mixed`` GPU decode, whose hardware JPEG decoder takes whole images.
+    with ``mixed`` GPU decode, whose hardware JPEG decoder takes whole images. ``ids``:
+    draw from these images only (e.g. the training part of a train/validation split).
     """
     from .basicsr import open_db
     if loader not in LOADERS:
@@ -106,7 +108,7 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
     db = open_db(db) if isinstance(db, (str, os.PathLike)) else db
     sampler = Sampler(db.heights, db.widths, batch_size, patch_size, seed=seed,
                       sample_ratio=sample_ratio, rank=rank, world_size=world_size,
-                      augment=augment, drop_last=drop_last)
+                      augment=augment, drop_last=drop_last, ids=ids)
     device = resolve_device(device)
     if workers is None:
         workers = max(1, len(os.sched_getaffinity(0)) - 1)

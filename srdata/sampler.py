@@ -32,12 +32,17 @@ ID, Y, X, HFLIP, VFLIP, TRANSPOSE = range(6)
 class Sampler:
     def __init__(self, heights, widths, batch_size: int, patch: int, seed: int = 0,
                  sample_ratio: float = 1.0, rank: int = 0, world_size: int = 1,
-                 augment: bool = True, drop_last: bool = True):
+                 augment: bool = True, drop_last: bool = True, ids=None):
         self.heights = np.asarray(heights, np.int64)
         self.widths = np.asarray(widths, np.int64)
-        n = len(self.heights)
+        # the images this sampler draws from: all, or a subset (a held-out validation split)
+        self.ids = np.arange(len(self.heights)) if ids is None else np.asarray(ids, np.int64)
+        n = len(self.ids)
         if n == 0:
             raise ValueError("the database holds no images")
+        if self.ids.min() < 0 or self.ids.max() >= len(self.heights):
+            raise ValueError(f"got image ids up to {self.ids.max()}, expected ids below "
+                             f"{len(self.heights)}")
         if batch_size < 1 or patch < 1:
             raise ValueError(f"got batch_size={batch_size}, patch={patch}, expected >= 1")
         if not 0 < sample_ratio <= 1:
@@ -45,7 +50,7 @@ class Sampler:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"got rank={rank}, world_size={world_size}, expected "
                              "0 <= rank < world_size")
-        small = np.flatnonzero(np.minimum(self.heights, self.widths) < patch)
+        small = self.ids[np.minimum(self.heights, self.widths)[self.ids] < patch]
         if small.size:
             i = int(small[0])
             raise ValueError(f"patch {patch} is larger than image {i} "
@@ -71,7 +76,7 @@ class Sampler:
     def plan(self, epoch: int) -> np.ndarray:
         """This rank's rows for ``epoch``: an int64 array of shape (samples, 6)."""
         rng = np.random.default_rng([self.seed, epoch])
-        ids = rng.permutation(len(self.heights))[: self.draw]
+        ids = self.ids[rng.permutation(len(self.ids))[: self.draw]]
         rows = np.zeros((self.draw, 6), np.int64)
         rows[:, ID] = ids
         rows[:, Y] = rng.random(self.draw) * (self.heights[ids] - self.patch + 1)

@@ -39,7 +39,9 @@ class _RowBatches:
 
     def __iter__(self):
         lo = self._loader()
-        for rows in lo.sampler.batches(lo.epoch, lo.batch):
+        batches = lo.sampler.batches(lo.epoch, lo.batch)
+        del lo  # this generator lives in the DataLoader's iterator: it must not hold the loader
+        for rows in batches:
             yield [tuple(r) for r in rows.tolist()]
 
     def __len__(self):

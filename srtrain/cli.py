@@ -1,13 +1,163 @@
-"""``srtrain``: the trainer's command line. Training lands with the trainer issue; until then
-this group has no command that could be mistaken for training."""
+"""``srtrain``: train a super-resolution model from a packed database, or apply one.
+
+    srtrain --db DB --loader dali [--model esrgan] [--scale 4] [--batch-size 32] ...
+    srtrain upscale --ckpt OUT/best.pt INPUT OUTPUT
+    torchrun --nproc-per-node N -m srtrain --db DB ...     (many GPUs)
+
+The options BATCH_SIZE, TARGET_SIZE (HR patch), NUM_EPOCHS and SAMPLE_RATIO can also come
+from environment variables of those names, as in the scripts users already run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
 import click
+import torch
+
+from srdata import DBError
+
+from .config import AMPS, SCHEDULES, TrainConfig
+from .models import MODELS
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(invoke_without_command=True, context_settings=CONTEXT)
+@click.option("--db", type=click.Path(), help="Training database (srdata pack, or BasicSR LMDB).")
+@click.option("--out", default="runs/sr", type=click.Path(file_okay=False),
+              help="Run folder: checkpoints, metrics.jsonl, sample grids.")
+@click.option("--loader", default="dali", type=click.Choice(["dali", "torch"]))
+@click.option("--model", default="esrgan", type=click.Choice(list(MODELS)),
+              help="esrgan 64/23/32, light 32/12/16, fast 32/8/16 (RRDBNet feat/blocks/grow), "
+                   "rrdbnet (set the sizes), srcnn.")
+@click.option("--num-feat", type=click.IntRange(min=1), help="--model rrdbnet only.")
+@click.option("--num-block", type=click.IntRange(min=1), help="--model rrdbnet only.")
+@click.option("--num-grow-ch", type=click.IntRange(min=1), help="--model rrdbnet only.")
+@click.option("--scale", default=4, type=click.Choice(["2", "3", "4"]))
+@click.option("--batch-size", default=32, type=click.IntRange(min=1), envvar="BATCH_SIZE",
+              show_envvar=True, help="Per GPU.")
+@click.option("--patch", default=256, type=click.IntRange(min=8), envvar="TARGET_SIZE",
+              show_envvar=True, help="HR patch side; divisible by --scale.")
+@click.option("--epochs", default=30, type=click.IntRange(min=1), envvar="NUM_EPOCHS",
+              show_envvar=True)
+@click.option("--sample-ratio", default=1.0, type=click.FloatRange(0, 1, min_open=True),
+              envvar="SAMPLE_RATIO", show_envvar=True,
+              help="Fraction of the database drawn afresh each epoch.")
+@click.option("--lr", default=2e-4, type=click.FloatRange(min=0, min_open=True),
+              help="Peak learning rate.")
+@click.option("--weight-decay", default=0.0, type=click.FloatRange(min=0))
+@click.option("--schedule", default="onecycle", type=click.Choice(SCHEDULES))
+@click.option("--accum", default=1, type=click.IntRange(min=1),
+              help="Batches per optimizer step (gradient accumulation).")
+@click.option("--amp", default="auto", type=click.Choice(AMPS),
+              help="auto: bf16 where the GPU has it, else fp16 (with a GradScaler); off on CPU.")
+@click.option("--channels-last/--no-channels-last", default=True)
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--ema", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Keep an exponential moving average of the weights with this decay "
+                   "(e.g. 0.999); validation and upscale use it.")
+@click.option("--val-db", type=click.Path(), help="Validate on this database.")
+@click.option("--val-split", default=0.02, type=click.FloatRange(0, 1, max_open=True),
+              help="Without --val-db: hold out this fraction of --db for validation.")
+@click.option("--val-images", default=32, type=click.IntRange(min=1),
+              help="Validate on at most this many images (centre crops of --patch).")
+@click.option("--val-every", default=1, type=click.IntRange(min=1), help="Epochs.")
+@click.option("--early-stop", type=click.IntRange(min=1), metavar="PATIENCE",
+              help="Stop after this many validations without a better PSNR.")
+@click.option("--save-every", default=0, type=click.IntRange(min=0),
+              help="Also write last.pt every N optimizer steps (0: at epoch ends only).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--seed", default=0, type=int)
+@click.option("--init-weights", type=click.Path(exists=True, dir_okay=False),
+              help="Start from these weights (ours, or BasicSR/Real-ESRGAN params[_ema]).")
+@click.option("--device", help="cuda, cuda:1 or cpu  [default: cuda if present]")
+@click.option("--workers", type=click.IntRange(min=0),
+              help="CPU workers for the loader  [default: all cores but one]")
+@click.option("--log-every", default=50, type=click.IntRange(min=1), help="Steps.")
+@click.option("--profile-loader", is_flag=True,
+              help="First measure loader efficiency: img/s fed by the loader / img/s on "
+                   "synthetic data.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.version_option(package_name="srpipe")
-def main():
-    """Train super-resolution models from srpipe databases (not available yet: this
-    release packs data with `srdata pack`; the trainer is the next milestone)."""
+@click.pass_context
+def main(ctx, db, compile_, quiet, scale, **opts):
+    """Train a super-resolution model on the database --db (a sub-command does other things).
+
+    Progress goes to the terminal and OUT/metrics.jsonl; OUT/last.pt is written every epoch,
+    OUT/best.pt at each best validation PSNR."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    if ctx.invoked_subcommand is not None:
+        return
+    if db is None:
+        raise click.UsageError("--db is required to train (or name a sub-command: upscale)")
+    cfg = TrainConfig(db=db, compile=compile_, progress=not quiet, scale=int(scale), **opts)
+    _check(cfg)
+    from .train import TrainingError, train
+    try:
+        result = train(cfg)
+    except (ValueError, DBError, TrainingError, ImportError) as e:
+        raise click.ClickException(str(e)) from None
+    except torch.OutOfMemoryError:
+        raise click.ClickException(
+            f"the GPU ran out of memory with --batch-size {cfg.batch_size} --patch "
+            f"{cfg.patch}; try --batch-size {max(1, cfg.batch_size // 2)} --accum "
+            f"{cfg.accum * 2} (the same effective batch) or a smaller --patch") from None
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: saved {cfg.out}/last.pt; continue with --resume", err=True)
+        sys.exit(130)
+    click.echo(json.dumps(result))
+
+
+def _check(cfg: TrainConfig) -> None:
+    """The mistakes we can name before any work starts."""
+    from srdata.basicsr import open_db
+    from .models import build_model
+    if cfg.patch % cfg.scale:
+        lo = cfg.patch - cfg.patch % cfg.scale
+        raise click.BadParameter(f"{cfg.patch} is not divisible by --scale {cfg.scale}; "
+                                 f"use {lo} or {lo + cfg.scale}", param_hint="--patch")
+    try:
+        build_model(cfg.model, cfg.scale, cfg.num_feat, cfg.num_block, cfg.num_grow_ch)
+        db = open_db(cfg.db)
+    except ValueError as e:  # DBError is a ValueError
+        raise click.UsageError(str(e)) from None
+    short = min(min(h, w) for h, w in zip(db.heights, db.widths))
+    if short < cfg.patch:
+        raise click.BadParameter(f"{cfg.patch} is larger than the smallest image of "
+                                 f"{cfg.db} ({short} px short side); use --patch "
+                                 f"{short - short % cfg.scale} or less, or pack with "
+                                 f"--min-size {cfg.patch}", param_hint="--patch")
+
+
+@main.command("upscale")
+@click.option("--ckpt", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A checkpoint written by srtrain (last.pt or best.pt).")
+@click.argument("src", metavar="INPUT", type=click.Path(exists=True))
+@click.argument("dst", metavar="OUTPUT", type=click.Path())
+@click.option("--tile", default=256, type=click.IntRange(min=0),
+              help="Largest input piece in LR pixels, --overlap margins included (bounds memory; "
+                   "0: the whole image at once).")
+@click.option("--overlap", default=16, type=click.IntRange(min=0))
+@click.option("--device", help="cuda or cpu  [default: cuda if present]")
+@click.option("--ema/--no-ema", default=True, help="Use the EMA weights when the run kept them.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def upscale_cmd(ckpt, src, dst, tile, overlap, device, ema, quiet):
+    """Upscale the image or folder INPUT into OUTPUT with a trained model (fp16 on a GPU)."""
+    from . import checkpoint, upscale
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = checkpoint.load_model(ckpt, ema=ema).to(device)
+        r = upscale.upscale_path(model, src, dst, tile=tile, overlap=overlap, device=device,
+                                 progress=not quiet)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    for s in r["skipped"]:
+        click.echo(f"skipped {s['path']}: {s['reason']}", err=True)
+    click.echo(f"wrote {len(r['written'])} image(s) to {dst} in {r['seconds']:.1f} s")
+    if not r["written"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

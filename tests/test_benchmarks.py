@@ -48,3 +48,16 @@ def test_loader_benchmark_writes_lines_table_and_plot(tmp_path):
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 4
     assert "| dali-roi | 2 | 1 |" in (tmp_path / "r.md").read_text()
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.dali
+def test_train_benchmark_reports_loader_efficiency(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    lines = bench("train_throughput.py", "--count", 8, "--size", 64, "--patch", 32,
+                  "--models", "srcnn,fast", "--loaders", "dali,torch", "--batch-size", 2,
+                  "--steps", 2, "--warmup", 1, "--workers", 1, "--md", tmp_path / "t.md",
+                  cwd=tmp_path)
+    assert [(r["model"], r["loader"]) for r in lines] == [
+        ("srcnn", "dali"), ("srcnn", "torch"), ("fast", "dali"), ("fast", "torch")]
+    assert all(r["synthetic_img_per_s"] > 0 and r["loader_efficiency"] > 0 for r in lines)
+    assert "| fast | torch |" in (tmp_path / "t.md").read_text()

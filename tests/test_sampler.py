@@ -108,3 +108,11 @@ def test_nn_downscale_picks_the_centre_pixel(s):
     assert lr[1, 2, 0] == hr[1 * s + s // 2, 2 * s + s // 2, 0]
     t = torch.from_numpy(hr).permute(2, 0, 1)[None]
     assert np.array_equal(nn_downscale(t, s)[0].permute(1, 2, 0).numpy(), lr)
+
+
+def test_ids_restrict_the_draw_to_a_subset():
+    s = sampler(ids=[0, 3, 4, 8], batch_size=1, drop_last=False)
+    assert len(s) == 4 and sorted(s.plan(0)[:, ID]) == [0, 3, 4, 8]
+    assert Sampler([10, 100], [10, 100], batch_size=1, patch=64, ids=[1]).draw == 1
+    with pytest.raises(ValueError, match="ids up to 10"):
+        sampler(ids=[10])

@@ -1,0 +1,103 @@
+"""Training throughput: img/s of the real training step per model preset, on synthetic data
+and fed by each loader, and loader efficiency = fed img/s / synthetic img/s.
+
+    python benchmarks/train_throughput.py [--db DB | --count 2048] \
+        [--models esrgan,fast,srcnn] [--loaders dali,torch] [--batch-size 32] [--patch 256] \
+        [--amp auto] [--compile] [--out F.jsonl] [--md F.md]
+
+The step is srtrain's own (``srtrain.train.Stepper``: autocast, channels_last, fused AdamW,
+L1), on a fresh model per configuration: ``--warmup`` untimed steps, then ``--steps`` timed,
+synchronised on the GPU. Synthetic data is one loader batch repeated, so the two numbers
+differ only by the loader. One JSON line per model x loader, with peak GPU memory.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import click
+
+import _common
+
+
+def _table(records: list[dict]) -> str:
+    lines = ["| model | loader | img/s synthetic | img/s fed | loader efficiency | peak GiB |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in records:
+        mem = f"{r['peak_gpu_gib']:.1f}" if r["peak_gpu_gib"] is not None else "-"
+        lines.append(f"| {r['model']} | {r['loader']} | {r['synthetic_img_per_s']:,.1f} | "
+                     f"{r['loader_img_per_s']:,.1f} | {100 * r['loader_efficiency']:.0f}% | "
+                     f"{mem} |")
+    env = records[0]["env"]
+    r = records[0]
+    lines.append(f"\n{env.get('gpu') or 'no GPU'}, {env['cpus']} CPUs, torch {env['torch']}, "
+                 f"DALI {env.get('dali')}, {env['date'][:10]}; batch {r['batch_size']}, patch "
+                 f"{r['patch']}, scale {r['scale']}, amp {r['amp']}, compile {r['compile']}.")
+    return "\n".join(lines) + "\n"
+
+
+@click.command()
+@click.option("--db", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--count", default=2048, show_default=True,
+              help="Images in the database built when --db is not given.")
+@click.option("--size", default=512, show_default=True)
+@click.option("--models", default="esrgan,fast,srcnn", show_default=True)
+@click.option("--loaders", default="dali,torch", show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--patch", default=256, show_default=True)
+@click.option("--scale", default=4, show_default=True)
+@click.option("--amp", default="auto", show_default=True)
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True)
+@click.option("--compile", "compile_", is_flag=True)
+@click.option("--workers", type=int, help="Loader CPU workers  [default: all cores but one]")
+@click.option("--device", default=None)
+@click.option("--steps", default=30, show_default=True)
+@click.option("--warmup", default=10, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--md", type=click.Path(dir_okay=False, path_type=Path))
+def main(db, count, size, models, loaders, batch_size, patch, scale, amp, channels_last,
+         compile_, workers, device, steps, warmup, out, md):
+    import torch
+
+    from srtrain.config import TrainConfig, resolve_amp
+    from srtrain.models import build_model
+    from srtrain.train import loader_efficiency
+    from srdata.loader import resolve_device
+    env = _common.environment() | _common.accelerator_environment()
+    dev = resolve_device(device)
+    amp = resolve_amp(amp, dev)
+    records = []
+    with tempfile.TemporaryDirectory(prefix="srpipe-bench-") as tmp:
+        source = str(db) if db else f"synthetic {size}x{size} jpeg q95"
+        db = db or _common.build_jpeg_db(tmp, count, size, min_size=patch)
+        for name in models.split(","):
+            for loader in loaders.split(","):
+                cfg = TrainConfig(db=str(db), loader=loader, model=name, scale=scale,
+                                  batch_size=batch_size, patch=patch, amp=amp,
+                                  channels_last=channels_last, compile=compile_,
+                                  workers=workers, schedule="constant")
+                model = build_model(name, scale).to(
+                    dev, memory_format=torch.channels_last if channels_last
+                    else torch.preserve_format)
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                r = loader_efficiency(cfg, model, dev, amp, steps, warmup)
+                peak = (torch.cuda.max_memory_allocated(dev) / 2**30
+                        if dev.type == "cuda" else None)
+                records.append({
+                    "benchmark": "train_throughput", "source": source, "model": name,
+                    "loader": loader, "batch_size": batch_size, "patch": patch,
+                    "scale": scale, "amp": amp, "channels_last": channels_last,
+                    "compile": compile_, "steps": steps, "warmup": warmup,
+                    **{k: round(v, 3) for k, v in r.items()},
+                    "peak_gpu_gib": round(peak, 2) if peak is not None else None,
+                    "env": env})
+                _common.emit(records[-1], out)
+                del model
+    if md:
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(_table(records))
+
+
+if __name__ == "__main__":  # spawned loader workers import this module as __mp_main__
+    main()

@@ -1,0 +1,73 @@
+"""Checkpoints: written atomically, read with ``weights_only=True``.
+
+A checkpoint holds everything a run needs to continue with exactly the next batch: model,
+optimizer, scheduler, GradScaler and EMA states, the loader's position, the step and epoch
+counters, the best validation score and the config. Everything in it is tensors, numbers,
+strings, lists and dicts, so it loads without unpickling arbitrary objects.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def save(path: Path, state: dict) -> None:
+    """Write ``state`` to ``path`` so that a crash leaves the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load(path: Path) -> dict:
+    """A checkpoint's state; ValueError naming the file when it is not one of ours."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"no checkpoint at {path}") from None
+    except Exception as e:  # torch raises several types for damaged or foreign files
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise ValueError(f"{path} is not an srtrain checkpoint (no model or config in it)")
+    return state
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model under DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def model_weights(state: dict, ema: bool = True) -> tuple[dict, str]:
+    """(the model's state dict, "ema" or "model"): the EMA weights when asked and kept."""
+    saved = state.get("ema")
+    if ema and saved:
+        # AveragedModel keeps the model under "module." next to its "n_averaged" counter
+        return {k[len("module."):]: v for k, v in saved.items()
+                if k.startswith("module.")}, "ema"
+    return state["model"], "model"
+
+
+def load_model(path: Path, ema: bool = True) -> torch.nn.Module:
+    """The trained model a checkpoint holds, built from its config, in eval mode."""
+    from .config import TrainConfig
+    from .models import build_model
+    state = load(path)
+    cfg = TrainConfig.from_dict(state["config"])
+    model = build_model(cfg.model, cfg.scale, cfg.num_feat, cfg.num_block, cfg.num_grow_ch)
+    model.load_state_dict(model_weights(state, ema)[0])
+    return model.eval()

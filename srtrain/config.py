@@ -1,0 +1,80 @@
+"""The one training configuration: built by the CLI, passed down, saved in every checkpoint."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+AMPS = ("auto", "bf16", "fp16", "off")
+SCHEDULES = ("onecycle", "cosine", "constant")
+
+# What a resumed run may change: where and how fast it runs, never what it computes.
+RESUMABLE_CHANGES = {"resume", "device", "workers", "log_every", "progress", "profile_loader"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    db: str
+    out: str = "runs/sr"
+    loader: str = "dali"
+    model: str = "esrgan"
+    num_feat: int | None = None
+    num_block: int | None = None
+    num_grow_ch: int | None = None
+    scale: int = 4
+    batch_size: int = 32
+    patch: int = 256
+    epochs: int = 30
+    sample_ratio: float = 1.0
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    schedule: str = "onecycle"
+    accum: int = 1
+    amp: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    ema: float | None = None
+    val_db: str | None = None
+    val_split: float = 0.02
+    val_images: int = 32
+    val_every: int = 1
+    early_stop: int | None = None
+    save_every: int = 0
+    seed: int = 0
+    init_weights: str | None = None
+    device: str | None = None
+    workers: int | None = None
+    log_every: int = 50
+    resume: bool = False
+    profile_loader: bool = False
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def resume_conflicts(self, saved: "TrainConfig") -> list[str]:
+        """Settings that differ from the checkpoint's and would change the computation."""
+        return [f"--{f.name.replace('_', '-')}: checkpoint {getattr(saved, f.name)!r}, "
+                f"now {getattr(self, f.name)!r}"
+                for f in dataclasses.fields(self)
+                if f.name not in RESUMABLE_CHANGES
+                and getattr(self, f.name) != getattr(saved, f.name)]
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``auto``: bf16 where the GPU has it, else fp16 with a GradScaler; fp32 on the CPU,
+    where training is for tests and demos and autocast mostly slows convolutions down."""
+    if amp != "auto":
+        return amp
+    if device.type != "cuda":
+        return "off"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}

@@ -1,0 +1,397 @@
+"""The training loop: one obvious loop, the GPU kept busy, every position resumable.
+
+No host synchronisation in the hot loop: the loss stays on the device and is read every
+``log_every`` steps. Data wait is the time the GPU sat idle between one step's work and the
+next batch (CUDA events on the GPU's own timeline, so work queued earlier never counts as
+waiting); on the CPU, the wall time spent in the loader.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+import srdata
+from srdata.basicsr import open_db
+
+from . import checkpoint, ddp
+from .config import AMP_DTYPES, TrainConfig, resolve_amp
+from .models import build_model, load_weights
+from .validate import ValSet, evaluate, split_ids
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message says what to do."""
+
+
+class Stepper:
+    """Forward, backward and (every ``accum`` micro-batches) the optimizer step.
+
+    AMP in one code path: autocast and the GradScaler are switched by ``enabled``."""
+
+    def __init__(self, cfg: TrainConfig, model, net, device, amp: str, total_steps: int):
+        self.model, self.net, self.accum = model, net, cfg.accum
+        self.dtype, self.device = AMP_DTYPES[amp], device
+        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
+                                     weight_decay=cfg.weight_decay,
+                                     fused=device.type == "cuda")
+        self.sched = make_scheduler(self.opt, cfg.schedule, cfg.lr, total_steps)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+        self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema))
+                    if cfg.ema else None)
+        self.micro = 0
+
+    def __call__(self, lr: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Train on one batch; (its loss, still on the device; whether a step was taken)."""
+        last = (self.micro + 1) % self.accum == 0
+        sync = self.net.no_sync() if hasattr(self.net, "no_sync") and not last else _null()
+        with sync:
+            with torch.autocast(self.device.type, dtype=self.dtype,
+                                enabled=self.dtype != torch.float32):
+                sr = self.net(lr)
+            loss = F.l1_loss(sr.float(), hr.float())
+            self.scaler.scale(loss / self.accum).backward()
+        self.micro += 1
+        if not last:
+            return loss.detach(), False
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        return loss.detach(), True
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.opt.load_state_dict(s["optimizer"])
+        self.sched.load_state_dict(s["scheduler"])
+        self.scaler.load_state_dict(s["scaler"])
+        if self.ema is not None and s.get("ema") is not None:
+            self.ema.load_state_dict(s["ema"])
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def make_scheduler(opt, schedule: str, lr: float, total_steps: int):
+    if schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps)
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    if schedule == "constant":
+        return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+    raise ValueError(f"got schedule={schedule!r}, expected onecycle, cosine or constant")
+
+
+class DataTimer:
+    """Seconds the training loop waited for data since the last ``collect()``."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pairs, self.seconds, self._t0, self._a = [], 0.0, 0.0, None
+
+    def before(self):
+        if self.cuda:
+            self._a = torch.cuda.Event(enable_timing=True)
+            self._a.record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def after(self):
+        if self.cuda:
+            b = torch.cuda.Event(enable_timing=True)
+            b.record()
+            self.pairs.append((self._a, b))
+        else:
+            self.seconds += time.perf_counter() - self._t0
+
+    def collect(self) -> float:
+        """Call after a synchronisation: every recorded event has completed."""
+        s = self.seconds + sum(a.elapsed_time(b) for a, b in self.pairs) / 1000
+        self.pairs, self.seconds = [], 0.0
+        return s
+
+
+class Logger:
+    """metrics.jsonl (one JSON object a line), written by the main process only."""
+
+    def __init__(self, out: Path, main: bool):
+        self.path, self.main = out / "metrics.jsonl", main
+
+    def __call__(self, record: dict) -> None:
+        if self.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train as ``cfg`` says; returns the last validation scores and counters."""
+    d, device = ddp.setup(cfg.device)
+    try:
+        return Trainer(cfg, d, device).run()
+    finally:
+        ddp.teardown(d)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, d: ddp.Dist, device: torch.device):
+        self.cfg, self.d, self.device = cfg, d, device
+        self.out = Path(cfg.out)
+        self.amp = resolve_amp(cfg.amp, device)
+        state = self._resume_state()
+        torch.manual_seed(cfg.seed)
+        db = open_db(cfg.db)
+        train_ids, val_ids = split_ids(len(db), 0.0 if cfg.val_db else cfg.val_split,
+                                       cfg.seed)
+        self.loader = srdata.make_loader(
+            db, cfg.loader, cfg.batch_size, cfg.patch, cfg.scale, seed=cfg.seed,
+            sample_ratio=cfg.sample_ratio, rank=d.rank, world_size=d.world_size,
+            device=device, dtype=AMP_DTYPES[self.amp], channels_last=cfg.channels_last,
+            workers=cfg.workers, ids=train_ids)
+        self.val = None
+        if d.main and (cfg.val_db or len(val_ids)):
+            vdb = open_db(cfg.val_db) if cfg.val_db else db
+            ids = range(len(vdb)) if cfg.val_db else val_ids
+            self.val = ValSet(vdb, ids, cfg.patch, cfg.scale, cfg.val_images)
+        self.steps_per_epoch = len(self.loader) // cfg.accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"--accum {cfg.accum} is more than the {len(self.loader)} "
+                             "batches of an epoch; lower --accum or --batch-size")
+        model = build_model(cfg.model, cfg.scale, cfg.num_feat, cfg.num_block, cfg.num_grow_ch)
+        if cfg.init_weights and state is None:
+            load_weights(model, cfg.init_weights)
+        fmt = torch.channels_last if cfg.channels_last else torch.preserve_format
+        model = model.to(device, memory_format=fmt)
+        net = model
+        if d.enabled:
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.compile:
+            net = torch.compile(net)
+        self.model = model
+        self.step_fn = Stepper(cfg, model, net, device, self.amp,
+                               self.steps_per_epoch * cfg.epochs)
+        self.step, self.best, self.stale = 0, -math.inf, 0
+        self.in_epoch, self.step_batch = False, 0  # the loader position of the last step
+        self.log = Logger(self.out, d.main)
+        if state is not None:
+            self._load(state)
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def _resume_state(self) -> dict | None:
+        if not self.cfg.resume:
+            if self.d.main and (self.out / "last.pt").exists():
+                raise ValueError(f"{self.out} already holds a run (last.pt); pass --resume "
+                                 "to continue it or choose another --out")
+            return None
+        state = checkpoint.load(self.out / "last.pt")
+        conflicts = self.cfg.resume_conflicts(TrainConfig.from_dict(state["config"]))
+        if conflicts:
+            raise ValueError("--resume needs the checkpoint's settings; these differ: "
+                             + "; ".join(conflicts))
+        return state
+
+    def _load(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.step_fn.load_state_dict(state)
+        self.loader.load_state_dict(state["loader"])
+        self.step, self.best, self.stale = state["step"], state["best_psnr"], state["stale"]
+        torch.set_rng_state(state["rng"])
+        self.log({"event": "resume", "step": self.step, "epoch": self.loader.epoch,
+                  "batch": self.loader.batch})
+
+    def _save(self, name: str) -> None:
+        if not self.d.main:
+            return
+        loader = self.loader.state_dict()
+        if self.in_epoch:
+            # resume after the last finished step: a batch taken but not trained on (Ctrl-C
+            # in the forward pass) or a partial accumulation is done again
+            loader["batch"] = self.step_batch
+        state = {"model": checkpoint.unwrap(self.model).state_dict(), **self.step_fn.state_dict(),
+                 "loader": loader, "step": self.step, "best_psnr": self.best,
+                 "stale": self.stale, "config": self.cfg.to_dict(),
+                 "rng": torch.get_rng_state()}
+        checkpoint.save(self.out / name, state)
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.d.main:
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        if cfg.profile_loader:
+            self.log({"event": "profile", **self.profile()})
+        result = {}
+        try:
+            for epoch in range(self.loader.epoch, cfg.epochs):
+                self.loader.set_epoch(epoch)
+                self.train_epoch(epoch)
+                self._save("last.pt")
+                result = self.validate(epoch)
+                if self.stop_early():
+                    break
+        except KeyboardInterrupt:
+            self._save("last.pt")
+            self.log({"event": "interrupted", "step": self.step})
+            raise
+        return {"step": self.step, "epoch": self.loader.epoch, "best_psnr": self.best,
+                **result}
+
+    def train_epoch(self, epoch: int) -> None:
+        cfg, timer = self.cfg, DataTimer(self.device)
+        bar = tqdm(total=len(self.loader), initial=self.loader.batch, unit="batch",
+                   desc=f"epoch {epoch}", dynamic_ncols=True, leave=False,
+                   disable=not (self.d.main and cfg.progress))
+        window = {"loss": torch.zeros((), device=self.device), "n": 0, "images": 0,
+                  "t0": time.perf_counter()}
+        it = iter(self.loader)
+        self.in_epoch, self.step_batch = True, self.loader.batch
+        while True:
+            timer.before()
+            try:
+                lr, hr = next(it)
+            except StopIteration:
+                break
+            timer.after()
+            loss, stepped = self.step_fn(lr, hr)
+            window["loss"] += loss
+            window["n"] += 1
+            window["images"] += hr.shape[0]
+            bar.update()
+            if not stepped:
+                continue
+            self.step += 1
+            self.step_batch = self.loader.batch
+            if self.step % cfg.log_every == 0:
+                bar.set_postfix(self.flush(window, timer, epoch), refresh=False)
+            if cfg.save_every and self.step % cfg.save_every == 0:
+                self._save("last.pt")
+        if self.step_fn.micro % cfg.accum:
+            # the epoch's last batches did not fill an accumulation: drop their gradients,
+            # so every epoch takes the same steps and a checkpoint sits on a step boundary
+            self.step_fn.opt.zero_grad(set_to_none=True)
+        self.step_fn.micro = 0
+        self.in_epoch = False
+        if window["n"]:
+            self.flush(window, timer, epoch)
+        bar.close()
+
+    def flush(self, window: dict, timer: DataTimer, epoch: int) -> dict:
+        """Read the window's loss (the one host sync), log it, stop on a non-finite loss."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - window["t0"]
+        loss = float(ddp.mean(self.d, window["loss"] / window["n"]))
+        wait = timer.collect()
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"the loss became {loss} by step {self.step}; {self.out / 'last.pt'} holds "
+                "the last good state. Lower --lr, or try --amp bf16 or --amp off")
+        record = {"event": "train", "step": self.step, "epoch": epoch, "loss": loss,
+                  "lr": self.step_fn.sched.get_last_lr()[0],
+                  "img_per_s": window["images"] * self.d.world_size / seconds,
+                  "data_wait_ms": 1000 * wait / window["n"],
+                  "data_wait_pct": 100 * wait / seconds}
+        if self.device.type == "cuda":
+            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.log(record)
+        window.update(loss=torch.zeros((), device=self.device), n=0, images=0,
+                      t0=time.perf_counter())
+        return {"loss": f"{loss:.4f}", "img/s": f"{record['img_per_s']:.0f}",
+                "wait": f"{record['data_wait_pct']:.0f}%"}
+
+    def validate(self, epoch: int) -> dict:
+        cfg = self.cfg
+        if self.val is None or (epoch + 1) % cfg.val_every and epoch + 1 != cfg.epochs:
+            return {}
+        model = self.step_fn.ema.module if self.step_fn.ema is not None else self.model
+        scores = evaluate(model, self.val, cfg.batch_size, self.device, AMP_DTYPES[self.amp],
+                          cfg.channels_last, self.out / "samples" / f"epoch{epoch:04d}.png")
+        improved = scores["psnr"] > self.best
+        self.best, self.stale = (scores["psnr"], 0) if improved else (self.best, self.stale + 1)
+        self._save("last.pt")  # the best score and patience count belong to the state
+        if improved:
+            self._save("best.pt")
+        self.log({"event": "val", "step": self.step, "epoch": epoch, **scores})
+        return scores
+
+    def stop_early(self) -> bool:
+        stop = bool(self.cfg.early_stop) and self.stale >= self.cfg.early_stop
+        stop = ddp.broadcast_flag(self.d, stop, self.device)
+        if stop:
+            self.log({"event": "early_stop", "step": self.step, "best_psnr": self.best})
+        return stop
+
+    # -- loader efficiency -------------------------------------------------------------
+    def profile(self, steps: int = 20, warmup: int = 5) -> dict:
+        """img/s fed by the loader and on synthetic data, for the same step on copies of the
+        model and optimizer (the run itself is untouched)."""
+        return loader_efficiency(self.cfg, self.model, self.device, self.amp, steps, warmup)
+
+
+def step_rate(stepper, batches, steps: int, warmup: int, device) -> float:
+    """Images per second trained by ``stepper`` on ``batches``, after ``warmup`` steps."""
+    n, t0 = 0, None
+    for i, (lr, hr) in enumerate(batches):
+        if i == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+        if i >= warmup:
+            n += hr.shape[0]
+        stepper(lr, hr)
+        if i + 1 == warmup + steps:
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return n / (time.perf_counter() - t0)
+
+
+def forever(loader):
+    """Batches from ``loader``, epoch after epoch."""
+    while True:
+        yield from loader
+
+
+def repeat(lr, hr):
+    """The same batch forever: synthetic data, no loader cost at all."""
+    while True:
+        yield lr, hr
+
+
+def loader_efficiency(cfg: TrainConfig, model, device, amp: str, steps: int = 20,
+                      warmup: int = 5, loader=None) -> dict:
+    """Loader efficiency: img/s with the loader ÷ img/s on synthetic (pre-made) batches."""
+    if loader is None:
+        loader = srdata.make_loader(cfg.db, cfg.loader, cfg.batch_size, cfg.patch, cfg.scale,
+                                    seed=cfg.seed + 1, sample_ratio=1.0, device=device,
+                                    dtype=AMP_DTYPES[amp], channels_last=cfg.channels_last,
+                                    workers=cfg.workers)
+
+    def fresh():
+        m = copy.deepcopy(model)
+        return Stepper(cfg, m, torch.compile(m) if cfg.compile else m, device, amp, 10**6)
+
+    lr, hr = next(iter(forever(loader)))
+    synthetic = step_rate(fresh(), repeat(lr, hr), steps, warmup, device)
+    fed = step_rate(fresh(), forever(loader), steps, warmup, device)
+    return {"synthetic_img_per_s": synthetic, "loader_img_per_s": fed,
+            "loader_efficiency": fed / synthetic}

@@ -1,0 +1,197 @@
+"""Apply a trained super-resolution model to an image file or a folder of them.
+
+The image is processed in tiles because the activations of a model like RRDBNet grow with
+the pixel count times its width: a whole 4K photo does not fit in GPU memory, a 256 px tile
+does. Cutting the input naively leaves seams, since pixels near a tile's edge see zero
+padding instead of their real neighbours. So each tile is cut with an ``overlap`` margin of
+real context on every side and only its centre is kept: when the margin covers the model's
+receptive field, the tiled result equals the whole-image one.
+
+``tile`` is the largest input (margins included) the model sees at once, so it bounds the
+memory; each tile contributes its central ``tile - 2 * overlap`` pixels. For x2 models the
+image is padded to even sizes and cuts snap to a 2 px grid (up to 1 px more per side),
+because x2 RRDBNets pixel-unshuffle their input.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _check_tiling(tile: int, overlap: int) -> None:
+    if overlap < 0:
+        raise ValueError(f"got overlap={overlap}, expected >= 0")
+    if tile < 0 or 0 < tile <= 2 * overlap:
+        raise ValueError(f"got tile={tile}, expected 0 or > 2*overlap (overlap={overlap})")
+
+
+def _use_half(half: bool | None, device: torch.device) -> bool:
+    # fp16 roughly halves time and memory on CUDA; CPU fp16 kernels are slow, so fp32 there
+    return device.type == "cuda" if half is None else bool(half)
+
+
+def _spans(size: int, core: int, overlap: int, m: int) -> list[tuple[int, int, int, int]]:
+    """(start, stop) of each core piece of ``size`` and (start, stop) of the input cut for it:
+    the core widened by ``overlap``, clipped at the border (where the model then pads as it
+    would untiled) and aligned to multiples of ``m``."""
+    core = core or size
+    pieces = []
+    for a in range(0, size, core):
+        b = min(a + core, size)
+        ca, cb = max(a - overlap, 0) // m * m, min(-(-(b + overlap) // m) * m, size)
+        pieces.append((a, b, ca, cb))
+    return pieces
+
+
+def _run_tile(model, lr: torch.Tensor, scale: int, half: bool) -> torch.Tensor:
+    x = (lr.float() / 255).permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
+    with torch.autocast(lr.device.type, dtype=torch.float16, enabled=half):
+        y = model(x)
+    h, w = lr.shape[:2]
+    if tuple(y.shape[-3:]) != (3, h * scale, w * scale):
+        raise ValueError(f"the model maps a {h}x{w} input to {tuple(y.shape)}, expected "
+                         f"(1, 3, {h * scale}, {w * scale}) for its scale={scale}")
+    # rounding per tile equals rounding the whole image: the conversion is elementwise
+    return (y[0].float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+
+
+def upscale_image(model, rgb: np.ndarray, tile: int = 256, overlap: int = 16,
+                  device: str | torch.device = "cpu", half: bool | None = None) -> np.ndarray:
+    """``model`` applied to an HxWx3 uint8 RGB image: an (H*scale)x(W*scale)x3 uint8 image.
+
+    ``tile`` 0 runs the whole image at once. ``half`` None means fp16 autocast on CUDA and
+    fp32 on the CPU. The model is moved to ``device``; its train/eval mode is restored.
+    """
+    _check_tiling(tile, overlap)
+    if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3
+            and rgb.shape[2] == 3):
+        raise ValueError(f"expected an HxWx3 uint8 RGB array, got "
+                         f"{getattr(rgb, 'dtype', type(rgb))} {getattr(rgb, 'shape', '')}")
+    scale = getattr(model, "scale", None)
+    if not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"the model needs an integer attribute scale >= 1, got {scale!r}")
+    device = torch.device(device)
+    half = _use_half(half, device)
+    h, w = rgb.shape[:2]
+    # x2 RRDBNets pixel-unshuffle by 2: they need even sizes, and cuts on the same 2 px grid
+    # as the whole image, else each tile would group its pixels differently
+    m = 2 if scale == 2 else 1
+    img = np.pad(rgb, ((0, -h % m), (0, -w % m), (0, 0)), mode="edge")
+    hp, wp = img.shape[:2]
+    out = np.empty((hp * scale, wp * scale, 3), np.uint8)  # on the host: the GPU holds a tile
+    core = tile - 2 * overlap if tile else 0
+    was_training = model.training
+    model.to(device, memory_format=torch.channels_last).eval()
+    try:
+        with torch.inference_mode():
+            for y0, y1, cy0, cy1 in _spans(hp, core, overlap, m):
+                for x0, x1, cx0, cx1 in _spans(wp, core, overlap, m):
+                    sr = _run_tile(model, torch.from_numpy(img[cy0:cy1, cx0:cx1]).to(device),
+                                   scale, half)
+                    oy, ox = (y0 - cy0) * scale, (x0 - cx0) * scale
+                    out[y0 * scale:y1 * scale, x0 * scale:x1 * scale] = sr[
+                        oy:oy + (y1 - y0) * scale, ox:ox + (x1 - x0) * scale].cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out if (hp, wp) == (h, w) else np.ascontiguousarray(out[:h * scale, :w * scale])
+
+
+def read_rgb(path: Path) -> np.ndarray | None:
+    """The image as HxWx3 uint8 RGB, or None when it cannot be read or decoded."""
+    try:
+        buf = np.fromfile(path, np.uint8)  # not cv2.imread: it fails on non-ASCII names
+        # IMREAD_COLOR turns grey, alpha and 16-bit images into 8-bit BGR
+        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    except (OSError, cv2.error):
+        return None
+    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def write_rgb(path: Path, rgb: np.ndarray) -> None:
+    """Encode by extension and write atomically: a crash never leaves a truncated image."""
+    ok, buf = cv2.imencode(path.suffix.lower(), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError(f"OpenCV could not encode {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        buf.tofile(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _plan_folder(src: Path, dst: Path) -> tuple[list[tuple[Path, Path]], list[dict]]:
+    """(source, output) pairs for the images under ``src``, and the ones that must be skipped."""
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"the output folder {dst} is the input folder; choose another")
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"the input {src} is a folder but the output {dst} is a file")
+    inside = dst.resolve()
+    pairs, skipped, taken = [], [], {}
+    for p in sorted(src.rglob("*")):
+        if not p.is_file() or p.suffix.lower() not in IMAGE_EXTS:
+            continue
+        if inside in p.resolve().parents:
+            continue  # outputs of an earlier run when dst lies inside src
+        out = dst / p.relative_to(src).with_suffix(".png")
+        if out in taken:  # a.jpg and a.png would both become a.png
+            skipped.append({"path": str(p), "reason": f"{out} already comes from {taken[out]}"})
+            continue
+        taken[out] = p
+        pairs.append((p, out))
+    return pairs, skipped
+
+
+def _plan_file(src: Path, dst: Path) -> list[tuple[Path, Path]]:
+    if not cv2.haveImageWriter(str(dst)):
+        raise ValueError(f"OpenCV cannot write the output extension {dst.suffix!r} of {dst}; "
+                         "use .png, .jpg, .bmp, .tif or .webp")
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"the output {dst} is the input file; choose another name")
+    if dst.is_dir():
+        raise ValueError(f"the input {src} is a file but the output {dst} is a folder")
+    return [(src, dst)]
+
+
+def upscale_path(model, src, dst, tile: int = 256, overlap: int = 16,
+                 device: str | torch.device = "cpu", half: bool | None = None,
+                 progress: bool = True) -> dict:
+    """Upscale the image file ``src`` into the file ``dst``, or every image under the folder
+    ``src`` into ``dst/<relative path>/<stem>.png``.
+
+    Unreadable images in a folder are skipped with a warning, not fatal. Returns
+    ``{"written": [path, ...], "skipped": [{"path", "reason"}, ...], "seconds": float}``.
+    """
+    _check_tiling(tile, overlap)
+    start = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    if src.is_dir():
+        pairs, skipped = _plan_folder(src, dst)
+    elif src.is_file():
+        pairs, skipped = _plan_file(src, dst), []
+    else:
+        raise ValueError(f"the input {src} is neither a file nor a folder")
+    for s in skipped:
+        warnings.warn(f"skipping {s['path']}: {s['reason']}", stacklevel=2)
+    written = []
+    for inp, out in tqdm(pairs, desc="upscale", unit="img", disable=not progress):
+        rgb = read_rgb(inp)
+        if rgb is None:
+            if not src.is_dir():
+                raise ValueError(f"cannot read the image {inp}: missing, corrupt or not an image")
+            skipped.append({"path": str(inp), "reason": "cannot be read or decoded"})
+            warnings.warn(f"skipping {inp}: cannot be read or decoded", stacklevel=2)
+            continue
+        write_rgb(out, upscale_image(model, rgb, tile, overlap, device, half))
+        written.append(str(out))
+    return {"written": written, "skipped": skipped, "seconds": time.perf_counter() - start}

@@ -1,0 +1,78 @@
+"""Validation: fixed (LR, HR) pairs, PSNR and SSIM on Y against the bicubic baseline.
+
+The pairs are centre crops of held-out images (``--val-split``) or of ``--val-db``, with LR
+made by the same nearest-neighbour rule as training, so the scores measure what the model
+learnt. Metrics follow BasicSR's conventions (see ``srtrain.metrics``), so they compare with
+published numbers for the same degradation.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from srdata.sampler import nn_downscale
+
+from . import metrics
+
+
+def split_ids(n: int, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train ids, validation ids): a seeded random ``val_split`` fraction held out."""
+    if not 0 <= val_split < 1:
+        raise ValueError(f"got val_split={val_split}, expected 0 <= split < 1")
+    n_val = 0 if val_split == 0 else max(1, round(n * val_split))
+    if n - n_val < 1:
+        raise ValueError(f"the database has {n} image(s): none left to train on after "
+                         f"holding out {n_val} for validation; lower --val-split")
+    perm = np.random.default_rng([seed, 0x5EED]).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+class ValSet:
+    """Up to ``count`` (LR, HR) pairs, uint8 NCHW on the CPU, with their bicubic scores."""
+
+    def __init__(self, db, ids, patch: int, scale: int, count: int):
+        crops = []
+        for i in list(ids)[:count]:
+            img = db.image(int(i))
+            h, w = img.shape[:2]
+            if min(h, w) < patch:
+                continue  # too small for a patch: the sampler never trains on it either
+            y, x = (h - patch) // 2, (w - patch) // 2
+            crops.append(img[y:y + patch, x:x + patch])
+        if not crops:
+            raise ValueError(f"no validation image of {db.path} is at least {patch} px; "
+                             "use a smaller --patch or another --val-db")
+        self.hr = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+        self.lr = nn_downscale(self.hr, scale).contiguous()
+        self.scale = scale
+        bic = metrics.bicubic(self.lr.float() / 255, scale)
+        hr = self.hr.float() / 255
+        self.baseline = {"psnr_bicubic": float(metrics.psnr_y(bic, hr, scale).mean()),
+                         "ssim_bicubic": float(metrics.ssim_y(bic, hr, scale).mean())}
+
+    def __len__(self) -> int:
+        return len(self.hr)
+
+
+@torch.inference_mode()
+def evaluate(model, val: ValSet, batch_size: int, device: torch.device, amp_dtype,
+             channels_last: bool, grid: Path | None = None) -> dict:
+    """PSNR and SSIM of ``model`` on ``val`` (and the bicubic baseline); optionally a grid."""
+    was_training = model.training
+    model.eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    srs = []
+    for i in range(0, len(val), batch_size):
+        lr = (val.lr[i:i + batch_size].to(device).float() / 255).contiguous(memory_format=fmt)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+            srs.append(model(lr).float().clamp_(0, 1).cpu())
+    model.train(was_training)
+    sr, hr = torch.cat(srs), val.hr.float() / 255
+    result = {"psnr": float(metrics.psnr_y(sr, hr, val.scale).mean()),
+              "ssim": float(metrics.ssim_y(sr, hr, val.scale).mean()), **val.baseline}
+    if grid is not None:
+        lr = val.lr.float() / 255
+        metrics.save_grid(grid, lr, metrics.bicubic(lr, val.scale), sr, hr)
+    return result

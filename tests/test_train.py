@@ -1,0 +1,213 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from srtrain import checkpoint
+from srtrain.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+# A tiny RRDBNet: the loop, not the model, is under test; CPU steps take milliseconds.
+TINY = ["--model", "rrdbnet", "--num-feat", "8", "--num-block", "1", "--num-grow-ch", "4",
+        "--patch", "32", "--batch-size", "2", "--loader", "torch", "--workers", "0",
+        "--device", "cpu", "--val-split", "0.2", "--val-images", "2", "--log-every", "1",
+        "--lr", "1e-3", "-q"]
+
+
+def train(db, out, *args, env=None):
+    r = CliRunner(env=env).invoke(main, ["--db", str(db), "--out", str(out), *TINY,
+                                         *map(str, args)])
+    return r
+
+
+def events(out, kind=None):
+    lines = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [e for e in lines if kind is None or e["event"] == kind]
+
+
+def losses_after_resume(out):
+    """step -> loss for the steps run after the last resume (all steps if none)."""
+    lines = events(out)
+    starts = [i for i, e in enumerate(lines) if e["event"] == "resume"]
+    tail = lines[starts[-1] + 1:] if starts else lines
+    return {e["step"]: e["loss"] for e in tail if e["event"] == "train"}
+
+
+def test_trains_validates_and_writes_a_run(packed, tmp_path):
+    out = tmp_path / "run"
+    r = train(packed("png"), out, "--epochs", 2)
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output.strip().splitlines()[-1])
+    assert result["epoch"] == 2 and result["step"] == 8  # 8 training images, batch 2
+    train_ev, val_ev = events(out, "train"), events(out, "val")
+    assert [e["step"] for e in train_ev] == list(range(1, 9))
+    e = train_ev[-1]
+    assert all(np.isfinite(e[k]) for k in ("loss", "lr", "img_per_s", "data_wait_ms"))
+    assert 0 <= e["data_wait_pct"] <= 100
+    assert len(val_ev) == 2
+    assert {"psnr", "ssim", "psnr_bicubic", "ssim_bicubic"} <= set(val_ev[0])
+    assert (out / "last.pt").is_file() and (out / "best.pt").is_file()
+    grid = cv2.imread(str(out / "samples" / "epoch0001.png"))
+    assert grid is not None and grid.shape[0] >= 2 * 32
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["batch_size"] == 2 and cfg["model"] == "rrdbnet"
+    state = checkpoint.load(out / "last.pt")
+    assert state["loader"]["epoch"] == 2 and state["loader"]["batch"] == 0
+
+
+def test_resume_after_kill_9_continues_with_the_same_batches(packed, tmp_path):
+    db = packed("png")
+    args = ["--db", db, *TINY, "--epochs", 30, "--save-every", 3]
+    full = tmp_path / "full"
+    assert subprocess.run([sys.executable, "-m", "srtrain", "--out", full, *map(str, args)],
+                          capture_output=True, timeout=300).returncode == 0
+    killed = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, "-m", "srtrain", "--out", killed, *map(str, args)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (killed / "last.pt").exists() and len(events(killed, "train")) >= 7:
+            break
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    assert p.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    at = checkpoint.load(killed / "last.pt")["step"]
+    assert 3 <= at < 120
+    r = subprocess.run([sys.executable, "-m", "srtrain", "--out", killed, "--resume",
+                        *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    resumed, reference = losses_after_resume(killed), losses_after_resume(full)
+    assert min(resumed) == at + 1 and max(resumed) == 120
+    assert all(resumed[s] == reference[s] for s in resumed)
+    a = checkpoint.load(killed / "last.pt")["model"]
+    b = checkpoint.load(full / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_saves_and_resume_redoes_a_partial_accumulation(packed, tmp_path, monkeypatch):
+    from srtrain import train as train_mod
+    db = packed("png")
+    opts = ["--epochs", 2, "--accum", 2, "--ema", 0.9, "--schedule", "cosine"]
+    assert train(db, tmp_path / "full", *opts).exit_code == 0
+    real = train_mod.Stepper.__call__
+    calls = []
+
+    def interrupt_on_sixth_batch(self, lr, hr):
+        calls.append(1)
+        if len(calls) == 6:  # epoch 1: step 2 done, batch 0 of step 3 in, batch 1 taken
+            raise KeyboardInterrupt
+        return real(self, lr, hr)
+    monkeypatch.setattr(train_mod.Stepper, "__call__", interrupt_on_sixth_batch)
+    r = train(db, tmp_path / "cut", *opts)
+    assert r.exit_code == 130 and "--resume" in r.output
+    state = checkpoint.load(tmp_path / "cut" / "last.pt")
+    assert state["step"] == 2 and (state["loader"]["epoch"], state["loader"]["batch"]) == (1, 0)
+    monkeypatch.setattr(train_mod.Stepper, "__call__", real)
+    assert train(db, tmp_path / "cut", *opts, "--resume").exit_code == 0
+    a = checkpoint.load(tmp_path / "cut" / "last.pt")
+    b = checkpoint.load(tmp_path / "full" / "last.pt")
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in b["ema"])
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_ddp_two_processes_on_cpu(packed, tmp_path, loader):
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    out = tmp_path / "ddp"
+    args = ["--db", packed("png"), "--out", out, *TINY, "--epochs", 1, "--loader", loader,
+            "--workers", 1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", 2,
+           "--master-port", 29500 + os.getpid() % 1000, "-m", "srtrain", *args]
+    r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300,
+                       env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [e["step"] for e in events(out, "train")]
+    assert steps == [1, 2]  # 8 images / (2 ranks x batch 2); logged once, by rank 0
+    assert checkpoint.load(out / "last.pt")["loader"]["world_size"] == 2
+
+
+def test_upscale_with_the_trained_model(packed, tmp_path, image_dir):
+    out = tmp_path / "run"
+    assert train(packed("png"), out, "--epochs", 1, "--ema", 0.5).exit_code == 0
+    src = image_dir / "b" / "im000.png"
+    r = CliRunner().invoke(main, ["upscale", "--ckpt", str(out / "best.pt"), str(src),
+                                  str(tmp_path / "big.png"), "--tile", "40", "--overlap", "8",
+                                  "-q"])
+    assert r.exit_code == 0, r.output
+    h, w = cv2.imread(str(src)).shape[:2]
+    assert cv2.imread(str(tmp_path / "big.png")).shape[:2] == (4 * h, 4 * w)
+
+
+def test_init_weights_from_a_basicsr_file(packed, tmp_path):
+    from srtrain.models import build_model
+    sd = build_model("rrdbnet", 4, 8, 1, 4).state_dict()
+    torch.save({"params_ema": sd}, tmp_path / "net_g.pth")
+    r = train(packed("png"), tmp_path / "run", "--epochs", 1, "--init-weights",
+              tmp_path / "net_g.pth")
+    assert r.exit_code == 0, r.output
+    bad = {k: torch.full_like(v, float("nan")) for k, v in sd.items()}
+    torch.save(bad, tmp_path / "nan.pth")
+    r = train(packed("png"), tmp_path / "nan", "--epochs", 1, "--init-weights",
+              tmp_path / "nan.pth")
+    assert r.exit_code == 1 and "the loss became nan" in r.output
+    assert not (tmp_path / "nan" / "last.pt").exists()
+
+
+def test_environment_aliases_and_profile(packed, tmp_path):
+    out = tmp_path / "run"
+    args = [a for i, a in enumerate(TINY) if TINY[i - 1 if i else 0] not in
+            ("--batch-size", "--patch") and a not in ("--batch-size", "--patch")]
+    env = {"BATCH_SIZE": "4", "NUM_EPOCHS": "1", "SAMPLE_RATIO": "0.5", "TARGET_SIZE": "48"}
+    r = CliRunner(env=env).invoke(main, ["--db", str(packed("png")), "--out", str(out),
+                                         *args, "--profile-loader"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["batch_size"], cfg["epochs"], cfg["sample_ratio"], cfg["patch"]) == \
+        (4, 1, 0.5, 48)
+    prof = events(out, "profile")[0]
+    assert prof["synthetic_img_per_s"] > 0 and 0 < prof["loader_efficiency"]
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--patch", "30"], 2, "30 is not divisible by --scale 4; use 28 or 32"),
+    (["--patch", "128"], 2, "larger than the smallest image"),
+    (["--model", "srcnn", "--num-feat", "8"], 2, "rrdbnet"),
+    (["--accum", "50"], 1, "--accum 50 is more than"),
+])
+def test_user_mistakes_are_named(packed, tmp_path, args, code, message):
+    r = train(packed("png"), tmp_path / "run", *args)
+    assert r.exit_code == code and message in r.output, r.output
+    assert "Traceback" not in r.output
+
+
+def test_database_and_resume_mistakes(packed, tmp_path):
+    r = train(tmp_path / "nope", tmp_path / "run")
+    assert r.exit_code == 2 and str(tmp_path / "nope") in r.output
+    assert CliRunner().invoke(main, []).exit_code == 2
+    out = tmp_path / "run"
+    assert train(packed("png"), out, "--epochs", 1).exit_code == 0
+    r = train(packed("png"), out, "--epochs", 1)
+    assert r.exit_code == 1 and "--resume" in r.output
+    r = train(packed("png"), out, "--epochs", 1, "--resume", "--seed", "3")
+    assert r.exit_code == 1 and "--seed: checkpoint 0, now 3" in r.output
+    r = train(packed("png"), tmp_path / "empty", "--resume")
+    assert r.exit_code == 1 and "no checkpoint" in r.output
+
+
+def test_out_of_memory_suggests_a_smaller_batch(packed, tmp_path, monkeypatch):
+    from srtrain import train as train_mod
+
+    def oom(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(train_mod, "train", oom)
+    r = train(packed("png"), tmp_path / "run")
+    assert r.exit_code == 1 and "--batch-size 1 --accum 2" in r.output

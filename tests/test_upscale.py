@@ -1,0 +1,215 @@
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from srdata.samples import synthetic_image, write_image
+from srtrain.upscale import read_rgb, upscale_image, upscale_path
+
+H, W = 37, 53
+
+
+class Tiny(nn.Module):
+    """Nearest upsample, then a small residual of two 3x3 convs: 2 HR px = 1 LR px of context."""
+
+    def __init__(self, scale=2, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.scale = scale
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        up = F.interpolate(x, scale_factor=self.scale, mode="nearest")
+        return up + 0.5 * self.c2(F.relu(self.c1(up)))
+
+
+class Wide(Tiny):
+    """Two 5x5 convs in LR space before upsampling: 4 LR px of context."""
+
+    def __init__(self, scale=2, seed=0):
+        super().__init__(scale, seed)
+        self.c1 = nn.Conv2d(3, 8, 5, padding=2)
+        self.c2 = nn.Conv2d(8, 3, 5, padding=2)
+
+    def forward(self, x):
+        x = x + 0.5 * self.c2(F.relu(self.c1(x)))
+        return F.interpolate(x, scale_factor=self.scale, mode="nearest")
+
+
+class Unshuffle(nn.Module):
+    """Like an x2 RRDBNet: pixel-unshuffle by 2 (so it needs even sizes), a 3x3 conv, then
+    pixel-shuffle by 4."""
+
+    scale = 2
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = nn.Conv2d(12, 48, 3, padding=1)
+
+    def forward(self, x):
+        up = F.interpolate(x, scale_factor=2, mode="nearest")
+        return up + 0.5 * F.pixel_shuffle(self.conv(F.pixel_unshuffle(x, 2)), 4)
+
+
+@pytest.fixture(scope="module")
+def rgb():
+    return synthetic_image(H, W, seed=3)
+
+
+def diff(a, b):
+    return np.abs(a.astype(int) - b.astype(int))
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_tiled_equals_untiled(rgb, scale):
+    model = Tiny(scale)
+    full = upscale_image(model, rgb, tile=0)
+    assert full.shape == (H * scale, W * scale, 3) and full.dtype == np.uint8
+    assert 0 < full.std()  # not saturated: a seam would show
+    # 7: 3 px cores; 16 and 20 do not divide 37 or 53; 64 is bigger than the image
+    for tile in (7, 16, 20, 64):
+        tiled = upscale_image(model, rgb, tile=tile, overlap=2)
+        assert tiled.shape == full.shape
+        assert diff(tiled, full).max() <= 1, tile
+
+
+def test_odd_sizes_for_pixel_unshuffle(rgb):
+    model = Unshuffle()
+    full = upscale_image(model, rgb, tile=0)  # 37x53: padded to even, cropped back
+    assert full.shape == (2 * H, 2 * W, 3)
+    for tile in (9, 16, 21, 64):  # odd tiles and odd cores: cuts stay on the 2 px grid
+        assert diff(upscale_image(model, rgb, tile=tile, overlap=3), full).max() <= 1, tile
+
+
+def test_real_models_any_size(rgb):
+    from srtrain.models import SRCNN, RRDBNet
+    for model in (RRDBNet(scale=2, num_feat=8, num_block=1, num_grow_ch=4),
+                  RRDBNet(scale=3, num_feat=8, num_block=1, num_grow_ch=4), SRCNN(4, n1=8, n2=4)):
+        s = model.scale
+        assert upscale_image(model, rgb[:13, :9], tile=0).shape == (13 * s, 9 * s, 3)
+        assert upscale_image(model, rgb, tile=20, overlap=4).shape == (H * s, W * s, 3)
+
+
+def test_overlap_removes_seams(rgb):
+    model = Wide()
+    full = upscale_image(model, rgb, tile=0)
+    seamed = upscale_image(model, rgb, tile=16, overlap=0)
+    assert diff(seamed, full).max() > 2  # a seam, not rounding noise
+    # the seams sit within the receptive field (4 LR px) of the tile edges, nowhere else
+    near_y = np.array([min(abs(y - e + 0.5) for e in (16, 32)) < 4 for y in range(H)])
+    near_x = np.array([min(abs(x - e + 0.5) for e in (16, 32, 48)) < 4 for x in range(W)])
+    far = np.repeat(np.repeat(~near_y[:, None] & ~near_x[None], 2, 0), 2, 1)
+    assert diff(seamed, full)[far].max() <= 1
+    assert diff(upscale_image(model, rgb, tile=16, overlap=4), full).max() <= 1
+
+
+class Recorder(Tiny):
+    def forward(self, x):
+        self.seen = (x.is_contiguous(memory_format=torch.channels_last),
+                     torch.is_inference_mode_enabled(), self.training, x.dtype)
+        return super().forward(x)
+
+
+def test_model_conditions(rgb):
+    model = Recorder().train()
+    upscale_image(model, rgb, tile=0)
+    assert model.seen == (True, True, False, torch.float32)
+    assert model.training  # restored
+
+
+def test_half_on_cpu_is_close(rgb):
+    model = Tiny()
+    fp32 = upscale_image(model, rgb, tile=0)
+    assert np.array_equal(upscale_image(model, rgb, tile=0, half=None), fp32)
+    assert diff(upscale_image(model, rgb, tile=0, half=True), fp32).max() <= 3
+
+
+def test_bad_image_args(rgb):
+    with pytest.raises(ValueError, match="tile=4"):
+        upscale_image(Tiny(), rgb, tile=4, overlap=2)
+    with pytest.raises(ValueError, match="overlap=-1"):
+        upscale_image(Tiny(), rgb, tile=8, overlap=-1)
+    with pytest.raises(ValueError, match="uint8"):
+        upscale_image(Tiny(), rgb.astype(np.float32))
+    model = Tiny(3)
+    model.forward = lambda x: Tiny.forward(model, x)[..., :-1]  # one column short
+    with pytest.raises(ValueError, match="scale=3"):
+        upscale_image(model, rgb, tile=0)
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg"])
+def test_path_single_file(rgb, tmp_path, ext):
+    src = tmp_path / "in.png"
+    write_image(src, rgb)
+    dst = tmp_path / "sub" / f"out{ext}"
+    res = upscale_path(Tiny(), src, dst, tile=16, overlap=2, progress=False)
+    assert res["written"] == [str(dst)] and res["skipped"] == [] and res["seconds"] >= 0
+    out = read_rgb(dst)
+    expected = upscale_image(Tiny(), rgb, tile=16, overlap=2)
+    assert out.shape == expected.shape
+    if ext == ".png":
+        assert np.array_equal(out, expected)
+    else:
+        assert diff(out, expected).mean() < 4
+    assert sorted(p.name for p in dst.parent.iterdir()) == [dst.name]  # no temporary left
+
+
+def test_path_folder(rgb, tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "a" / "b").mkdir(parents=True)
+    write_image(src / "top.jpg", rgb)
+    write_image(src / "a" / "odd name é.png", rgb[:20, :30])
+    write_image(src / "a" / "b" / "deep.bmp", rgb[:11, :9])
+    cv2.imwrite(str(src / "a" / "gray16.tif"), np.full((9, 12), 40000, np.uint16))
+    (src / "a" / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk" * 20)
+    (src / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match="broken.png"):
+        res = upscale_path(Tiny(), src, dst, tile=16, overlap=2, progress=False)
+    assert res["skipped"] == [{"path": str(src / "a" / "b" / "broken.png"),
+                               "reason": "cannot be read or decoded"}]
+    rel = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
+    assert rel == ["a/b/deep.png", "a/gray16.png", "a/odd name é.png", "top.png"]
+    assert sorted(res["written"]) == sorted(str(dst / r) for r in rel)
+    assert read_rgb(dst / "a" / "b" / "deep.png").shape == (22, 18, 3)
+    assert read_rgb(dst / "a" / "gray16.png").shape == (18, 24, 3)
+    assert np.array_equal(read_rgb(dst / "a" / "odd name é.png"),
+                          upscale_image(Tiny(), rgb[:20, :30], tile=16, overlap=2))
+
+
+def test_path_folder_stem_clash_and_dst_inside(rgb, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_image(src / "x.jpg", rgb)
+    write_image(src / "x.png", rgb)
+    dst = src / "out"
+    with pytest.warns(UserWarning, match="x.png"):
+        res = upscale_path(Tiny(), src, dst, tile=0, progress=False)
+    assert res["written"] == [str(dst / "x.png")] and len(res["skipped"]) == 1
+    # a second run does not pick up the first run's outputs
+    with pytest.warns(UserWarning):
+        res = upscale_path(Tiny(), src, dst, tile=0, progress=False)
+    assert res["written"] == [str(dst / "x.png")]
+
+
+def test_bad_path_args(rgb, tmp_path):
+    src = tmp_path / "in.png"
+    write_image(src, rgb)
+    with pytest.raises(ValueError, match="tile=10"):
+        upscale_path(Tiny(), src, tmp_path / "o.png", tile=10, overlap=5)
+    with pytest.raises(ValueError, match=r"\.xyz"):
+        upscale_path(Tiny(), src, tmp_path / "o.xyz", progress=False)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="bad.jpg"):
+        upscale_path(Tiny(), bad, tmp_path / "o.png", progress=False)
+    with pytest.raises(ValueError, match="missing.png"):
+        upscale_path(Tiny(), tmp_path / "missing.png", tmp_path / "o.png", progress=False)
+    with pytest.raises(ValueError, match="input folder"):
+        upscale_path(Tiny(), tmp_path, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="input file"):
+        upscale_path(Tiny(), src, src, progress=False)
+    assert not (tmp_path / "o.png").exists()
