@@ -196,7 +196,9 @@ def main(db, count, size, loaders, batch_sizes, worker_counts, patch, scale, dty
             db = _common.build_jpeg_db(tmp, count, size, min_size=patch)
         database = open_db(db)
         common = {"benchmark": "loader_throughput", "source": source,
-                  "db_images": len(database), "codec": database.codec, "patch": patch,
+                  "db_images": len(database), "codec": database.codec,
+                  "quality": database.manifest.get("params", {}).get("quality")
+                  if database.codec == "jpeg" else None, "patch": patch,
                   "scale": scale, "dtype": dtype, "device": str(args["device"])}
         records = []
         for bs in _ints(batch_sizes):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -141,6 +142,15 @@ class Logger:
                 f.write(json.dumps(record) + "\n")
 
 
+def loader_workers(asked: int | None) -> int:
+    """The loader's CPU workers: as asked, or this process's share of the cores (torchrun
+    starts one process per GPU on the same machine) less one for the training loop."""
+    if asked is not None:
+        return asked
+    cores = len(os.sched_getaffinity(0))
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train as ``cfg`` says; returns the last validation scores and counters."""
     d, device = ddp.setup(cfg.device)
@@ -164,7 +174,7 @@ class Trainer:
             db, cfg.loader, cfg.batch_size, cfg.patch, cfg.scale, seed=cfg.seed,
             sample_ratio=cfg.sample_ratio, rank=d.rank, world_size=d.world_size,
             device=device, dtype=AMP_DTYPES[self.amp], channels_last=cfg.channels_last,
-            workers=cfg.workers, ids=train_ids)
+            workers=loader_workers(cfg.workers), ids=train_ids)
         self.val = None
         if d.main and (cfg.val_db or len(val_ids)):
             vdb = open_db(cfg.val_db) if cfg.val_db else db

@@ -11,9 +11,9 @@ from conftest import make_images
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def bench(script, *args, cwd):
+def bench(script, *args, cwd, timeout=240):
     r = subprocess.run([sys.executable, str(BENCH / script), *map(str, args)], cwd=cwd,
-                       capture_output=True, text=True, timeout=240)
+                       capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
     return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
 
@@ -61,3 +61,21 @@ def test_train_benchmark_reports_loader_efficiency(tmp_path):
         ("srcnn", "dali"), ("srcnn", "torch"), ("fast", "dali"), ("fast", "torch")]
     assert all(r["synthetic_img_per_s"] > 0 and r["loader_efficiency"] > 0 for r in lines)
     assert "| fast | torch |" in (tmp_path / "t.md").read_text()
+
+
+@pytest.mark.dali
+def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "results"
+    bench("gpu_suite.py", "--quick", "--out", out, cwd=tmp_path, timeout=600)
+    steps = [json.loads(x) for x in (out / "suite.jsonl").read_text().splitlines()]
+    assert steps and all(s["ok"] for s in steps), steps
+    assert {s["part"] for s in steps} == {"db", "loaders", "train", "codecs"}
+    md = (out / "results.md").read_text()
+    for section in ("## Headline", "## Loader throughput", "## Training throughput",
+                    "## Codecs", "quick mode"):
+        assert section in md
+    assert "| esrgan | dali | 48 |" in md
+    for png in ("loader_throughput.png", "train_throughput.png", "codecs.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"

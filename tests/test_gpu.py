@@ -68,3 +68,27 @@ def test_throughput_smoke(tmp_path):
         print(json.dumps({"loader": name, "images_per_s": round(rate, 1),
                           "gpu": torch.cuda.get_device_name(), "images": n}))
         assert rate > 0 and np.isfinite(rate)
+
+
+def test_trainer_on_the_gpu_with_amp_and_data_wait(packed, tmp_path):
+    from click.testing import CliRunner
+
+    from srtrain.cli import main
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, [
+        "--db", str(packed("jpeg")), "--out", str(out), "--model", "fast", "--patch", "48",
+        "--batch-size", "2", "--epochs", "2", "--loader", "dali", "--log-every", "1",
+        "--val-split", "0.2", "--val-images", "2", "--profile-loader", "-q"])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [e for e in lines if e["event"] == "train"]
+    assert train and all(e["gpu_mem_gb"] > 0 and e["data_wait_ms"] >= 0 for e in train)
+    assert json.loads((out / "config.json").read_text())["amp"] == "auto"
+    assert any(e["event"] == "profile" for e in lines)
+    from srdata.samples import synthetic_image, write_image
+    write_image(tmp_path / "small.png", synthetic_image(40, 56, 0))
+    r = CliRunner().invoke(main, ["upscale", "--ckpt", str(out / "last.pt"),
+                                  str(tmp_path / "small.png"), str(tmp_path / "big.png"), "-q"])
+    assert r.exit_code == 0, r.output  # fp16 on the GPU
+    import cv2
+    assert cv2.imread(str(tmp_path / "big.png")).shape == (160, 224, 3)

@@ -1,0 +1,162 @@
+"""The whole benchmark suite in one command, for a GPU machine (≤ 6 minutes with 16 cores).
+
+    python benchmarks/gpu_suite.py                 # full: 10K x 512² JPEG q95, as users train
+    python benchmarks/gpu_suite.py --quick         # tiny sizes: checks the suite end to end
+
+Writes ``benchmarks/results/<gpu>-<date>/`` (``cpu<N>-<date>`` without a GPU):
+
+1. ``db``: a COUNT-image 512² JPEG q95 database, packed by ``tools/pack_lmdb.py``;
+2. ``loaders``: loader throughput (dali, dali ROI decode, torch; 4 workers and all cores);
+3. ``train``: train throughput for esrgan, fast and srcnn, synthetic and with each loader;
+4. ``codecs``: jpeg q90/q95/q100, png, raw: bytes and PSNR, and DALI and torch img/s;
+5. ``headline``: seconds per epoch of COUNT images with the full esrgan model.
+
+Each part runs as its own process and writes JSON lines; a part that fails is recorded in
+``suite.jsonl`` with its error and the others still run. ``render_results.py`` then turns
+the folder into ``results.md`` and PNG plots. Output goes to files, never through a pipe
+(``tee`` with worker processes can hang).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+import _common
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+FULL = {"count": 10_000, "size": 512, "patch": 256, "batch": 64, "train_batch": 32,
+        "steps": 30, "warmup": 10, "batches": 50, "codec_count": 1000, "photos": 48,
+        "models": "esrgan,fast,srcnn", "workers": "4,0", "timeout": 900,
+        "codecs": [("jpeg", 90), ("jpeg", 95), ("jpeg", 100), ("png", 95), ("raw", 95)]}
+QUICK = {"count": 48, "size": 96, "patch": 48, "batch": 4, "train_batch": 2, "steps": 2,
+         "warmup": 1, "batches": 3, "codec_count": 12, "photos": 4,
+         "models": "esrgan,srcnn", "workers": "1", "timeout": 300,
+         "codecs": [("jpeg", 95), ("raw", 95)]}
+
+
+def results_dir(root: Path, env: dict) -> Path:
+    name = env.get("gpu") or f"cpu{env['cpus']}"
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return root / f"{slug}-{datetime.date.today().isoformat()}"
+
+
+class Suite:
+    def __init__(self, out: Path, work: Path, p: dict):
+        self.out, self.work, self.p = out, work, p
+        self.log = out / "suite.jsonl"
+
+    def run(self, part: str, *cmd, timeout: int | None = None) -> bool:
+        """Run one step of a part as a process; record how it went, never raise."""
+        t0 = time.perf_counter()
+        logfile = self.out / "logs" / f"{part}.log"
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        with open(logfile, "a") as log:
+            try:
+                rc = subprocess.run([str(c) for c in cmd], cwd=HERE, stdout=log,
+                                    stderr=subprocess.STDOUT, timeout=timeout or
+                                    self.p["timeout"]).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+        ok = rc == 0
+        _common.emit({"part": part, "ok": ok, "returncode": rc,
+                      "seconds": round(time.perf_counter() - t0, 1),
+                      "command": " ".join(str(c) for c in cmd[1:]),
+                      "log_tail": None if ok else logfile.read_text()[-1500:]}, self.log)
+        return ok
+
+    def db(self, name: str, count: int, codec: str = "jpeg", quality: int = 95) -> Path:
+        """A database of ``count`` photos packed by the real packer (tools/pack_lmdb.py)."""
+        photos = self.work / f"photos-{count}"
+        if not photos.is_dir():
+            _common.make_photos(photos, count, self.p["size"], self.p["size"])
+        db = self.work / name
+        if not (db / "manifest.json").is_file():
+            self.run("db", sys.executable, ROOT / "tools" / "pack_lmdb.py", photos, db,
+                     "--size", self.p["size"], "--min-size", self.p["patch"], "--codec",
+                     codec, "--quality", quality, "--overwrite", "--quiet")
+        return db
+
+
+def run_suite(out: Path, work: Path, p: dict, parts: list[str]) -> None:
+    s = Suite(out, work, p)
+    py = sys.executable
+    db = s.db("db", p["count"])
+    if "loaders" in parts:
+        s.run("loaders", py, "loader_throughput.py", "--db", db, "--loaders",
+              "dali,dali-roi,torch", "--batch-sizes", p["batch"], "--workers", p["workers"],
+              "--patch", p["patch"], "--batches", p["batches"],
+              "--out", out / "loader_throughput.jsonl", "--md", out / "loader_throughput.md",
+              "--plot", out / "loader_throughput.png")
+    if "train" in parts:
+        s.run("train", py, "train_throughput.py", "--db", db, "--models", p["models"],
+              "--loaders", "dali,torch", "--batch-size", p["train_batch"], "--patch",
+              p["patch"], "--steps", p["steps"], "--warmup", p["warmup"],
+              "--out", out / "train_throughput.jsonl", "--md", out / "train_throughput.md")
+    if "codecs" in parts:
+        s.run("codecs", py, "codec_compare.py", "--count", p["photos"], "--size", p["size"],
+              "--repeats", 3, "--out", out / "codec_compare.jsonl")
+        for codec, q in p["codecs"]:
+            cdb = s.db(f"db-{codec}-{q}", p["codec_count"], codec, q)
+            s.run("codecs", py, "loader_throughput.py", "--db", cdb, "--loaders", "dali,torch",
+                  "--batch-sizes", p["batch"], "--workers", "0", "--patch", p["patch"],
+                  "--batches", p["batches"], "--no-cold",
+                  "--out", out / "codec_loaders.jsonl")
+    if "headline" in parts:
+        headline(out, p["count"])
+
+
+def headline(out: Path, count: int) -> None:
+    """Seconds per epoch of ``count`` images for esrgan fed by each loader."""
+    path = out / "train_throughput.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    for r in lines:
+        if r["model"] == "esrgan":
+            _common.emit({"part": "headline", "model": "esrgan", "loader": r["loader"],
+                          "images": count, "batch_size": r["batch_size"], "patch": r["patch"],
+                          "seconds_per_epoch": round(count / r["loader_img_per_s"], 1),
+                          "baseline_seconds_per_epoch": 7200,
+                          "baseline": "the users' original setup: 2 h per epoch of ~10K "
+                                      "512² images, RRDBNet 64x23"}, out / "headline.jsonl")
+
+
+@click.command()
+@click.option("--quick", is_flag=True, help="Tiny sizes (CPU friendly): checks the suite runs.")
+@click.option("--results", default=HERE / "results", type=click.Path(path_type=Path),
+              help="Parent folder of the results folder.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="The results folder itself  [default: RESULTS/<gpu>-<date>]")
+@click.option("--count", type=int, help="Images in the main database  [default: 10000]")
+@click.option("--parts", default="loaders,train,codecs,headline", show_default=True)
+def main(quick, results, out, count, parts):
+    p = dict(QUICK if quick else FULL)
+    if count:
+        p["count"] = count
+    env = _common.environment() | _common.accelerator_environment()
+    out = out or results_dir(results, env)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("suite.jsonl", "headline.jsonl", "codec_loaders.jsonl", "codec_compare.jsonl",
+                  "loader_throughput.jsonl", "train_throughput.jsonl"):
+        (out / stale).unlink(missing_ok=True)  # this run's lines only
+    (out / "environment.json").write_text(json.dumps(env | {"quick": quick, **p}, indent=2))
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="srpipe-suite-") as work:
+        run_suite(out, Path(work), p, parts.split(","))
+    subprocess.run([sys.executable, HERE / "render_results.py", out], check=False)
+    failed = [json.loads(x) for x in (out / "suite.jsonl").read_text().splitlines()
+              if not json.loads(x)["ok"]]
+    print(f"suite finished in {time.perf_counter() - t0:.0f} s: {out} "
+          f"({len(failed)} failed step(s))")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":  # spawned workers import this module as __mp_main__
+    main()

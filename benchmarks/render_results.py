@@ -1,0 +1,130 @@
+"""Render a results folder (the JSON lines the benchmarks wrote) into results.md and plots.
+
+    python benchmarks/render_results.py benchmarks/results/<gpu>-<date>
+
+Reads whichever of these exist: headline.jsonl, loader_throughput.{md,png},
+train_throughput.jsonl, codec_compare.jsonl, codec_loaders.jsonl, suite.jsonl,
+environment.json. Writes results.md, train_throughput.png and codecs.png next to them.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display on servers
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def train_section(out: Path) -> list[str]:
+    rows = _lines(out / "train_throughput.jsonl")
+    if not rows:
+        return []
+    md = (out / "train_throughput.md").read_text() if (out / "train_throughput.md").exists() \
+        else ""
+    plt = _plt()
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    loaders = list(dict.fromkeys(r["loader"] for r in rows))
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    width = 0.8 / (len(loaders) + 1)
+    for k, name in enumerate(["synthetic", *loaders]):
+        vals = []
+        for m in models:
+            mine = [r for r in rows if r["model"] == m]
+            if name == "synthetic":
+                vals.append(max(r["synthetic_img_per_s"] for r in mine))
+            else:
+                vals.append(next((r["loader_img_per_s"] for r in mine if r["loader"] == name), 0))
+        ax.bar([i + (k - len(loaders) / 2) * width for i in range(len(models))], vals, width,
+               label=name)
+    ax.set_xticks(range(len(models)), models)
+    ax.set_yscale("log")
+    ax.set_ylabel("images / s (log)")
+    ax.set_title("training throughput: synthetic data vs fed by each loader", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "train_throughput.png", dpi=120)
+    plt.close(fig)
+    return ["## Training throughput", "", md, "![train](train_throughput.png)", ""]
+
+
+def codec_section(out: Path) -> list[str]:
+    sizes, speeds = _lines(out / "codec_compare.jsonl"), _lines(out / "codec_loaders.jsonl")
+    if not sizes and not speeds:
+        return []
+    key = lambda r: (r["codec"], r.get("quality") if r["codec"] == "jpeg" else None)  # noqa
+    rate = {(key(r), r["loader"]): r["images_per_s"] for r in speeds}
+    lines = ["## Codecs", "", "| codec | bytes / image | PSNR dB | CPU decode ms | "
+             "dali img/s | torch img/s |", "|---|---:|---:|---:|---:|---:|"]
+    for r in sizes:
+        if r["codec"] == "jpeg" and r["subsampling"] != "444":
+            continue
+        k = key(r)
+        name = f"{r['codec']} q{r['quality']}" if r["codec"] == "jpeg" else r["codec"]
+        psnr = "lossless" if r["psnr_mean_db"] is None else f"{r['psnr_mean_db']:.1f}"
+        dali, torch_ = rate.get((k, "dali")), rate.get((k, "torch"))
+        lines.append(f"| {name} | {r['bytes_per_image'] / 1e3:,.0f} KB | {psnr} | "
+                     f"{r['decode_us_per_image'] / 1e3:.1f} | "
+                     f"{f'{dali:,.0f}' if dali else '-'} | {f'{torch_:,.0f}' if torch_ else '-'} |")
+    if speeds:
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(6.5, 3.4))
+        names = list(dict.fromkeys(key(r) for r in speeds))
+        labels = [f"{c} q{q}" if q else c for c, q in names]
+        for k, loader in enumerate(["dali", "torch"]):
+            ax.bar([i + (k - 0.5) * 0.4 for i in range(len(names))],
+                   [rate.get((n, loader), 0) for n in names], 0.4, label=loader)
+        ax.set_xticks(range(len(names)), labels)
+        ax.set_ylabel("images / s")
+        ax.set_title("loader throughput by codec", fontsize=10)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "codecs.png", dpi=120)
+        plt.close(fig)
+        lines += ["", "![codecs](codecs.png)"]
+    return lines + [""]
+
+
+def render(out: Path) -> Path:
+    env = json.loads((out / "environment.json").read_text()) \
+        if (out / "environment.json").exists() else {}
+    md = [f"# srpipe benchmark results: {env.get('gpu') or 'no GPU'}", "",
+          f"{env.get('gpu') or 'no GPU'} (driver {env.get('gpu_driver')}), {env.get('cpus')} "
+          f"CPUs ({env.get('cpu_model')}), torch {env.get('torch')} (CUDA {env.get('cuda')}), "
+          f"DALI {env.get('dali')}, {str(env.get('date'))[:10]}"
+          + (", **quick mode: tiny sizes, not a measurement**" if env.get("quick") else ""),
+          "", "Produced by `python benchmarks/gpu_suite.py"
+          + (" --quick" if env.get("quick") else "") + "`.", ""]
+    heads = _lines(out / "headline.jsonl")
+    if heads:
+        md += ["## Headline", "", "| model | loader | images | seconds per epoch | "
+               "the users' original setup |", "|---|---|---:|---:|---:|"]
+        md += [f"| {h['model']} | {h['loader']} | {h['images']:,} | {h['seconds_per_epoch']:,} "
+               f"| {h['baseline_seconds_per_epoch']:,} |" for h in heads]
+        md.append("")
+    if (out / "loader_throughput.md").exists():
+        md += ["## Loader throughput", "", (out / "loader_throughput.md").read_text(),
+               "![loaders](loader_throughput.png)", ""]
+    md += train_section(out) + codec_section(out)
+    failed = [r for r in _lines(out / "suite.jsonl") if not r["ok"]]
+    if failed:
+        md += ["## Failed steps", ""] + [f"- `{r['part']}`: `{r['command']}` "
+                                         f"(exit {r['returncode']}); see logs/{r['part']}.log"
+                                         for r in failed]
+    path = out / "results.md"
+    path.write_text("\n".join(md) + "\n")
+    return path
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: render_results.py RESULTS_DIR")
+    print(render(Path(sys.argv[1])))
