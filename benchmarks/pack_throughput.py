@@ -34,7 +34,8 @@ def pool_start_stop(workers: int) -> float:
     """Seconds to start a pool as pack does, have every worker answer once, and join it."""
     t0 = time.perf_counter()
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
-                             initializer=srpack._init_worker) as pool:
+                             initializer=srpack._init_worker,
+                             initargs=(os.getpid(),)) as pool:
         # until every worker has answered: a pool is not started before its slowest is
         pids = set()
         while len(pids) < workers:

@@ -8,12 +8,15 @@ a killed pack leaves no directory that looks like a database.
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
 import hashlib
 import logging
 import multiprocessing as mp
 import os
 import shutil
+import signal
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -97,9 +100,24 @@ def scan(root: Path, exclude: Path | None = None) -> list[bytes]:
     return sorted(found)
 
 
-def _init_worker():
+def _die_with_parent(parent: int) -> None:
+    """Linux: end this worker when the pack process dies, even by SIGKILL; otherwise
+    a killed pack leaves its idle workers behind for good."""
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _init_worker(parent: int):
     import cv2
     from PIL import Image
+    _die_with_parent(parent)
     cv2.setNumThreads(1)  # one image per process; OpenCV's own threads would oversubscribe
     Image.MAX_IMAGE_PIXELS = None  # PackConfig.max_pixels is the cap, checked before decode
 
@@ -245,7 +263,7 @@ def _pack_into(src: Path, files: list[bytes], tmp: Path, cfg: PackConfig,
     # An executor, not mp.Pool: a worker that dies (OOM kill, a script without a main
     # guard re-importing itself under spawn) fails the pack instead of hanging it forever.
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
-                               initializer=_init_worker)
+                               initializer=_init_worker, initargs=(os.getpid(),))
     try:
         for rel, value, info in pool.map(_process, jobs, chunksize=4):
             bar.update()

@@ -137,9 +137,16 @@ def test_killed_pack_leaves_no_database(tmp_path):
     deadline = time.time() + 60
     while not list(tmp_path.glob(".db.partial-*/shard-00001")) and time.time() < deadline:
         time.sleep(0.05)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    workers = [int(p) for p in children.read_text().split()] if children.exists() else []
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert list(tmp_path.glob(".db.partial-*")), "the pack finished before it was killed"
+    deadline = time.time() + 20  # its workers follow it instead of idling on forever
+    while any(Path(f"/proc/{w}/cmdline").exists() and b"spawn_main" in
+              Path(f"/proc/{w}/cmdline").read_bytes() for w in workers):
+        assert time.time() < deadline, "a killed pack left its workers running"
+        time.sleep(0.05)
     assert not dst.exists()
     with pytest.raises(DBError, match="does not exist"):
         PackedDB(dst)
