@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # CPU-only machines get torch's CPU build when it is at hand: the CUDA build is GBs larger.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
-DEMO   := demo-data
+DEMO   := runs/demo
 
 .PHONY: venv demo test clean
 
@@ -16,11 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dali,dev,bench]"
 	touch $@
 
+# The main job, end to end: sample photos -> pack -> train -> validate -> report (~2 min, CPU).
 demo: venv
-	$(BIN)/srdata make-samples $(DEMO)/images --count 64
-	$(BIN)/python tools/pack_lmdb.py $(DEMO)/images $(DEMO)/db --overwrite
-	$(BIN)/srdata verify $(DEMO)/db
-	$(BIN)/srdata inspect $(DEMO)/db
+	$(BIN)/srtrain demo --out $(DEMO) --overwrite
 
 test: venv
 	$(BIN)/python -m pytest -q
