@@ -24,6 +24,17 @@ def _plt():
     return plt
 
 
+def _save_bars(plt, fig, ax, labels: list[str], ylabel: str, title: str, path: Path) -> None:
+    """Label a bar chart with one group per label, and write it."""
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def train_section(out: Path) -> list[str]:
     rows = _lines(out / "train_throughput.jsonl")
     if not rows:
@@ -45,14 +56,10 @@ def train_section(out: Path) -> list[str]:
                 vals.append(next((r["loader_img_per_s"] for r in mine if r["loader"] == name), 0))
         ax.bar([i + (k - len(loaders) / 2) * width for i in range(len(models))], vals, width,
                label=name)
-    ax.set_xticks(range(len(models)), models)
     ax.set_yscale("log")
-    ax.set_ylabel("images / s (log)")
-    ax.set_title("training throughput: synthetic data vs fed by each loader", fontsize=10)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "train_throughput.png", dpi=120)
-    plt.close(fig)
+    _save_bars(plt, fig, ax, models, "images / s (log)",
+               "training throughput: synthetic data vs fed by each loader",
+               out / "train_throughput.png")
     return ["## Training throughput", "", md, "![train](train_throughput.png)", ""]
 
 
@@ -82,13 +89,8 @@ def codec_section(out: Path) -> list[str]:
         for k, loader in enumerate(["dali", "torch"]):
             ax.bar([i + (k - 0.5) * 0.4 for i in range(len(names))],
                    [rate.get((n, loader), 0) for n in names], 0.4, label=loader)
-        ax.set_xticks(range(len(names)), labels)
-        ax.set_ylabel("images / s")
-        ax.set_title("loader throughput by codec", fontsize=10)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "codecs.png", dpi=120)
-        plt.close(fig)
+        _save_bars(plt, fig, ax, labels, "images / s", "loader throughput by codec",
+                   out / "codecs.png")
         lines += ["", "![codecs](codecs.png)"]
     return lines + [""]
 

@@ -8,6 +8,7 @@ waiting); on the CPU, the wall time spent in the loader.
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 import json
 import math
 import os
@@ -52,7 +53,7 @@ class Stepper:
     def __call__(self, lr: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Train on one batch; (its loss, still on the device; whether a step was taken)."""
         last = (self.micro + 1) % self.accum == 0
-        sync = self.net.no_sync() if hasattr(self.net, "no_sync") and not last else _null()
+        sync = self.net.no_sync() if hasattr(self.net, "no_sync") and not last else nullcontext()
         with sync:
             with torch.autocast(self.device.type, dtype=self.dtype,
                                 enabled=self.dtype != torch.float32):
@@ -81,14 +82,6 @@ class Stepper:
         self.scaler.load_state_dict(s["scaler"])
         if self.ema is not None and s.get("ema") is not None:
             self.ema.load_state_dict(s["ema"])
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def make_scheduler(opt, schedule: str, lr: float, total_steps: int):
@@ -254,8 +247,9 @@ class Trainer:
             for epoch in range(self.loader.epoch, cfg.epochs):
                 self.loader.set_epoch(epoch)
                 self.train_epoch(epoch)
-                self._save("last.pt")
                 result = self.validate(epoch)
+                # after validation: the best score and patience count belong to the state
+                self._save("last.pt")
                 if self.stop_early():
                     break
         except KeyboardInterrupt:
@@ -337,7 +331,6 @@ class Trainer:
                           cfg.channels_last, self.out / "samples" / f"epoch{epoch:04d}.png")
         improved = scores["psnr"] > self.best
         self.best, self.stale = (scores["psnr"], 0) if improved else (self.best, self.stale + 1)
-        self._save("last.pt")  # the best score and patience count belong to the state
         if improved:
             self._save("best.pt")
         self.log({"event": "val", "step": self.step, "epoch": epoch, **scores})
@@ -394,7 +387,7 @@ def loader_efficiency(cfg: TrainConfig, model, device, amp: str, steps: int = 20
         loader = srdata.make_loader(cfg.db, cfg.loader, cfg.batch_size, cfg.patch, cfg.scale,
                                     seed=cfg.seed + 1, sample_ratio=1.0, device=device,
                                     dtype=AMP_DTYPES[amp], channels_last=cfg.channels_last,
-                                    workers=cfg.workers)
+                                    workers=loader_workers(cfg.workers))
 
     def fresh():
         m = copy.deepcopy(model)
