@@ -3,7 +3,8 @@
 Each worker opens the database lazily (see ``srdata.reader``), decodes with OpenCV, and cuts
 the HR patch the row describes; batches travel as uint8 NHWC in pinned memory and the LR is
 picked on the device. It is the baseline DALI is measured against, and a fallback that needs
-nothing beyond PyTorch.
+nothing beyond PyTorch. Workers are spawned, as DALI's are: a script that builds a loader
+needs the usual ``if __name__ == "__main__":`` guard.
 """
 from __future__ import annotations
 
@@ -60,7 +61,11 @@ class TorchLoader(Loader):
             PatchDataset(db, sampler.patch), batch_sampler=_RowBatches(self),
             num_workers=workers, pin_memory=device.type == "cuda",
             persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
-            worker_init_fn=_worker_init if workers else None)
+            worker_init_fn=_worker_init if workers else None,
+            # Spawned, not forked: a forked worker inherits the parent's OpenCV thread pool
+            # without its threads, and cv2.setNumThreads then waits on them forever (any
+            # script that resized one large image before building the loader hung).
+            multiprocessing_context="spawn" if workers else None)
 
     def _batches(self, epoch, start):
         try:

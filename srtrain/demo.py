@@ -116,8 +116,6 @@ def write_crops(photos: dict, images: Path, val_images: Path, count: int, seed: 
             save(val_images / f"{k}-{name}.png", strip[y:y + side])
 
 
-# Pillow, not OpenCV, in this process: OpenCV's thread pool, once started here, deadlocks the
-# torch loader's forked DataLoader workers when they call OpenCV.
 def downscale(img: np.ndarray, s: float) -> np.ndarray:
     h, w = img.shape[:2]
     return np.asarray(Image.fromarray(img).resize((round(w * s), round(h * s)), Image.BOX))

@@ -1,4 +1,6 @@
 import itertools
+import subprocess
+import sys
 import json
 
 import numpy as np
@@ -183,3 +185,28 @@ def test_missing_key_in_a_dali_worker_surfaces(image_dir, tmp_path):
     (db / "index.json").write_text(json.dumps(index))
     with pytest.raises(DBError, match="key 99999999"):
         run(srdata.make_loader(db, "dali", **(KW | {"batch_size": 6})))
+
+
+HANG_SCRIPT = """
+import sys, cv2, numpy as np, srdata
+if __name__ == "__main__":
+    cv2.setNumThreads(4)  # start OpenCV's thread pool here, as any large resize would
+    cv2.resize(np.zeros((3000, 3000, 3), np.uint8), (700, 700), interpolation=cv2.INTER_AREA)
+    loader = srdata.make_loader(sys.argv[1], loader="torch", batch_size=4, patch_size=48,
+                                scale=4, workers=2, device="cpu")
+    print(sum(len(hr) for lr, hr in loader))
+"""
+
+
+def test_torch_workers_survive_opencv_threads_in_the_parent(packed, tmp_path):
+    # Forked workers inherited the parent's OpenCV pool without its threads and hung in
+    # cv2.setNumThreads; spawned workers start clean.
+    script = tmp_path / "train.py"
+    script.write_text(HANG_SCRIPT)
+    try:
+        done = subprocess.run([sys.executable, script, packed("jpeg")], capture_output=True,
+                              text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("torch loader workers hung after OpenCV used threads in the parent")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["8"]  # 10 images, batch 4, drop_last
