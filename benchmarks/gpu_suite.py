@@ -1,6 +1,7 @@
 """The whole benchmark suite in one command, for a GPU machine (≤ 6 minutes with 16 cores).
 
     python benchmarks/gpu_suite.py                 # full: 10K x 512² JPEG q95, as users train
+    python benchmarks/gpu_suite.py --preset cpu    # the same parts sized for a few CPU cores
     python benchmarks/gpu_suite.py --quick         # tiny sizes: checks the suite end to end
 
 Writes ``benchmarks/results/<gpu>-<date>/`` (``cpu<N>-<date>`` without a GPU):
@@ -8,6 +9,7 @@ Writes ``benchmarks/results/<gpu>-<date>/`` (``cpu<N>-<date>`` without a GPU):
 1. ``db``: a COUNT-image 512² JPEG q95 database, packed by ``tools/pack_lmdb.py``;
 2. ``loaders``: loader throughput (dali, dali ROI decode, torch; 4 workers and all cores);
 3. ``train``: train throughput for esrgan, fast and srcnn, synthetic and with each loader;
+   ``batch``: one model's img/s and peak memory over a range of batch sizes;
 4. ``codecs``: jpeg q90/q95/q100, png, raw: bytes and PSNR, and DALI and torch img/s;
 5. ``headline``: seconds per epoch of COUNT images with the full esrgan model.
 
@@ -33,14 +35,25 @@ import _common
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-FULL = {"count": 10_000, "size": 512, "patch": 256, "batch": 64, "train_batch": 32,
-        "steps": 30, "warmup": 10, "batches": 50, "codec_count": 1000, "photos": 48,
-        "models": "esrgan,fast,srcnn", "workers": "4,0", "timeout": 900,
-        "codecs": [("jpeg", 90), ("jpeg", 95), ("jpeg", 100), ("png", 95), ("raw", 95)]}
-QUICK = {"count": 48, "size": 96, "patch": 48, "batch": 4, "train_batch": 2, "steps": 2,
-         "warmup": 1, "batches": 3, "codec_count": 12, "photos": 4,
-         "models": "esrgan,srcnn", "workers": "1", "timeout": 300,
-         "codecs": [("jpeg", 95), ("raw", 95)]}
+CODECS = [("jpeg", 90), ("jpeg", 95), ("jpeg", 100), ("png", 95), ("raw", 95)]
+PRESETS = {
+    # the users' setting: 10K 512² JPEGs, 256² patches, esrgan at batch 32
+    "full": {"count": 10_000, "size": 512, "patch": 256, "batch": 64, "train_batch": 32,
+             "steps": 30, "warmup": 10, "batches": 50, "codec_count": 1000, "photos": 48,
+             "models": "esrgan,fast,srcnn", "workers": "4,0", "timeout": 900,
+             "batch_model": "esrgan", "batch_sizes": "8,16,32,64", "codecs": CODECS},
+    # the same images and patches on a few CPU cores, where esrgan trains at ~0.3 img/s:
+    # few steps and small batches, ~25 minutes on 2 cores
+    "cpu": {"count": 2000, "size": 512, "patch": 256, "batch": 32, "train_batch": 4,
+            "steps": 3, "warmup": 1, "batches": 20, "codec_count": 300, "photos": 24,
+            "models": "esrgan,fast,srcnn", "workers": "1", "timeout": 1800,
+            "batch_model": "fast", "batch_sizes": "1,2,4,8", "codecs": CODECS},
+    # tiny sizes: the suite end to end in a test, not a measurement
+    "quick": {"count": 48, "size": 96, "patch": 48, "batch": 4, "train_batch": 2, "steps": 2,
+              "warmup": 1, "batches": 3, "codec_count": 12, "photos": 4,
+              "models": "esrgan,srcnn", "workers": "1", "timeout": 300,
+              "batch_model": "srcnn", "batch_sizes": "1,2", "codecs": [("jpeg", 95), ("raw", 95)]},
+}
 
 
 def results_dir(root: Path, env: dict) -> Path:
@@ -98,9 +111,14 @@ def run_suite(out: Path, work: Path, p: dict, parts: list[str]) -> None:
               "--plot", out / "loader_throughput.png")
     if "train" in parts:
         s.run("train", py, "train_throughput.py", "--db", db, "--models", p["models"],
-              "--loaders", "dali,torch", "--batch-size", p["train_batch"], "--patch",
+              "--loaders", "dali,torch", "--batch-sizes", p["train_batch"], "--patch",
               p["patch"], "--steps", p["steps"], "--warmup", p["warmup"],
               "--out", out / "train_throughput.jsonl", "--md", out / "train_throughput.md")
+    if "batch" in parts:
+        s.run("batch", py, "train_throughput.py", "--db", db, "--models", p["batch_model"],
+              "--loaders", "dali", "--batch-sizes", p["batch_sizes"], "--patch", p["patch"],
+              "--steps", p["steps"], "--warmup", p["warmup"],
+              "--out", out / "batch_sizes.jsonl", "--md", out / "batch_sizes.md")
     if "codecs" in parts:
         s.run("codecs", py, "codec_compare.py", "--count", p["photos"], "--size", p["size"],
               "--repeats", 3, "--out", out / "codec_compare.jsonl")
@@ -129,24 +147,27 @@ def headline(out: Path, count: int) -> None:
 
 
 @click.command()
-@click.option("--quick", is_flag=True, help="Tiny sizes (CPU friendly): checks the suite runs.")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="full", show_default=True,
+              help="Sizes: full (a GPU and 16 cores), cpu (a few cores), quick (a test).")
+@click.option("--quick", is_flag=True, help="Short for --preset quick.")
 @click.option("--results", default=HERE / "results", type=click.Path(path_type=Path),
               help="Parent folder of the results folder.")
 @click.option("--out", type=click.Path(path_type=Path),
               help="The results folder itself  [default: RESULTS/<gpu>-<date>]")
 @click.option("--count", type=int, help="Images in the main database  [default: 10000]")
-@click.option("--parts", default="loaders,train,codecs,headline", show_default=True)
-def main(quick, results, out, count, parts):
-    p = dict(QUICK if quick else FULL)
+@click.option("--parts", default="loaders,train,batch,codecs,headline", show_default=True)
+def main(preset, quick, results, out, count, parts):
+    preset = "quick" if quick else preset
+    p = dict(PRESETS[preset])
     if count:
         p["count"] = count
     env = _common.environment() | _common.accelerator_environment()
     out = out or results_dir(results, env)
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("suite.jsonl", "headline.jsonl", "codec_loaders.jsonl", "codec_compare.jsonl",
-                  "loader_throughput.jsonl", "train_throughput.jsonl"):
+                  "loader_throughput.jsonl", "train_throughput.jsonl", "batch_sizes.jsonl"):
         (out / stale).unlink(missing_ok=True)  # this run's lines only
-    (out / "environment.json").write_text(json.dumps(env | {"quick": quick, **p}, indent=2))
+    (out / "environment.json").write_text(json.dumps(env | {"preset": preset, **p}, indent=2))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="srpipe-suite-") as work:
         run_suite(out, Path(work), p, parts.split(","))

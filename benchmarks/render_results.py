@@ -3,8 +3,9 @@
     python benchmarks/render_results.py benchmarks/results/<gpu>-<date>
 
 Reads whichever of these exist: headline.jsonl, loader_throughput.{md,png},
-train_throughput.jsonl, codec_compare.jsonl, codec_loaders.jsonl, suite.jsonl,
-environment.json. Writes results.md, train_throughput.png and codecs.png next to them.
+train_throughput.jsonl, batch_sizes.jsonl, codec_compare.jsonl, codec_loaders.jsonl,
+suite.jsonl, environment.json. Writes results.md, train_throughput.png, batch_sizes.png and
+codecs.png next to them.
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ def _plt():
 def _save_bars(plt, fig, ax, labels: list[str], ylabel: str, title: str, path: Path) -> None:
     """Label a bar chart with one group per label, and write it."""
     ax.set_xticks(range(len(labels)), labels)
+    _save(plt, fig, ax, ylabel, title, path)
+
+
+def _save(plt, fig, ax, ylabel: str, title: str, path: Path) -> None:
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend()
@@ -61,6 +66,26 @@ def train_section(out: Path) -> list[str]:
                "training throughput: synthetic data vs fed by each loader",
                out / "train_throughput.png")
     return ["## Training throughput", "", md, "![train](train_throughput.png)", ""]
+
+
+def batch_section(out: Path) -> list[str]:
+    rows = _lines(out / "batch_sizes.jsonl")
+    if not rows:
+        return []
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    sizes = [r["batch_size"] for r in rows]
+    ax.plot(sizes, [r["synthetic_img_per_s"] for r in rows], "o-", label="synthetic")
+    ax.plot(sizes, [r["loader_img_per_s"] for r in rows], "s--",
+            label=f"fed by {rows[0]['loader']}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.set_xlabel("batch size")
+    _save(plt, fig, ax, "images / s",
+          f"{rows[0]['model']}: throughput by batch size (patch {rows[0]['patch']})",
+          out / "batch_sizes.png")
+    md = (out / "batch_sizes.md").read_text() if (out / "batch_sizes.md").exists() else ""
+    return ["## Batch size", "", md, "![batch sizes](batch_sizes.png)", ""]
 
 
 def codec_section(out: Path) -> list[str]:
@@ -98,13 +123,15 @@ def codec_section(out: Path) -> list[str]:
 def render(out: Path) -> Path:
     env = json.loads((out / "environment.json").read_text()) \
         if (out / "environment.json").exists() else {}
+    preset = env.get("preset", "full")
+    quick = preset == "quick"
     md = [f"# srpipe benchmark results: {env.get('gpu') or 'no GPU'}", "",
           f"{env.get('gpu') or 'no GPU'} (driver {env.get('gpu_driver')}), {env.get('cpus')} "
           f"CPUs ({env.get('cpu_model')}), torch {env.get('torch')} (CUDA {env.get('cuda')}), "
           f"DALI {env.get('dali')}, {str(env.get('date'))[:10]}"
-          + (", **quick mode: tiny sizes, not a measurement**" if env.get("quick") else ""),
+          + (", **quick mode: tiny sizes, not a measurement**" if quick else ""),
           "", "Produced by `python benchmarks/gpu_suite.py"
-          + (" --quick" if env.get("quick") else "") + "`.", ""]
+          + (f" --preset {preset}" if preset != "full" else "") + "`.", ""]
     heads = _lines(out / "headline.jsonl")
     if heads:
         md += ["## Headline", "", "| model | loader | images | seconds per epoch | "
@@ -115,7 +142,7 @@ def render(out: Path) -> Path:
     if (out / "loader_throughput.md").exists():
         md += ["## Loader throughput", "", (out / "loader_throughput.md").read_text(),
                "![loaders](loader_throughput.png)", ""]
-    md += train_section(out) + codec_section(out)
+    md += train_section(out) + batch_section(out) + codec_section(out)
     failed = [r for r in _lines(out / "suite.jsonl") if not r["ok"]]
     if failed:
         md += ["## Failed steps", ""] + [f"- `{r['part']}`: `{r['command']}` "

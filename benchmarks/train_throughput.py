@@ -2,17 +2,20 @@
 and fed by each loader, and loader efficiency = fed img/s / synthetic img/s.
 
     python benchmarks/train_throughput.py [--db DB | --count 2048] \
-        [--models esrgan,fast,srcnn] [--loaders dali,torch] [--batch-size 32] [--patch 256] \
+        [--models esrgan,fast,srcnn] [--loaders dali,torch] [--batch-sizes 32] [--patch 256] \
         [--amp auto] [--compile] [--out F.jsonl] [--md F.md]
 
 The step is srtrain's own (``srtrain.train.Stepper``: autocast, channels_last, fused AdamW,
 L1), on a fresh model per configuration: ``--warmup`` untimed steps, then ``--steps`` timed,
 synchronised on the GPU. Synthetic data is one loader batch repeated, so the two numbers
-differ only by the loader. One JSON line per model x loader, with peak GPU memory.
+differ only by the loader. One JSON line per model x loader x batch size, with peak GPU
+memory (``--batch-sizes 8,16,32,64``: how throughput and memory grow with the batch).
 """
 from __future__ import annotations
 
+import itertools
 import tempfile
+import warnings
 from pathlib import Path
 
 import click
@@ -21,19 +24,40 @@ import _common
 
 
 def _table(records: list[dict]) -> str:
-    lines = ["| model | loader | img/s synthetic | img/s fed | loader efficiency | peak GiB |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| model | loader | batch | img/s synthetic | img/s fed | loader efficiency "
+             "| peak GiB |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in records:
         mem = f"{r['peak_gpu_gib']:.1f}" if r["peak_gpu_gib"] is not None else "-"
-        lines.append(f"| {r['model']} | {r['loader']} | {r['synthetic_img_per_s']:,.1f} | "
-                     f"{r['loader_img_per_s']:,.1f} | {100 * r['loader_efficiency']:.0f}% | "
-                     f"{mem} |")
+        lines.append(f"| {r['model']} | {r['loader']} | {r['batch_size']} | "
+                     f"{r['synthetic_img_per_s']:,.1f} | {r['loader_img_per_s']:,.1f} | "
+                     f"{100 * r['loader_efficiency']:.0f}% | {mem} |")
     env = records[0]["env"]
     r = records[0]
     lines.append(f"\n{env.get('gpu') or 'no GPU'}, {env['cpus']} CPUs, torch {env['torch']}, "
-                 f"DALI {env.get('dali')}, {env['date'][:10]}; batch {r['batch_size']}, patch "
+                 f"DALI {env.get('dali')}, {env['date'][:10]}; patch "
                  f"{r['patch']}, scale {r['scale']}, amp {r['amp']}, compile {r['compile']}.")
     return "\n".join(lines) + "\n"
+
+
+def measure(cfg, dev, steps: int, warmup: int) -> dict | None:
+    """One configuration's img/s (synthetic and fed) and peak GPU memory; None on OOM."""
+    import torch
+
+    from srtrain.models import build_model
+    from srtrain.train import loader_efficiency
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    try:
+        model = build_model(cfg.model, cfg.scale).to(
+            dev, memory_format=torch.channels_last if cfg.channels_last
+            else torch.preserve_format)
+        r = loader_efficiency(cfg, model, dev, cfg.amp, steps, warmup)
+    except torch.cuda.OutOfMemoryError:
+        return None
+    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+    return {**{k: round(v, 3) for k, v in r.items()},
+            "peak_gpu_gib": round(peak, 2) if peak is not None else None}
 
 
 @click.command()
@@ -43,7 +67,8 @@ def _table(records: list[dict]) -> str:
 @click.option("--size", default=512, show_default=True)
 @click.option("--models", default="esrgan,fast,srcnn", show_default=True)
 @click.option("--loaders", default="dali,torch", show_default=True)
-@click.option("--batch-size", default=32, show_default=True)
+@click.option("--batch-sizes", default="32", show_default=True,
+              help="Comma-separated; each one is its own configuration.")
 @click.option("--patch", default=256, show_default=True)
 @click.option("--scale", default=4, show_default=True)
 @click.option("--amp", default="auto", show_default=True)
@@ -55,13 +80,11 @@ def _table(records: list[dict]) -> str:
 @click.option("--warmup", default=10, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--md", type=click.Path(dir_okay=False, path_type=Path))
-def main(db, count, size, models, loaders, batch_size, patch, scale, amp, channels_last,
+def main(db, count, size, models, loaders, batch_sizes, patch, scale, amp, channels_last,
          compile_, workers, device, steps, warmup, out, md):
     import torch
 
     from srtrain.config import TrainConfig, resolve_amp
-    from srtrain.models import build_model
-    from srtrain.train import loader_efficiency
     from srdata.loader import resolve_device
     env = _common.environment() | _common.accelerator_environment()
     dev = resolve_device(device)
@@ -70,30 +93,22 @@ def main(db, count, size, models, loaders, batch_size, patch, scale, amp, channe
     with tempfile.TemporaryDirectory(prefix="srpipe-bench-") as tmp:
         source = str(db) if db else f"synthetic {size}x{size} jpeg q95"
         db = db or _common.build_jpeg_db(tmp, count, size, min_size=patch)
-        for name in models.split(","):
-            for loader in loaders.split(","):
-                cfg = TrainConfig(db=str(db), loader=loader, model=name, scale=scale,
-                                  batch_size=batch_size, patch=patch, amp=amp,
-                                  channels_last=channels_last, compile=compile_,
-                                  workers=workers, schedule="constant")
-                model = build_model(name, scale).to(
-                    dev, memory_format=torch.channels_last if channels_last
-                    else torch.preserve_format)
-                if dev.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(dev)
-                r = loader_efficiency(cfg, model, dev, amp, steps, warmup)
-                peak = (torch.cuda.max_memory_allocated(dev) / 2**30
-                        if dev.type == "cuda" else None)
-                records.append({
-                    "benchmark": "train_throughput", "source": source, "model": name,
-                    "loader": loader, "batch_size": batch_size, "patch": patch,
-                    "scale": scale, "amp": amp, "channels_last": channels_last,
-                    "compile": compile_, "steps": steps, "warmup": warmup,
-                    **{k: round(v, 3) for k, v in r.items()},
-                    "peak_gpu_gib": round(peak, 2) if peak is not None else None,
-                    "env": env})
-                _common.emit(records[-1], out)
-                del model
+        for name, loader, bs in itertools.product(models.split(","), loaders.split(","),
+                                                  [int(b) for b in batch_sizes.split(",")]):
+            cfg = TrainConfig(db=str(db), loader=loader, model=name, scale=scale,
+                              batch_size=bs, patch=patch, amp=amp,
+                              channels_last=channels_last, compile=compile_,
+                              workers=workers, schedule="constant")
+            r = measure(cfg, dev, steps, warmup)
+            if r is None:
+                warnings.warn(f"{name} at batch {bs} ran out of GPU memory; skipped")
+                continue
+            records.append({
+                "benchmark": "train_throughput", "source": source, "model": name,
+                "loader": loader, "batch_size": bs, "patch": patch, "scale": scale,
+                "amp": amp, "channels_last": channels_last, "compile": compile_,
+                "steps": steps, "warmup": warmup, **r, "env": env})
+            _common.emit(records[-1], out)
     if md:
         md.parent.mkdir(parents=True, exist_ok=True)
         md.write_text(_table(records))

@@ -54,13 +54,13 @@ def test_loader_benchmark_writes_lines_table_and_plot(tmp_path):
 def test_train_benchmark_reports_loader_efficiency(tmp_path):
     pytest.importorskip("nvidia.dali")
     lines = bench("train_throughput.py", "--count", 8, "--size", 64, "--patch", 32,
-                  "--models", "srcnn,fast", "--loaders", "dali,torch", "--batch-size", 2,
+                  "--models", "srcnn,fast", "--loaders", "dali,torch", "--batch-sizes", "1,2",
                   "--steps", 2, "--warmup", 1, "--workers", 1, "--md", tmp_path / "t.md",
                   cwd=tmp_path)
-    assert [(r["model"], r["loader"]) for r in lines] == [
-        ("srcnn", "dali"), ("srcnn", "torch"), ("fast", "dali"), ("fast", "torch")]
+    assert [(r["model"], r["loader"], r["batch_size"]) for r in lines] == [
+        (m, lo, b) for m in ("srcnn", "fast") for lo in ("dali", "torch") for b in (1, 2)]
     assert all(r["synthetic_img_per_s"] > 0 and r["loader_efficiency"] > 0 for r in lines)
-    assert "| fast | torch |" in (tmp_path / "t.md").read_text()
+    assert "| fast | torch | 2 |" in (tmp_path / "t.md").read_text()
 
 
 @pytest.mark.dali
@@ -71,11 +71,27 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
     bench("gpu_suite.py", "--quick", "--out", out, cwd=tmp_path, timeout=600)
     steps = [json.loads(x) for x in (out / "suite.jsonl").read_text().splitlines()]
     assert steps and all(s["ok"] for s in steps), steps
-    assert {s["part"] for s in steps} == {"db", "loaders", "train", "codecs"}
+    assert {s["part"] for s in steps} == {"db", "loaders", "train", "batch", "codecs"}
     md = (out / "results.md").read_text()
     for section in ("## Headline", "## Loader throughput", "## Training throughput",
-                    "## Codecs", "quick mode"):
+                    "## Batch size", "## Codecs", "quick mode", "--preset quick"):
         assert section in md
     assert "| esrgan | dali | 48 |" in md
-    for png in ("loader_throughput.png", "train_throughput.png", "codecs.png"):
+    assert "| srcnn | dali | 2 |" in md  # the batch-size sweep
+    for png in ("loader_throughput.png", "train_throughput.png", "batch_sizes.png", "codecs.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_benchmark_skips_a_batch_that_runs_out_of_memory(monkeypatch):
+    import torch
+
+    import srtrain.train
+    from srtrain.config import TrainConfig
+    monkeypatch.syspath_prepend(str(BENCH))
+    import train_throughput
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(srtrain.train, "loader_efficiency", oom)
+    cfg = TrainConfig(db="db", model="srcnn", amp="off", schedule="constant")
+    assert train_throughput.measure(cfg, torch.device("cpu"), steps=1, warmup=0) is None
