@@ -130,6 +130,12 @@ def emit(record: dict, out: str | os.PathLike | None = None) -> None:
             f.write(line + "\n")
 
 
+def read_lines(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines file written by ``emit``; none if it does not exist."""
+    path = Path(path)
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
 def make_photos(root: str | os.PathLike, count: int, min_side: int = 1000,
                 max_side: int = 2000, seed: int = 0) -> list[Path]:
     """``count`` photo-like JPEGs (q95, each side in [min_side, max_side]) under ``root``.

@@ -13,9 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-
-def _lines(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+from _common import read_lines
 
 
 def _plt():
@@ -41,7 +39,7 @@ def _save(plt, fig, ax, ylabel: str, title: str, path: Path) -> None:
 
 
 def train_section(out: Path) -> list[str]:
-    rows = _lines(out / "train_throughput.jsonl")
+    rows = read_lines(out / "train_throughput.jsonl")
     if not rows:
         return []
     md = (out / "train_throughput.md").read_text() if (out / "train_throughput.md").exists() \
@@ -69,7 +67,7 @@ def train_section(out: Path) -> list[str]:
 
 
 def batch_section(out: Path) -> list[str]:
-    rows = _lines(out / "batch_sizes.jsonl")
+    rows = read_lines(out / "batch_sizes.jsonl")
     if not rows:
         return []
     plt = _plt()
@@ -89,7 +87,8 @@ def batch_section(out: Path) -> list[str]:
 
 
 def codec_section(out: Path) -> list[str]:
-    sizes, speeds = _lines(out / "codec_compare.jsonl"), _lines(out / "codec_loaders.jsonl")
+    sizes = read_lines(out / "codec_compare.jsonl")
+    speeds = read_lines(out / "codec_loaders.jsonl")
     if not sizes and not speeds:
         return []
     key = lambda r: (r["codec"], r.get("quality") if r["codec"] == "jpeg" else None)  # noqa
@@ -120,30 +119,39 @@ def codec_section(out: Path) -> list[str]:
     return lines + [""]
 
 
+def _duration(seconds: float) -> str:
+    h, m = divmod(round(seconds / 60), 60)
+    return f"{h} h {m:02d} min" if h else f"{seconds / 60:.1f} min"
+
+
 def render(out: Path) -> Path:
     env = json.loads((out / "environment.json").read_text()) \
         if (out / "environment.json").exists() else {}
     preset = env.get("preset", "full")
     quick = preset == "quick"
+    gpu = (f"{env['gpu']} (driver {env.get('gpu_driver')}, CUDA {env.get('cuda')})"
+           if env.get("gpu") else "no GPU")
     md = [f"# srpipe benchmark results: {env.get('gpu') or 'no GPU'}", "",
-          f"{env.get('gpu') or 'no GPU'} (driver {env.get('gpu_driver')}), {env.get('cpus')} "
-          f"CPUs ({env.get('cpu_model')}), torch {env.get('torch')} (CUDA {env.get('cuda')}), "
+          f"{gpu}, {env.get('cpus')} CPUs ({env.get('cpu_model')}), torch {env.get('torch')}, "
           f"DALI {env.get('dali')}, {str(env.get('date'))[:10]}"
           + (", **quick mode: tiny sizes, not a measurement**" if quick else ""),
           "", "Produced by `python benchmarks/gpu_suite.py"
           + (f" --preset {preset}" if preset != "full" else "") + "`.", ""]
-    heads = _lines(out / "headline.jsonl")
+    heads = read_lines(out / "headline.jsonl")
     if heads:
-        md += ["## Headline", "", "| model | loader | images | seconds per epoch | "
-               "the users' original setup |", "|---|---|---:|---:|---:|"]
-        md += [f"| {h['model']} | {h['loader']} | {h['images']:,} | {h['seconds_per_epoch']:,} "
-               f"| {h['baseline_seconds_per_epoch']:,} |" for h in heads]
+        md += ["## Headline", "", f"One epoch of the users' {heads[0]['images']:,} images "
+               f"({heads[0]['patch']}² patches) with the full esrgan model, against their "
+               f"starting point: {_duration(heads[0]['baseline_seconds_per_epoch'])} per epoch.",
+               "", "| model | loader | batch | img/s | one epoch | × the starting point |",
+               "|---|---|---:|---:|---:|---:|"]
+        md += [f"| {h['model']} | {h['loader']} | {h['batch_size']} | {h['img_per_s']:,.1f} | "
+               f"{_duration(h['seconds_per_epoch'])} | {h['speedup']:.2f}× |" for h in heads]
         md.append("")
     if (out / "loader_throughput.md").exists():
         md += ["## Loader throughput", "", (out / "loader_throughput.md").read_text(),
                "![loaders](loader_throughput.png)", ""]
     md += train_section(out) + batch_section(out) + codec_section(out)
-    failed = [r for r in _lines(out / "suite.jsonl") if not r["ok"]]
+    failed = [r for r in read_lines(out / "suite.jsonl") if not r["ok"]]
     if failed:
         md += ["## Failed steps", ""] + [f"- `{r['part']}`: `{r['command']}` "
                                          f"(exit {r['returncode']}); see logs/{r['part']}.log"

@@ -82,8 +82,6 @@ def measure(cfg, dev, steps: int, warmup: int) -> dict | None:
 @click.option("--md", type=click.Path(dir_okay=False, path_type=Path))
 def main(db, count, size, models, loaders, batch_sizes, patch, scale, amp, channels_last,
          compile_, workers, device, steps, warmup, out, md):
-    import torch
-
     from srtrain.config import TrainConfig, resolve_amp
     from srdata.loader import resolve_device
     env = _common.environment() | _common.accelerator_environment()

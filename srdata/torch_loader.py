@@ -11,7 +11,6 @@ from __future__ import annotations
 import weakref
 
 import cv2
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import format as fmt

@@ -1,10 +1,8 @@
 import json
 import multiprocessing
 import pickle
-from pathlib import Path
 
 import cv2
-import lmdb
 import numpy as np
 import pytest
 

@@ -76,10 +76,23 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
     for section in ("## Headline", "## Loader throughput", "## Training throughput",
                     "## Batch size", "## Codecs", "quick mode", "--preset quick"):
         assert section in md
-    assert "| esrgan | dali | 48 |" in md
+    assert "| esrgan | dali | 2 |" in md and "the users' 10,000 images" in md
     assert "| srcnn | dali | 2 |" in md  # the batch-size sweep
     for png in ("loader_throughput.png", "train_throughput.png", "batch_sizes.png", "codecs.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # a part run again replaces its own results only
+    bench("gpu_suite.py", "--quick", "--parts", "headline", "--out", out, cwd=tmp_path)
+    assert "## Training throughput" in (out / "results.md").read_text()
+    assert {s["part"] for s in map(json.loads, (out / "suite.jsonl").read_text().splitlines())
+            } == {"loaders", "train", "batch", "codecs"}
+    assert len((out / "headline.jsonl").read_text().splitlines()) == 2
+
+
+def test_gpu_suite_names_an_unknown_part(tmp_path):
+    r = subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), "--parts", "train,nope",
+                        "--out", tmp_path], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "got nope, expected some of loaders," in r.stderr
+
 
 
 def test_train_benchmark_skips_a_batch_that_runs_out_of_memory(monkeypatch):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from srdata.sampler import (HFLIP, ID, TRANSPOSE, X, Y, Sampler, crop_and_flip,
+from srdata.sampler import (HFLIP, ID, X, Y, Sampler, crop_and_flip,
                             nn_downscale)
 
 H = np.array([100, 120, 64, 80, 90, 200, 70, 66, 150, 99])
