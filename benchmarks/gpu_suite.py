@@ -11,7 +11,8 @@ Writes ``benchmarks/results/<gpu>-<date>/`` (``cpu<N>-<date>`` without a GPU):
 3. ``train``: train throughput for esrgan, fast and srcnn, synthetic and with each loader;
    ``batch``: one model's img/s and peak memory over a range of batch sizes;
 4. ``codecs``: jpeg q90/q95/q100, png, raw: bytes and PSNR, and DALI and torch img/s;
-5. ``headline``: seconds per epoch of the users' 10K images with the full esrgan model.
+5. ``quality``: each model preset's validation PSNR over bicubic after the demo's training;
+6. ``headline``: seconds per epoch of the users' 10K images with the full esrgan model.
 
 Each part runs as its own process and writes JSON lines; a part that fails is recorded in
 ``suite.jsonl`` with its error and the others still run. ``render_results.py`` then turns
@@ -39,25 +40,28 @@ USERS_EPOCH, USERS_SECONDS = 10_000, 7200  # the starting point: 2 h per epoch o
 # each part and the result files it writes (besides its .md, .png and logs/PART.log)
 PARTS = {"loaders": ["loader_throughput.jsonl"], "train": ["train_throughput.jsonl"],
          "batch": ["batch_sizes.jsonl"], "codecs": ["codec_compare.jsonl", "codec_loaders.jsonl"],
-         "headline": ["headline.jsonl"]}
+         "quality": ["model_quality.jsonl"], "headline": ["headline.jsonl"]}
 CODECS = [("jpeg", 90), ("jpeg", 95), ("jpeg", 100), ("png", 95), ("raw", 95)]
 PRESETS = {
     # the users' setting: 10K 512² JPEGs, 256² patches, esrgan at batch 32
     "full": {"count": 10_000, "size": 512, "patch": 256, "batch": 64, "train_batch": 32,
              "steps": 30, "warmup": 10, "batches": 50, "codec_count": 1000, "photos": 48,
              "models": "esrgan,fast,srcnn", "workers": "4,0", "timeout": 900,
-             "batch_model": "esrgan", "batch_sizes": "8,16,32,64", "codecs": CODECS},
-    # the same images and patches on a few CPU cores, where esrgan trains at ~0.3 img/s:
-    # few steps and small batches, ~12 minutes on 2 cores
+             "batch_model": "esrgan", "batch_sizes": "8,16,32,64", "codecs": CODECS,
+             "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30},
+    # the same images and patches on a few CPU cores, where esrgan trains at ~0.5 img/s:
+    # few steps and small batches: ~11 minutes on 2 cores, and ~25 more for quality
     "cpu": {"count": 2000, "size": 512, "patch": 256, "batch": 32, "train_batch": 4,
             "steps": 6, "warmup": 1, "batches": 20, "codec_count": 300, "photos": 24,
-            "models": "esrgan,fast,srcnn", "workers": "1", "timeout": 1800,
-            "batch_model": "fast", "batch_sizes": "1,2,4,8", "codecs": CODECS},
+            "models": "esrgan,fast,srcnn", "workers": "1", "timeout": 2400,
+            "batch_model": "fast", "batch_sizes": "1,2,4,8", "codecs": CODECS,
+            "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30},
     # tiny sizes: the suite end to end in a test, not a measurement
     "quick": {"count": 48, "size": 96, "patch": 48, "batch": 4, "train_batch": 2, "steps": 2,
               "warmup": 1, "batches": 3, "codec_count": 12, "photos": 4,
               "models": "esrgan,srcnn", "workers": "1", "timeout": 300,
-              "batch_model": "srcnn", "batch_sizes": "1,2", "codecs": [("jpeg", 95), ("raw", 95)]},
+              "batch_model": "srcnn", "batch_sizes": "1,2", "codecs": [("jpeg", 95), ("raw", 95)],
+              "quality_models": "srcnn", "quality_epochs": 1},
 }
 
 
@@ -133,6 +137,10 @@ def run_suite(out: Path, work: Path, p: dict, parts: list[str]) -> None:
                   "--batch-sizes", p["batch"], "--workers", "0", "--patch", p["patch"],
                   "--batches", p["batches"], "--no-cold",
                   "--out", out / "codec_loaders.jsonl")
+    if "quality" in parts:
+        s.run("quality", py, "model_quality.py", "--models", p["quality_models"], "--epochs",
+              p["quality_epochs"], "--out", out / "model_quality.jsonl",
+              "--md", out / "model_quality.md")
     if "headline" in parts:
         headline(out)
 
@@ -160,8 +168,9 @@ def forget(out: Path, parts: list[str]) -> None:
     for part in parts:
         for name in PARTS[part]:
             (out / name).unlink(missing_ok=True)
+    builds = {"db"} if set(parts) - {"quality", "headline"} else set()  # the parts that pack
     kept = [r for r in _common.read_lines(out / "suite.jsonl")
-            if r["part"] not in {"db", *parts}]
+            if r["part"] not in builds | set(parts)]
     (out / "suite.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
@@ -190,7 +199,7 @@ def main(preset, quick, results, out, count, parts):
     if count:
         p["count"] = count
     env = _common.environment() | _common.accelerator_environment()
-    out = out or results_dir(results, env)
+    out = (out or results_dir(results, env)).resolve()  # the parts run in benchmarks/
     out.mkdir(parents=True, exist_ok=True)
     forget(out, parts)
     (out / "environment.json").write_text(json.dumps(env | {"preset": preset, **p}, indent=2))

@@ -4,8 +4,8 @@
 
 Reads whichever of these exist: headline.jsonl, loader_throughput.{md,png},
 train_throughput.jsonl, batch_sizes.jsonl, codec_compare.jsonl, codec_loaders.jsonl,
-suite.jsonl, environment.json. Writes results.md, train_throughput.png, batch_sizes.png and
-codecs.png next to them.
+model_quality.md, suite.jsonl, environment.json. Writes results.md, train_throughput.png,
+batch_sizes.png and codecs.png next to them.
 """
 from __future__ import annotations
 
@@ -60,6 +60,10 @@ def train_section(out: Path) -> list[str]:
         ax.bar([i + (k - len(loaders) / 2) * width for i in range(len(models))], vals, width,
                label=name)
     ax.set_yscale("log")
+    # plain numbers (0.5, 20, 300; not 5×10⁻¹), minor ticks labelled at 2 and 5 only
+    ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(plt.FuncFormatter(
+        lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
     _save_bars(plt, fig, ax, models, "images / s (log)",
                "training throughput: synthetic data vs fed by each loader",
                out / "train_throughput.png")
@@ -119,6 +123,10 @@ def codec_section(out: Path) -> list[str]:
     return lines + [""]
 
 
+def _rate(img_per_s: float) -> str:
+    return f"{img_per_s:,.1f}" if img_per_s >= 10 else f"{img_per_s:.2f}"  # 0.48, not 0.5
+
+
 def _duration(seconds: float) -> str:
     h, m = divmod(round(seconds / 60), 60)
     return f"{h} h {m:02d} min" if h else f"{seconds / 60:.1f} min"
@@ -144,13 +152,15 @@ def render(out: Path) -> Path:
                f"starting point: {_duration(heads[0]['baseline_seconds_per_epoch'])} per epoch.",
                "", "| model | loader | batch | img/s | one epoch | × the starting point |",
                "|---|---|---:|---:|---:|---:|"]
-        md += [f"| {h['model']} | {h['loader']} | {h['batch_size']} | {h['img_per_s']:,.1f} | "
+        md += [f"| {h['model']} | {h['loader']} | {h['batch_size']} | {_rate(h['img_per_s'])} | "
                f"{_duration(h['seconds_per_epoch'])} | {h['speedup']:.2f}× |" for h in heads]
         md.append("")
     if (out / "loader_throughput.md").exists():
         md += ["## Loader throughput", "", (out / "loader_throughput.md").read_text(),
                "![loaders](loader_throughput.png)", ""]
     md += train_section(out) + batch_section(out) + codec_section(out)
+    if (out / "model_quality.md").exists():
+        md += ["## Model presets: quality", "", (out / "model_quality.md").read_text(), ""]
     failed = [r for r in read_lines(out / "suite.jsonl") if not r["ok"]]
     if failed:
         md += ["## Failed steps", ""] + [f"- `{r['part']}`: `{r['command']}` "

@@ -68,13 +68,15 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
     pytest.importorskip("nvidia.dali")
     pytest.importorskip("matplotlib")
     out = tmp_path / "results"
-    bench("gpu_suite.py", "--quick", "--out", out, cwd=tmp_path, timeout=600)
+    bench("gpu_suite.py", "--quick", "--out", "results", cwd=tmp_path, timeout=600)
     steps = [json.loads(x) for x in (out / "suite.jsonl").read_text().splitlines()]
     assert steps and all(s["ok"] for s in steps), steps
-    assert {s["part"] for s in steps} == {"db", "loaders", "train", "batch", "codecs"}
+    assert {s["part"] for s in steps} == {"db", "loaders", "train", "batch", "codecs",
+                                          "quality"}
     md = (out / "results.md").read_text()
     for section in ("## Headline", "## Loader throughput", "## Training throughput",
-                    "## Batch size", "## Codecs", "quick mode", "--preset quick"):
+                    "## Batch size", "## Codecs", "## Model presets: quality", "quick mode",
+                    "--preset quick"):
         assert section in md
     assert "| esrgan | dali | 2 |" in md and "the users' 10,000 images" in md
     assert "| srcnn | dali | 2 |" in md  # the batch-size sweep
@@ -84,7 +86,7 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
     bench("gpu_suite.py", "--quick", "--parts", "headline", "--out", out, cwd=tmp_path)
     assert "## Training throughput" in (out / "results.md").read_text()
     assert {s["part"] for s in map(json.loads, (out / "suite.jsonl").read_text().splitlines())
-            } == {"loaders", "train", "batch", "codecs"}
+            } == {"db", "loaders", "train", "batch", "codecs", "quality"}
     assert len((out / "headline.jsonl").read_text().splitlines()) == 2
 
 
