@@ -47,7 +47,6 @@ def _table(records: list[dict]) -> str:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--md", type=click.Path(dir_okay=False, path_type=Path))
 def main(models, epochs, lr, loader, out, md):
-    from srdata.pack import PackConfig, pack
     from srtrain import demo
     from srtrain.config import TrainConfig
     from srtrain.models import build_model
@@ -59,29 +58,22 @@ def main(models, epochs, lr, loader, out, md):
     records = []
     with tempfile.TemporaryDirectory(prefix="srpipe-quality-") as tmp:
         tmp = Path(tmp)
-        demo.write_crops(demo.load_photos(), tmp / "images", tmp / "val-images", demo.IMAGES,
-                         seed=0)
-        cfg = PackConfig(size=demo.CROP, fit="short", min_size=demo.PATCH, workers=0)
-        images = pack(tmp / "images", tmp / "db", cfg, progress=False)["count"]
-        val = pack(tmp / "val-images", tmp / "val-db", cfg, progress=False)["count"]
+        images, val = demo.make_data(tmp, demo.IMAGES, seed=0, progress=False)
         for name in models.split(","):
             t0 = time.perf_counter()
             run = tmp / f"run-{name}"
             train(TrainConfig(db=str(tmp / "db"), val_db=str(tmp / "val-db"), out=str(run),
                               loader=loader, epochs=epochs, seed=0, val_images=val,
                               val_every=epochs, progress=False, **(settings | {"model": name})))
-            events = _common.read_lines(run / "metrics.jsonl")
-            trained = [e for e in events if e["event"] == "train"]
-            last = [e["img_per_s"] for e in trained if e["epoch"] == trained[-1]["epoch"]]
-            v = [e for e in events if e["event"] == "val"][-1]
+            r = demo.summarize(run)
             records.append({
                 "benchmark": "model_quality", "model": name,
                 "parameters": sum(p.numel() for p in build_model(name, demo.SCALE).parameters()),
                 "epochs": epochs, "images": images, "val_images": val, "loader": loader,
                 "patch": settings["patch"], "batch_size": settings["batch_size"],
                 "lr": settings["lr"],
-                **{k: round(v[k], 4) for k in ("psnr", "ssim", "psnr_bicubic", "ssim_bicubic")},
-                "img_per_s": round(sum(last) / len(last), 1),
+                **{k: round(r[k], 4) for k in ("psnr", "ssim", "psnr_bicubic", "ssim_bicubic")},
+                "img_per_s": round(r["img_per_s"], 1),
                 "seconds": round(time.perf_counter() - t0, 1), "env": env})
             _common.emit(records[-1], out)
     if md:

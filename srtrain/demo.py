@@ -129,7 +129,6 @@ def run_demo(out: str | Path, loader: str = "auto", epochs: int = EPOCHS,
              images: int = IMAGES, overwrite: bool = False, progress: bool = True,
              seed: int = 0) -> dict:
     """Write crops, pack them, train, and write OUT/report.txt; returns the report's facts."""
-    from srdata.pack import PackConfig, pack
     from .config import TrainConfig
     from .train import train
     out, t0 = Path(out), time.perf_counter()
@@ -140,30 +139,42 @@ def run_demo(out: str | Path, loader: str = "auto", epochs: int = EPOCHS,
     prepare_out(out, overwrite)
     loader = resolve_loader(loader)
     say(f"writing {images} training crops of scikit-image's sample photos to {out}/images")
-    write_crops(load_photos(), out / "images", out / "val-images", images, seed)
-    cfg = PackConfig(size=CROP, fit="short", min_size=PATCH, workers=0)
-    packed = pack(out / "images", out / "db", cfg, progress=progress)
-    val = pack(out / "val-images", out / "val-db", cfg, progress=progress)
+    count, val_count = make_data(out, images, seed, progress)
     run = out / "run"
     say(f"training {epochs} epochs with the {loader} loader on {describe_device(loader)}; "
         f"validation after each")
     result = train(TrainConfig(db=str(out / "db"), val_db=str(out / "val-db"), out=str(run),
                                loader=loader, epochs=epochs, seed=seed,
-                               val_images=val["count"], progress=progress, **TRAIN))
-    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    trained = [e for e in events if e["event"] == "train"]
-    last = [e for e in trained if e["epoch"] == trained[-1]["epoch"]]
-    facts = {"images": packed["count"], "val_images": val["count"], "loader": loader,
+                               val_images=val_count, progress=progress, **TRAIN))
+    facts = {"images": count, "val_images": val_count, "loader": loader,
              "device": describe_device(loader), "epochs": result["epoch"],
-             "steps": result["step"], "best_psnr": result["best_psnr"],
-             "img_per_s": float(np.mean([e["img_per_s"] for e in last])),
-             "data_wait_pct": float(np.mean([e["data_wait_pct"] for e in last])),
-             **{k: v for k, v in [e for e in events if e["event"] == "val"][-1].items()
-                if k in ("psnr", "ssim", "psnr_bicubic", "ssim_bicubic")},
+             "steps": result["step"], "best_psnr": result["best_psnr"], **summarize(run),
              "grid": str(sorted((run / "samples").glob("*.png"))[-1]),
              "out": str(out), "seconds": time.perf_counter() - t0}
     (out / "report.txt").write_text(report(facts))
     return facts
+
+
+def make_data(out: Path, images: int, seed: int, progress: bool = True) -> tuple[int, int]:
+    """Crops in OUT/images and OUT/val-images, packed to OUT/db and OUT/val-db; returns
+    how many training and validation records were packed."""
+    from srdata.pack import PackConfig, pack
+    write_crops(load_photos(), out / "images", out / "val-images", images, seed)
+    cfg = PackConfig(size=CROP, fit="short", min_size=PATCH, workers=0)
+    return (pack(out / "images", out / "db", cfg, progress=progress)["count"],
+            pack(out / "val-images", out / "val-db", cfg, progress=progress)["count"])
+
+
+def summarize(run: Path) -> dict:
+    """From a run's metrics.jsonl: the last epoch's mean img/s and data-wait %, and the last
+    validation's PSNR and SSIM with bicubic's."""
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    trained = [e for e in events if e["event"] == "train"]
+    last = [e for e in trained if e["epoch"] == trained[-1]["epoch"]]
+    val = [e for e in events if e["event"] == "val"][-1]
+    return {"img_per_s": float(np.mean([e["img_per_s"] for e in last])),
+            "data_wait_pct": float(np.mean([e["data_wait_pct"] for e in last])),
+            **{k: val[k] for k in ("psnr", "ssim", "psnr_bicubic", "ssim_bicubic")}}
 
 
 def describe_device(loader: str) -> str:
