@@ -368,24 +368,32 @@ def _stage(x, p, i, s, kernel, size):
                      int(p[f"noise_seed{s}"][i]))
 
 
-def degrade_one(hr: torch.Tensor, p: dict, i: int, scale: int, kernels) -> torch.Tensor:
-    """Sample ``i``'s degradation of one 1CHW float HR in [0, 1] (unrounded output)."""
-    h, w = hr.shape[-2:]
+def stage_sizes(params: dict, h: int, w: int, scale: int) -> dict:
+    """Each sample's (height, width) after the resize of stage "1", "2" and "final", as
+    (n, 2) int arrays: ``floor(side * factor1)``, ``int(side / scale * factor2)`` (as
+    Real-ESRGAN), ``side // scale``; at least 1 pixel."""
+    f1, f2 = params["factor1"][:, None], params["factor2"][:, None]
+    hw = np.array([[h, w]], np.float64)
+    out = {"1": np.floor(hw * f1), "2": np.trunc(hw / scale * f2),
+           "final": np.repeat(hw // scale, len(f1), 0)}
+    return {k: np.maximum(v, 1).astype(np.int64) for k, v in out.items()}
+
+
+def degrade_one(hr: torch.Tensor, p: dict, i: int, kernels, sizes) -> torch.Tensor:
+    """Sample ``i``'s degradation of one 1CHW float HR in [0, 1] (unrounded output), given
+    the batch's ``make_kernels`` (as tensors) and ``stage_sizes``."""
     k1, k2, ks = (k[i] for k in kernels)
-    f1 = float(p["factor1"][i])
-    x = _stage(hr, p, i, 1, k1, (math.floor(h * f1), math.floor(w * f1)))
+    sizes = {k: v[i] for k, v in sizes.items()}
+    x = _stage(hr, p, i, 1, k1, sizes["1"])
     x = jpeg(x, p["jpeg1"][i])
-    f2 = float(p["factor2"][i])
-    x = _stage(x, p, i, 2, k2 if p["blur2"][i] else None, (int(h / scale * f2),
-                                                           int(w / scale * f2)))
-    final = (h // scale, w // scale)
+    x = _stage(x, p, i, 2, k2 if p["blur2"][i] else None, sizes["2"])
     if p["sinc_first"][i]:
-        x = resize(x, final, p["mode_final"][i])
+        x = resize(x, sizes["final"], p["mode_final"][i])
         x = filter2d(x, ks[None])
         x = jpeg(x, p["jpeg2"][i])
     else:
         x = jpeg(x, p["jpeg2"][i])
-        x = resize(x, final, p["mode_final"][i])
+        x = resize(x, sizes["final"], p["mode_final"][i])
         x = filter2d(x, ks[None])
     return x
 
@@ -407,7 +415,8 @@ def realesrgan_degrade(hr: torch.Tensor, params: dict, scale: int) -> torch.Tens
     x = hr.float() / 255.0 if hr.dtype == torch.uint8 else hr.float()
     kernels = [torch.from_numpy(make_kernels(params, which)).to(hr.device)
                for which in ("1", "2", "final")]
-    out = torch.cat([degrade_one(x[i:i + 1], params, i, scale, kernels) for i in range(n)])
+    sizes = stage_sizes(params, hr.shape[2], hr.shape[3], scale)
+    out = torch.cat([degrade_one(x[i:i + 1], params, i, kernels, sizes) for i in range(n)])
     return torch.clamp((out * 255.0).round(), 0, 255) / 255.0
 
 
