@@ -75,6 +75,12 @@ def bicubic_downscale(hr: torch.Tensor, scale: int) -> torch.Tensor:
     its intermediate image has the input's class: uint8 input is rounded after each pass
     (and returned as uint8), float input is not rounded at all (and may leave [0, 1] near
     edges, as MATLAB's does). Sides are ``ceil(side / scale)``.
+
+    Measured against ours on three scikit-image photos at x2-x4 (grey levels, mean / max):
+    PIL BICUBIC 0.16-0.22 / 3-13 (the same filter; PIL renormalises taps at borders and
+    resizes W first), OpenCV INTER_AREA 0.84-1.4 / 11-30, OpenCV INTER_CUBIC 1.9-5.7 /
+    45-140 (a = -0.75, no antialiasing). Against MATLAB: exact formulas, so 0 expected
+    (1 on a .5 tie); computing in float and rounding once differs by up to 7 at clipped edges.
     """
     if hr.ndim != 4:
         raise ValueError(f"got a tensor of shape {tuple(hr.shape)}, expected NCHW")
