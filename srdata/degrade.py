@@ -250,11 +250,11 @@ def gaussian_kernel(k, sigma_x, sigma_y, theta, beta=1.0, plateau=False) -> np.n
 
 def sinc_kernel(k: int, omega: float) -> np.ndarray:
     """Circular low-pass (2-D sinc) with cutoff ``omega`` rad/px, summing to 1."""
-    from scipy.special import j1
     xx, yy = _grid(k)
     r = np.hypot(xx, yy)
+    j1 = torch.special.bessel_j1(torch.from_numpy(omega * r)).numpy()  # torch, not scipy
     with np.errstate(divide="ignore", invalid="ignore"):
-        kern = omega * j1(omega * r) / (2 * np.pi * r)
+        kern = omega * j1 / (2 * np.pi * r)
     kern[r == 0] = omega**2 / (4 * np.pi)
     return kern / kern.sum()
 
