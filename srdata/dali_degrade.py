@@ -1,0 +1,125 @@
+"""Real-ESRGAN's second-order degradation as DALI graph functions.
+
+The same stages as ``srdata/degrade.py``'s torch reference, for the DALI pipeline: pure
+functions of DataNodes (float32 HWC images in [0, 1]) and per-sample parameter nodes, which
+the pipeline gets from an external source fed with ``dali_inputs(sample_params(...))``.
+They use DALI conditionals: call them inside ``@pipeline_def(enable_conditionals=True)``.
+
+Where DALI differs from the reference (measured in tests/test_dali_degrade.py, README):
+- resize: DALI has no ``area`` mode; it is DALI's linear filter with antialiasing (a
+  triangle when shrinking, wider than torch's box; linear interpolation when enlarging),
+  the closest of DALI's filters to torch's ``area`` on our measurements. DALI's
+  ``INTERP_CUBIC`` is not torch's a = -0.75 cubic. ``bilinear`` and the blur are exact.
+- noise: the same kinds and levels, but DALI draws its own random numbers (seeded by the
+  pipeline's seed), so realisations differ. Poisson noise uses 256 levels: what Real-ESRGAN
+  picks for any sample with more than 128 distinct grey levels, which includes every
+  blurred natural-image patch; it cannot count a sample's levels inside the graph.
+- JPEG: ``fn.jpeg_compression_distortion``; on the CPU it is bit-identical to the
+  reference's OpenCV encode/decode; on the GPU it is nvJPEG's encoder.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import degrade as reference
+
+try:
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn, types
+except ImportError:  # only the graph functions need DALI; dali_inputs does not
+    dmath = fn = types = None
+
+POISSON_LEVELS = 256.0
+
+# name -> dtype of each per-sample input the graph takes (see dali_inputs)
+INPUTS = {
+    "kernel1": np.float32, "kernel2": np.float32, "kernel_final": np.float32,
+    "size1": np.float32, "size2": np.float32, "size_final": np.float32,
+    "mode1": np.int32, "mode2": np.int32, "mode_final": np.int32,
+    "gaussian1": np.bool_, "gaussian2": np.bool_, "sigma1": np.float32, "sigma2": np.float32,
+    "poisson1": np.float32, "poisson2": np.float32, "gray1": np.bool_, "gray2": np.bool_,
+    "jpeg1": np.int32, "jpeg2": np.int32, "sinc_first": np.bool_,
+}
+
+
+def dali_inputs(params: dict, h: int, w: int, scale: int) -> dict:
+    """The graph's per-sample inputs for HR patches of h x w: ``{name: (n, ...) array}``,
+    dtypes as ``INPUTS``; kernels (n, 21, 21) and sizes (n, 2) as the torch reference's."""
+    sizes = reference.stage_sizes(params, h, w, scale)
+    out = {f"kernel{k}": reference.make_kernels(params, w_) for k, w_ in
+           (("1", "1"), ("2", "2"), ("_final", "final"))}
+    out |= {"size1": sizes["1"], "size2": sizes["2"], "size_final": sizes["final"]}
+    out |= {k: params[k] for k in INPUTS if k not in out}
+    return {k: np.ascontiguousarray(out[k], INPUTS[k]) for k in INPUTS}
+
+
+def blur(img, kernel):
+    """Correlate each sample with its (k, k) float32 kernel, reflect-101 borders."""
+    return fn.filter(img, kernel, border="reflect_101")
+
+
+def resize(img, size, mode):
+    """Resize each sample to ``size`` (float [h, w]) with RESIZE_MODES[mode]."""
+    if mode == 0:  # area: the closest of DALI's filters to torch's (measured)
+        out = fn.resize(img, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
+    elif mode == 1:
+        out = fn.resize(img, size=size, interp_type=types.INTERP_LINEAR, antialias=False)
+    else:
+        out = fn.resize(img, size=size, interp_type=types.INTERP_CUBIC, antialias=False)
+    return out
+
+
+def _gray(img):
+    return img[:, :, 0:1] * 0.2989 + img[:, :, 1:2] * 0.587 + img[:, :, 2:3] * 0.114
+
+
+def _round255(img):
+    return dmath.clamp(dmath.floor(img * 255.0 + 0.5), 0.0, 255.0)
+
+
+def _hwc(x):
+    return fn.reshape(x, layout="HWC")  # branches of a conditional merge only alike layouts
+
+
+def _gaussian(img, sigma):
+    color = fn.random.normal(img) * (sigma / 255.0)
+    return _hwc(color), _hwc(fn.random.normal(img[:, :, 0:1]) * (sigma / 255.0))
+
+
+def _shot(base, scale):
+    return _hwc((fn.noise.shot(base, factor=255.0 / POISSON_LEVELS) - base) * (scale / 255.0))
+
+
+def add_noise(img, gaussian, sigma, poisson, gray):
+    """Gaussian (``sigma`` grey levels) or Poisson (x ``poisson``) noise, gray (one plane
+    for all channels) or per channel; clamped to [0, 1]."""
+    if gaussian:
+        color, mono = _gaussian(img, sigma)
+    else:
+        color, mono = _shot(_round255(img), poisson), _shot(_round255(_gray(img)), poisson)
+    g = fn.cast(gray, dtype=types.FLOAT)
+    return dmath.clamp(img + color * (1.0 - g) + mono * g, 0.0, 1.0)
+
+
+def jpeg(img, quality):
+    """JPEG-compress each sample at its ``quality`` and decode it again."""
+    u8 = fn.cast(_round255(img), dtype=types.UINT8)
+    return fn.cast(fn.jpeg_compression_distortion(u8, quality=quality), dtype=types.FLOAT) / 255.0
+
+
+def degrade(hr, p: dict):
+    """The whole chain on ``hr`` (uint8 HWC); ``p``: {name: node} for every name of INPUTS.
+    Returns the LR as uint8 HWC (Real-ESRGAN's final clamp and round)."""
+    x = fn.cast(hr, dtype=types.FLOAT) / 255.0
+    x = resize(blur(x, p["kernel1"]), p["size1"], p["mode1"])
+    x = add_noise(x, p["gaussian1"], p["sigma1"], p["poisson1"], p["gray1"])
+    x = jpeg(x, p["jpeg1"])
+    x = resize(blur(x, p["kernel2"]), p["size2"], p["mode2"])
+    x = add_noise(x, p["gaussian2"], p["sigma2"], p["poisson2"], p["gray2"])
+    if p["sinc_first"]:
+        x = blur(resize(x, p["size_final"], p["mode_final"]), p["kernel_final"])
+        x = jpeg(x, p["jpeg2"])
+    else:
+        x = jpeg(x, p["jpeg2"])
+        x = blur(resize(x, p["size_final"], p["mode_final"]), p["kernel_final"])
+    return fn.cast(_round255(x), dtype=types.UINT8)

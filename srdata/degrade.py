@@ -1,0 +1,442 @@
+"""LR degradations: MATLAB-style bicubic, and Real-ESRGAN's second-order degradation.
+
+``bicubic_downscale`` makes LR as DIV2K/Set5 were made: MATLAB ``imresize(hr, 1/s)``
+(Keys cubic, a = -0.5, the kernel widened by s when shrinking, symmetric borders).
+
+The Real-ESRGAN degradation is split in three, so that the seeded sampler can decide every
+random number and both loaders apply the same degradation to a sample:
+
+- ``REALESRGAN_X4PLUS``: the one table of ranges and probabilities (``RealESRGANConfig``),
+  the values of Real-ESRGAN's ``train_realesrnet_x4plus.yml``;
+- ``sample_params(rng, n)``: every random parameter of ``n`` samples as plain numpy arrays;
+- ``make_kernels`` (numpy) and ``realesrgan_degrade`` (torch, on the tensor's device): apply
+  them. ``srdata/dali_degrade.py`` is the same graph in DALI.
+
+Where we differ from Real-ESRGAN's training step (``RealESRNetModel.feed_data``):
+every parameter is drawn per sample (they draw resize, noise type and stage order once per
+batch and rely on a 180-sample pool for variety); JPEG qualities are whole numbers and the
+reference encodes with OpenCV (libjpeg, 4:2:0) instead of their differentiable DiffJPEG;
+gray Gaussian noise is drawn per sample (theirs shares one pattern across the batch); resize
+takes explicit output sizes, ``floor(side * factor)``, so DALI can be given the same sizes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# ------------------------------------------------------------------ MATLAB bicubic
+
+
+def cubic(x, a: float = -0.5):
+    """Keys' cubic convolution kernel; MATLAB's ``imresize`` uses a = -0.5."""
+    x = np.abs(np.asarray(x, np.float64))
+    return np.where(x <= 1, (a + 2) * x**3 - (a + 3) * x**2 + 1,
+                    np.where(x < 2, a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a, 0.0))
+
+
+def matlab_contributions(in_len: int, out_len: int, scale: float):
+    """MATLAB ``imresize``'s ``contributions()``: 1-based input indices (before the
+    symmetric border fold) and normalised weights, one row per output sample."""
+    width = 4.0 / scale if scale < 1 else 4.0  # antialiasing widens the kernel when shrinking
+    x = np.arange(1, out_len + 1, dtype=np.float64)
+    u = x / scale + 0.5 * (1 - 1 / scale)  # output pixel x's centre in input coordinates
+    left = np.floor(u - width / 2)
+    taps = int(math.ceil(width)) + 2
+    idx = left[:, None] + np.arange(taps)[None, :]
+    dist = u[:, None] - idx
+    w = scale * cubic(dist * scale) if scale < 1 else cubic(dist)
+    w /= w.sum(1, keepdims=True)
+    return idx.astype(np.int64), w
+
+
+def matlab_resize_matrix(in_len: int, out_len: int, scale: float) -> np.ndarray:
+    """The (out_len, in_len) float64 matrix of one ``imresize`` pass, borders folded."""
+    idx, w = matlab_contributions(in_len, out_len, scale)
+    mirror = np.concatenate([np.arange(in_len), np.arange(in_len)[::-1]])  # symmetric
+    cols = mirror[(idx - 1) % (2 * in_len)]
+    m = np.zeros((out_len, in_len))
+    np.add.at(m, (np.repeat(np.arange(out_len), idx.shape[1]), cols.ravel()), w.ravel())
+    return m
+
+
+def _matlab_round(x: torch.Tensor) -> torch.Tensor:
+    return torch.floor(x + 0.5).clamp_(0, 255)  # half away from zero, saturating, as MATLAB
+
+
+def bicubic_downscale(hr: torch.Tensor, scale: int) -> torch.Tensor:
+    """``imresize(hr, 1/scale, 'bicubic')`` of an NCHW batch, on its device.
+
+    MATLAB resizes along H first (the smaller scale first; ties keep dimension order), and
+    its intermediate image has the input's class: uint8 input is rounded after each pass
+    (and returned as uint8), float input is not rounded at all (and may leave [0, 1] near
+    edges, as MATLAB's does). Sides are ``ceil(side / scale)``.
+
+    Measured against ours on three scikit-image photos at x2-x4 (grey levels, mean / max):
+    PIL BICUBIC 0.16-0.22 / 3-13 (the same filter; PIL renormalises taps at borders and
+    resizes W first), OpenCV INTER_AREA 0.84-1.4 / 11-30, OpenCV INTER_CUBIC 1.9-5.7 /
+    45-140 (a = -0.75, no antialiasing). Against MATLAB: exact formulas, so 0 expected
+    (1 on a .5 tie); computing in float and rounding once differs by up to 7 at clipped edges.
+    """
+    if hr.ndim != 4:
+        raise ValueError(f"got a tensor of shape {tuple(hr.shape)}, expected NCHW")
+    if int(scale) != scale or scale < 1:
+        raise ValueError(f"got scale={scale}, expected a whole number >= 1")
+    h, w = hr.shape[-2:]
+    oh, ow = math.ceil(h / scale), math.ceil(w / scale)
+    mh = torch.from_numpy(matlab_resize_matrix(h, oh, 1 / scale)).to(hr.device)
+    mw = torch.from_numpy(matlab_resize_matrix(w, ow, 1 / scale)).to(hr.device)
+    is_uint8 = hr.dtype == torch.uint8
+    x = hr.to(torch.float64)
+    x = torch.einsum("oh,nchw->ncow", mh, x)
+    if is_uint8:
+        x = _matlab_round(x)
+    x = torch.einsum("pw,nchw->nchp", mw, x)
+    if is_uint8:
+        return _matlab_round(x).to(torch.uint8)
+    return x.to(hr.dtype)
+
+
+# ------------------------------------------------------------------ Real-ESRGAN: the table
+
+KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso",
+                "plateau_aniso", "sinc")
+SINC = KERNEL_TYPES.index("sinc")
+RESIZE_TYPES = ("up", "down", "keep")
+RESIZE_MODES = ("area", "bilinear", "bicubic")
+
+
+@dataclass(frozen=True)
+class StageRanges:
+    """One degradation stage: blur, random resize, noise, JPEG (ranges are [low, high])."""
+    blur_prob: float
+    kernel_prob: tuple  # over KERNEL_TYPES[:6]
+    sinc_prob: float  # replaces the Gaussian-family kernel by a sinc (ringing)
+    blur_sigma: tuple
+    betag_range: tuple  # generalized Gaussian shape
+    betap_range: tuple  # plateau shape
+    resize_prob: tuple  # up, down, keep
+    resize_range: tuple
+    gaussian_noise_prob: float  # else Poisson noise
+    noise_range: tuple  # Gaussian sigma, grey levels of 255
+    poisson_scale_range: tuple
+    gray_noise_prob: float
+    jpeg_range: tuple  # quality, whole numbers
+
+
+@dataclass(frozen=True)
+class RealESRGANConfig:
+    """Real-ESRGAN's published x4plus table (train_realesrnet_x4plus.yml; the GAN stage,
+    train_realesrgan_x4plus.yml, uses the same degradation)."""
+    first: StageRanges = field(default_factory=lambda: StageRanges(
+        blur_prob=1.0, kernel_prob=(0.45, 0.25, 0.12, 0.03, 0.12, 0.03), sinc_prob=0.1,
+        blur_sigma=(0.2, 3.0), betag_range=(0.5, 4.0), betap_range=(1.0, 2.0),
+        resize_prob=(0.2, 0.7, 0.1), resize_range=(0.15, 1.5), gaussian_noise_prob=0.5,
+        noise_range=(1.0, 30.0), poisson_scale_range=(0.05, 3.0), gray_noise_prob=0.4,
+        jpeg_range=(30, 95)))
+    second: StageRanges = field(default_factory=lambda: StageRanges(
+        blur_prob=0.8, kernel_prob=(0.45, 0.25, 0.12, 0.03, 0.12, 0.03), sinc_prob=0.1,
+        blur_sigma=(0.2, 1.5), betag_range=(0.5, 4.0), betap_range=(1.0, 2.0),
+        resize_prob=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2), gaussian_noise_prob=0.5,
+        noise_range=(1.0, 25.0), poisson_scale_range=(0.05, 2.5), gray_noise_prob=0.4,
+        jpeg_range=(30, 95)))
+    kernel_sizes: tuple = (7, 9, 11, 13, 15, 17, 19, 21)  # odd, drawn uniformly
+    kernel_pad: int = 21  # every kernel is zero-padded to this size
+    final_sinc_prob: float = 0.8
+    final_sinc_first_prob: float = 0.5  # [resize back + sinc] before the last JPEG
+    usm_weight: float = 0.5  # USM sharpening of the HR target (their gt_usm)
+    usm_threshold: float = 10.0
+    usm_radius: int = 50
+
+
+REALESRGAN_X4PLUS = RealESRGANConfig()
+
+
+# ------------------------------------------------------------------ Real-ESRGAN: sampling
+
+
+def _uniform(rng, lo_hi, n):
+    return rng.uniform(lo_hi[0], lo_hi[1], n)
+
+
+def _sample_kernel(rng, st: StageRanges, sizes, n, prefix):
+    ksize = rng.choice(np.asarray(sizes), n)
+    ktype = rng.choice(6, n, p=np.asarray(st.kernel_prob) / np.sum(st.kernel_prob))
+    ktype = np.where(rng.random(n) < st.sinc_prob, SINC, ktype)
+    sx, sy = _uniform(rng, st.blur_sigma, n), _uniform(rng, st.blur_sigma, n)
+    theta = rng.uniform(-np.pi, np.pi, n)
+    iso = np.isin(ktype, (0, 2, 4))
+    sy, theta = np.where(iso, sx, sy), np.where(iso, 0.0, theta)
+    # shapes: half the draws below 1 (peaky), half above (flat), as BasicSR does
+    low = rng.random(n) < 0.5
+    betag = np.where(low, _uniform(rng, (st.betag_range[0], 1), n),
+                     _uniform(rng, (1, st.betag_range[1]), n))
+    betap = np.where(low, _uniform(rng, (st.betap_range[0], 1), n),
+                     _uniform(rng, (1, st.betap_range[1]), n))
+    beta = np.where(ktype >= 4, betap, betag)
+    omega = np.where(ksize < 13, rng.uniform(np.pi / 3, np.pi, n),
+                     rng.uniform(np.pi / 5, np.pi, n))
+    return {f"kernel{prefix}": ktype.astype(np.int64), f"ksize{prefix}": ksize.astype(np.int64),
+            f"sigma_x{prefix}": sx, f"sigma_y{prefix}": sy, f"theta{prefix}": theta,
+            f"beta{prefix}": beta, f"omega{prefix}": omega}
+
+
+def _sample_stage(rng, st: StageRanges, sizes, n, s):
+    p = {f"blur{s}": rng.random(n) < st.blur_prob}
+    p |= _sample_kernel(rng, st, sizes, n, s)
+    updown = rng.choice(3, n, p=np.asarray(st.resize_prob) / np.sum(st.resize_prob))
+    up, down = _uniform(rng, (1, st.resize_range[1]), n), _uniform(rng, (st.resize_range[0], 1), n)
+    p[f"resize{s}"] = updown.astype(np.int64)
+    p[f"factor{s}"] = np.select([updown == 0, updown == 1], [up, down], 1.0)
+    p[f"mode{s}"] = rng.integers(0, 3, n)
+    p[f"gaussian{s}"] = rng.random(n) < st.gaussian_noise_prob
+    p[f"sigma{s}"] = _uniform(rng, st.noise_range, n)
+    p[f"poisson{s}"] = _uniform(rng, st.poisson_scale_range, n)
+    p[f"gray{s}"] = rng.random(n) < st.gray_noise_prob
+    p[f"noise_seed{s}"] = rng.integers(0, 2**62, n)
+    p[f"jpeg{s}"] = rng.integers(st.jpeg_range[0], st.jpeg_range[1] + 1, n)
+    return p
+
+
+def sample_params(rng: np.random.Generator, n: int,
+                  cfg: RealESRGANConfig = REALESRGAN_X4PLUS) -> dict:
+    """Every random parameter of ``n`` samples' degradations: ``{name: array of n}``.
+
+    Every parameter is drawn for every sample, used or not (a sinc's cutoff for a Gaussian
+    kernel, Poisson's scale for Gaussian noise), so the draws of one call depend only on
+    ``(rng state, n)``. Keys, stage s in {1, 2}: ``blur{s}``, ``kernel{s}`` (index into
+    KERNEL_TYPES), ``ksize{s}``, ``sigma_x{s}``, ``sigma_y{s}``, ``theta{s}``, ``beta{s}``,
+    ``omega{s}`` (sinc cutoff), ``resize{s}`` (up/down/keep), ``factor{s}``, ``mode{s}``
+    (index into RESIZE_MODES), ``gaussian{s}`` (else Poisson), ``sigma{s}`` (grey levels),
+    ``poisson{s}``, ``gray{s}``, ``noise_seed{s}``, ``jpeg{s}``; and ``sinc_first`` (resize
+    back + sinc before the last JPEG), ``mode_final``, ``final_sinc``, ``ksize_final``,
+    ``omega_final``.
+    """
+    if n < 0:
+        raise ValueError(f"got n={n}, expected n >= 0")
+    p = _sample_stage(rng, cfg.first, cfg.kernel_sizes, n, 1)
+    p |= _sample_stage(rng, cfg.second, cfg.kernel_sizes, n, 2)
+    p["sinc_first"] = rng.random(n) < cfg.final_sinc_first_prob
+    p["mode_final"] = rng.integers(0, 3, n)
+    p["final_sinc"] = rng.random(n) < cfg.final_sinc_prob
+    p["ksize_final"] = rng.choice(np.asarray(cfg.kernel_sizes), n).astype(np.int64)
+    p["omega_final"] = rng.uniform(np.pi / 3, np.pi, n)
+    return p
+
+
+# ------------------------------------------------------------------ Real-ESRGAN: kernels
+
+
+def _grid(k: int):
+    ax = np.arange(k, dtype=np.float64) - (k - 1) / 2
+    yy, xx = np.meshgrid(ax, ax, indexing="ij")
+    return xx, yy
+
+
+def gaussian_kernel(k, sigma_x, sigma_y, theta, beta=1.0, plateau=False) -> np.ndarray:
+    """Bivariate (generalized / plateau) Gaussian, rotated by ``theta``, summing to 1."""
+    c, s = math.cos(theta), math.sin(theta)
+    rot = np.array([[c, -s], [s, c]])
+    inv = np.linalg.inv(rot @ np.diag([sigma_x**2, sigma_y**2]) @ rot.T)
+    xx, yy = _grid(k)
+    q = inv[0, 0] * xx * xx + (inv[0, 1] + inv[1, 0]) * xx * yy + inv[1, 1] * yy * yy
+    kern = 1 / (q**beta + 1) if plateau else np.exp(-0.5 * q**beta)
+    return kern / kern.sum()
+
+
+def sinc_kernel(k: int, omega: float) -> np.ndarray:
+    """Circular low-pass (2-D sinc) with cutoff ``omega`` rad/px, summing to 1."""
+    xx, yy = _grid(k)
+    r = np.hypot(xx, yy)
+    j1 = torch.special.bessel_j1(torch.from_numpy(omega * r)).numpy()  # torch, not scipy
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kern = omega * j1 / (2 * np.pi * r)
+    kern[r == 0] = omega**2 / (4 * np.pi)
+    return kern / kern.sum()
+
+
+def _one_kernel(ktype, k, sx, sy, theta, beta, omega):
+    if ktype == SINC:
+        return sinc_kernel(k, omega)
+    shaped = ktype >= 2
+    return gaussian_kernel(k, sx, sy, theta, beta if shaped else 1.0, plateau=ktype >= 4)
+
+
+def make_kernels(params: dict, which: str, pad: int = 21) -> np.ndarray:
+    """(n, pad, pad) float32 kernels of stage ``which`` in {"1", "2", "final"}; a stage's
+    blur that is off (``blur2``, ``final_sinc``) gets the identity (a centred 1)."""
+    n = len(params["sinc_first"])
+    out = np.zeros((n, pad, pad), np.float32)
+    for i in range(n):
+        if which == "final":
+            on, k = params["final_sinc"][i], int(params["ksize_final"][i])
+            kern = sinc_kernel(k, params["omega_final"][i]) if on else None
+        elif which in ("1", "2"):
+            on, k = params[f"blur{which}"][i], int(params[f"ksize{which}"][i])
+            kern = _one_kernel(*(params[f"{name}{which}"][i] for name in (
+                "kernel", "ksize", "sigma_x", "sigma_y", "theta", "beta", "omega"))) if on else None
+        else:
+            raise ValueError(f"got which={which!r}, expected '1', '2' or 'final'")
+        if kern is None:
+            out[i, pad // 2, pad // 2] = 1
+        else:
+            o = (pad - k) // 2
+            out[i, o:o + k, o:o + k] = kern
+    return out
+
+
+# ------------------------------------------------------------------ Real-ESRGAN: torch
+
+
+def _reflect_index(n: int, pad: int, device) -> torch.Tensor:
+    """Indices of a reflect-101 padding (edge not repeated) that works for any pad."""
+    i = torch.arange(-pad, n + pad, device=device)
+    if n == 1:
+        return torch.zeros_like(i)
+    period = 2 * (n - 1)
+    i = i.remainder(period)
+    return torch.where(i >= n, period - i, i)
+
+
+def filter2d(img: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """Correlate each sample of an NCHW float batch with its own (k, k) kernel, borders
+    reflected without repeating the edge (as BasicSR's filter2D and OpenCV's default)."""
+    n, c, h, w = img.shape
+    k = kernels.shape[-1]
+    p = k // 2
+    x = img[:, :, _reflect_index(h, p, img.device)][..., _reflect_index(w, p, img.device)]
+    weight = kernels.to(img).reshape(n, 1, k, k).repeat_interleave(c, 0)
+    out = F.conv2d(x.reshape(1, n * c, h + 2 * p, w + 2 * p), weight, groups=n * c)
+    return out.reshape(n, c, h, w)
+
+
+def resize(img: torch.Tensor, size, mode: int) -> torch.Tensor:
+    """``F.interpolate`` to ``size`` with RESIZE_MODES[mode], as Real-ESRGAN (no antialias)."""
+    name = RESIZE_MODES[int(mode)]
+    size = (max(1, int(size[0])), max(1, int(size[1])))
+    if name == "area":
+        return F.interpolate(img, size=size, mode="area")
+    return F.interpolate(img, size=size, mode=name, align_corners=False)
+
+
+def _gray(img: torch.Tensor) -> torch.Tensor:
+    r, g, b = img.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)  # ITU-R 601, as torchvision
+
+
+def _poisson_levels(img: torch.Tensor) -> torch.Tensor:
+    """Real-ESRGAN scales Poisson noise by the next power of two above the number of
+    distinct grey levels of the (rounded) sample."""
+    vals = [len(torch.unique(img[i])) for i in range(img.shape[0])]
+    return img.new_tensor([2.0 ** math.ceil(math.log2(v)) for v in vals]).view(-1, 1, 1, 1)
+
+
+def add_noise(img: torch.Tensor, gaussian: bool, sigma: float, poisson: float, gray: bool,
+              seed: int) -> torch.Tensor:
+    """Gaussian (``sigma`` grey levels) or Poisson (scaled by ``poisson``) noise on one
+    1CHW sample in [0, 1], gray (the same in every channel) or per channel; drawn from a
+    torch generator seeded with ``seed`` on the tensor's device; clamped to [0, 1]."""
+    gen = torch.Generator(device=img.device).manual_seed(int(seed))
+    if gaussian:
+        shape = (img.shape[0], 1 if gray else img.shape[1], *img.shape[2:])
+        noise = torch.randn(shape, generator=gen, device=img.device, dtype=img.dtype)
+        noise = noise * (sigma / 255.0)
+    else:
+        base = _gray(img) if gray else img
+        base = torch.clamp((base * 255.0).round(), 0, 255) / 255.0
+        vals = _poisson_levels(base)
+        noise = (torch.poisson(base * vals, generator=gen) / vals - base) * poisson
+    return torch.clamp(img + noise, 0, 1)
+
+
+def jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
+    """JPEG-compress one 1CHW RGB sample in [0, 1] at ``quality`` with OpenCV (libjpeg,
+    4:2:0) on the CPU; returns it decoded, on the input's device."""
+    arr = torch.clamp((img[0] * 255.0).round(), 0, 255).to(torch.uint8)
+    bgr = np.ascontiguousarray(arr.permute(1, 2, 0).cpu().numpy()[:, :, ::-1])
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    assert ok
+    rgb = cv2.imdecode(buf, cv2.IMREAD_COLOR)[:, :, ::-1]
+    out = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
+    return out.to(img.device, img.dtype) / 255.0
+
+
+def _stage(x, p, i, s, kernel, size):
+    if kernel is not None:
+        x = filter2d(x, kernel[None])
+    x = resize(x, size, p[f"mode{s}"][i])
+    return add_noise(x, bool(p[f"gaussian{s}"][i]), float(p[f"sigma{s}"][i]),
+                     float(p[f"poisson{s}"][i]), bool(p[f"gray{s}"][i]),
+                     int(p[f"noise_seed{s}"][i]))
+
+
+def stage_sizes(params: dict, h: int, w: int, scale: int) -> dict:
+    """Each sample's (height, width) after the resize of stage "1", "2" and "final", as
+    (n, 2) int arrays: ``floor(side * factor1)``, ``int(side / scale * factor2)`` (as
+    Real-ESRGAN), ``side // scale``; at least 1 pixel."""
+    f1, f2 = params["factor1"][:, None], params["factor2"][:, None]
+    hw = np.array([[h, w]], np.float64)
+    out = {"1": np.floor(hw * f1), "2": np.trunc(hw / scale * f2),
+           "final": np.repeat(hw // scale, len(f1), 0)}
+    return {k: np.maximum(v, 1).astype(np.int64) for k, v in out.items()}
+
+
+def degrade_one(hr: torch.Tensor, p: dict, i: int, kernels, sizes) -> torch.Tensor:
+    """Sample ``i``'s degradation of one 1CHW float HR in [0, 1] (unrounded output), given
+    the batch's ``make_kernels`` (as tensors) and ``stage_sizes``."""
+    k1, k2, ks = (k[i] for k in kernels)
+    sizes = {k: v[i] for k, v in sizes.items()}
+    x = _stage(hr, p, i, 1, k1, sizes["1"])
+    x = jpeg(x, p["jpeg1"][i])
+    x = _stage(x, p, i, 2, k2 if p["blur2"][i] else None, sizes["2"])
+    if p["sinc_first"][i]:
+        x = resize(x, sizes["final"], p["mode_final"][i])
+        x = filter2d(x, ks[None])
+        x = jpeg(x, p["jpeg2"][i])
+    else:
+        x = jpeg(x, p["jpeg2"][i])
+        x = resize(x, sizes["final"], p["mode_final"][i])
+        x = filter2d(x, ks[None])
+    return x
+
+
+def realesrgan_degrade(hr: torch.Tensor, params: dict, scale: int) -> torch.Tensor:
+    """Real-ESRGAN's second-order degradation of an NCHW RGB batch on its device.
+
+    ``hr``: uint8 (0-255) or float in [0, 1]; ``params``: ``sample_params(rng, N)``.
+    Returns the float LR batch (N, C, H // scale, W // scale) in [0, 1], rounded to grey
+    levels as Real-ESRGAN's ``lq``. Samples are degraded one at a time (their sizes differ
+    after the random resize); JPEG runs on the CPU (OpenCV).
+    """
+    if hr.ndim != 4 or hr.shape[1] != 3:
+        raise ValueError(f"got a tensor of shape {tuple(hr.shape)}, expected N x 3 x H x W")
+    n = hr.shape[0]
+    if len(params["sinc_first"]) != n:
+        raise ValueError(f"got parameters for {len(params['sinc_first'])} samples, "
+                         f"expected {n}")
+    x = hr.float() / 255.0 if hr.dtype == torch.uint8 else hr.float()
+    kernels = [torch.from_numpy(make_kernels(params, which)).to(hr.device)
+               for which in ("1", "2", "final")]
+    sizes = stage_sizes(params, hr.shape[2], hr.shape[3], scale)
+    out = torch.cat([degrade_one(x[i:i + 1], params, i, kernels, sizes) for i in range(n)])
+    return torch.clamp((out * 255.0).round(), 0, 255) / 255.0
+
+
+def usm_sharpen(img: torch.Tensor, cfg: RealESRGANConfig = REALESRGAN_X4PLUS) -> torch.Tensor:
+    """Unsharp masking of an NCHW float batch in [0, 1] (Real-ESRGAN's ``gt_usm``): add
+    ``weight`` x the detail (image minus its Gaussian blur) where the detail exceeds
+    ``threshold`` grey levels, blended in through a blurred mask so no edge is hard."""
+    k = 2 * cfg.usm_radius + 1
+    sigma = 0.3 * ((k - 1) * 0.5 - 1) + 0.8  # OpenCV's sigma for a k-tap kernel
+    g = np.exp(-0.5 * ((np.arange(k) - cfg.usm_radius) / sigma) ** 2)
+    g = torch.from_numpy(np.outer(g, g) / g.sum() ** 2).float().to(img.device)
+    kernels = g.expand(img.shape[0], k, k)
+    detail = img - filter2d(img, kernels)
+    mask = ((detail.abs() * 255) > cfg.usm_threshold).to(img.dtype)
+    soft = filter2d(mask, kernels)
+    sharp = torch.clamp(img + cfg.usm_weight * detail, 0, 1)
+    return soft * sharp + (1 - soft) * img
