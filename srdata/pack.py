@@ -205,7 +205,6 @@ def pack(src: str | os.PathLike, dst: str | os.PathLike, cfg: PackConfig,
     dst = Path(os.path.realpath(shown)) if shown.is_symlink() and shown.is_dir() else shown
     if not src.is_dir():
         raise PackError(f"image folder {src} does not exist or is not a directory")
-    check_destination(dst, overwrite, src)
     pub.prepare_parent(dst)
     with pub.locked(dst):
         pub.repair(dst)  # what a killed pack left, before looking at DB
