@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import datetime
 import hashlib
-import logging
 import multiprocessing as mp
 import os
 import shutil
@@ -33,7 +32,6 @@ from . import publish as pub
 from .publish import Interrupted, PackError, check_destination, recover_publish  # noqa: F401
 from .walk import walk
 
-log = logging.getLogger(__name__)
 GiB = 1 << 30
 
 
@@ -201,14 +199,19 @@ def pack(src: str | os.PathLike, dst: str | os.PathLike, cfg: PackConfig,
     ``overwrite`` replaces only a database that srpipe wrote, never IMAGES or other files.
     """
     src, shown = Path(src), Path(dst)
-    # a symlinked DB is written where it points, so the swap stays on one file system
-    dst = Path(os.path.realpath(shown)) if shown.is_symlink() and shown.is_dir() else shown
+    # a symlinked DB is written where it points, so the swap stays on one file system;
+    # an absolute path gives "." or "x/.." a name for the lock and the swap
+    dst = Path((os.path.realpath if shown.is_symlink() and shown.is_dir() else
+                os.path.abspath)(shown))
     if not src.is_dir():
         raise PackError(f"image folder {src} does not exist or is not a directory")
     pub.prepare_parent(dst)
     with pub.locked(dst):
         pub.repair(dst)  # what a killed pack left, before looking at DB
-        check_destination(dst, overwrite, src)
+        try:
+            check_destination(dst, overwrite, src)
+        except OSError as e:
+            raise PackError(f"cannot read {dst}: {e.strerror}; choose another DB path") from None
         summary = _pack_locked(src, dst, cfg, progress)
     summary["db"] = str(shown)
     return summary

@@ -201,14 +201,17 @@ def repair(dst: Path) -> list[str]:
     is running on it. Returns what was done (also logged)."""
     done = []
     for old in _leftovers(dst, "old"):
-        if not os.path.lexists(dst):
-            os.replace(old, dst)
-            done.append(f"restored {dst} from {old.name}: a pack was killed while replacing "
-                        "it, so the previous database is back")
-        else:
-            _remove(old)
-            done.append(f"removed {old.name}, the previous database that a pack killed "
-                        f"after publishing {dst} left behind")
+        try:
+            if not os.path.lexists(dst):
+                os.replace(old, dst)
+                done.append(f"restored {dst} from {old.name}: a pack was killed while "
+                            "replacing it, so the previous database is back")
+            else:
+                _remove(old)
+                done.append(f"removed {old.name}, the previous database that a pack killed "
+                            f"after publishing {dst} left behind")
+        except OSError as e:
+            done.append(f"could not repair {old.name} (left by a killed pack): {e}")
     for part in _leftovers(dst, "partial"):
         shutil.rmtree(part, ignore_errors=True)
         done.append(f"removed {part.name}, left by an interrupted pack")
@@ -232,9 +235,6 @@ def recover_publish(dst: str | os.PathLike) -> list[str]:
         return []
     try:
         return repair(dst)
-    except OSError as e:
-        log.warning("could not repair %s: %s", dst, e)
-        return []
     finally:
         _unlock(dst, fd)
 
