@@ -188,8 +188,19 @@ class _ShardWriter:
         shard["bytes"], shard["sha256"] = data.stat().st_size, digest.hexdigest()
 
     def close(self) -> list[dict]:
-        self._close_shard()
+        try:
+            self._close_shard()
+        except BaseException:
+            self.abort()
+            raise
         return self.shards
+
+    def abort(self) -> None:
+        """After a failure (a full disk, Ctrl-C): let go of the shard without committing,
+        so no open file keeps the removed partial directory's space."""
+        if self.env is not None:
+            self.env.close()  # aborts the open write transaction
+            self.env = self.txn = None
 
 
 def pack(src: str | os.PathLike, dst: str | os.PathLike, cfg: PackConfig,
@@ -270,9 +281,13 @@ def _pack_into(src: Path, files: list[bytes], tmp: Path, cfg: PackConfig,
             rows.append([shard, fmt.record_key(gid).decode(), h, w, c, len(value),
                          fmt.crc32(value), display(rel)])
     except BrokenProcessPool as e:
+        writer.abort()
         raise PackError("a packing worker process died (out of memory?); if you call "
                         "srdata.pack from a script, put the call under "
                         "`if __name__ == '__main__':`") from e
+    except BaseException:
+        writer.abort()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()

@@ -248,6 +248,14 @@ def test_disk_full_in_lmdb_write(image_dir, tmp_path):
     assert not (tmp_path / "db").exists() and leftovers(tmp_path) == []
 
 
+def mount_tmpfs(path, options):
+    """A small tmpfs at path (root only, where mounting is allowed); unmounted by the caller."""
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+            capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root and a permitting container)")
+
+
 @pytest.fixture
 def read_only_dir(tmp_path):
     path = tmp_path / "ro"
@@ -257,12 +265,9 @@ def read_only_dir(tmp_path):
         yield path
         path.chmod(0o755)
         return
-    # root writes whatever the permissions: a read-only tmpfs, where mounting is allowed
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("root, and cannot mount a read-only file system here")
+    mount_tmpfs(path, "ro,size=1m")  # root writes whatever the permissions say
     yield path
-    subprocess.run(["umount", str(path)], check=True)
+    subprocess.run(["umount", "--lazy", str(path)], check=True)
 
 
 def test_read_only_destination(image_dir, read_only_dir):
@@ -270,3 +275,21 @@ def test_read_only_destination(image_dir, read_only_dir):
     assert line.startswith(f"Error: cannot write in {read_only_dir}: ")
     assert line.endswith("; choose another DB path")
     assert list(read_only_dir.iterdir()) == []
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    path = tmp_path / "small"
+    path.mkdir()
+    mount_tmpfs(path, "size=256k")
+    yield path
+    subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+def test_really_full_disk(image_dir, full_disk):
+    result = CliRunner().invoke(main, ["pack", str(image_dir), str(full_disk / "db"), "--fit",
+                                       "none", "--min-size", "48", "--codec", "raw",
+                                       "--workers", "1", "-q"])
+    line = one_line_error(result)
+    assert line.startswith(f"Error: the disk holding {full_disk} is full (")
+    assert "nothing was written" in line and list(full_disk.iterdir()) == []
