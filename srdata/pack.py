@@ -229,10 +229,8 @@ def pack(src: str | os.PathLike, dst: str | os.PathLike, cfg: PackConfig,
 
 
 def _pack_locked(src: Path, dst: Path, cfg: PackConfig, progress: bool) -> dict:
-    inside = dst.resolve().is_relative_to(src.resolve())
-    try:
-        files, skipped = walk(src, dst if inside else None,
-                              pub.own_names(dst) if inside else None)
+    try:  # DB and our names next to it are left out wherever the walk meets them
+        files, skipped = walk(src, dst, pub.own_names(dst))
     except OSError as e:
         raise PackError(f"cannot read the image folder {src}: {e.strerror}") from None
     if not files:

@@ -67,7 +67,7 @@ def test_overwrite_never_replaces_images_or_foreign_folders(image_dir, tmp_path)
     assert leftovers(tmp_path) == [] and leftovers(image_dir) == []
 
 
-def test_second_pack_fails_fast_naming_the_first(image_dir, tmp_path, caplog):
+def test_second_pack_fails_fast_naming_the_first(image_dir, tmp_path, caplog, small_cfg):
     dst = tmp_path / "db"
     # the first pack holds the lock and waits inside its packing step, as a slow one would
     first = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
@@ -87,14 +87,9 @@ def test_second_pack_fails_fast_naming_the_first(image_dir, tmp_path, caplog):
         first.kill()  # kill -9: the kernel releases its lock
         first.wait()
     with caplog.at_level(logging.WARNING):
-        pack(image_dir, dst, cfg_small(), progress=False)
+        pack(image_dir, dst, small_cfg(), progress=False)
     assert len(PackedDB(dst)) == 6 and leftovers(tmp_path) == []
     assert any("left by an interrupted pack" in r.message for r in caplog.records)
-
-
-def cfg_small(**kw):
-    from srdata.pack import PackConfig
-    return PackConfig(**(dict(size=96, min_size=48, workers=1) | kw))
 
 
 # A pack killed with SIGKILL at one point of the swap; the DB it replaces is DB/, the new one
@@ -127,9 +122,9 @@ def kill_during_publish(dst, point):
     assert proc.returncode == -signal.SIGKILL
 
 
-def test_publish_window_is_recoverable(image_dir, tmp_path, caplog):
+def test_publish_window_is_recoverable(image_dir, tmp_path, caplog, small_cfg):
     dst = tmp_path / "db"
-    pack(image_dir, dst, cfg_small(), progress=False)
+    pack(image_dir, dst, small_cfg(), progress=False)
     first = (dst / "manifest.json").read_text()
 
     # kill -9 between the renames: no DB at DB, the old one aside; the next open restores it
@@ -147,15 +142,16 @@ def test_publish_window_is_recoverable(image_dir, tmp_path, caplog):
     assert [n.split("-")[0] for n in leftovers(tmp_path)] == [".db.lock", ".db.old"]
     with caplog.at_level(logging.WARNING):
         with pytest.raises(PackError, match="pass --overwrite"):
-            pack(image_dir, dst, cfg_small(), progress=False)
+            pack(image_dir, dst, small_cfg(), progress=False)
     assert any("removed .db.old-" in r.message for r in caplog.records)
     assert leftovers(tmp_path) == [] and '"new": 1' in (dst / "manifest.json").read_text()
 
 
-def test_ctrl_c_in_the_publish_window_tells_the_truth(image_dir, tmp_path, monkeypatch):
+def test_ctrl_c_in_the_publish_window_tells_the_truth(image_dir, tmp_path, monkeypatch,
+                                                     small_cfg):
     import srdata.publish as publish
     dst = tmp_path / "db"
-    pack(image_dir, dst, cfg_small(), progress=False)
+    pack(image_dir, dst, small_cfg(), progress=False)
     first = (dst / "manifest.json").read_text()
 
     # Ctrl-C between the two renames: the old DB goes back, nothing was written
@@ -180,7 +176,7 @@ def test_ctrl_c_in_the_publish_window_tells_the_truth(image_dir, tmp_path, monke
         return real_rmtree(path, *a, **k)
     monkeypatch.setattr(publish.shutil, "rmtree", rmtree)
     with pytest.raises(Interrupted, match="holds the new database, complete; the previous"):
-        pack(image_dir, dst, cfg_small(shard_size=4), overwrite=True, progress=False)
+        pack(image_dir, dst, small_cfg(shard_size=4), overwrite=True, progress=False)
     monkeypatch.setattr(publish.shutil, "rmtree", real_rmtree)
     assert len(PackedDB(dst).manifest["shards"]) == 2
     assert [n.split("-")[0] for n in leftovers(tmp_path)] == [".db.old"]
@@ -188,7 +184,7 @@ def test_ctrl_c_in_the_publish_window_tells_the_truth(image_dir, tmp_path, monke
     assert leftovers(tmp_path) == [] and len(PackedDB(dst).manifest["shards"]) == 2
 
 
-def test_symlinked_folders_are_followed_once(image_dir, tmp_path):
+def test_symlinked_folders_are_followed_once(image_dir, tmp_path, small_cfg):
     outside = tmp_path / "outside"
     make_images(outside, [(100, 120), (110, 100)], seed=50)
     (image_dir / "linked").symlink_to(outside)
@@ -196,7 +192,7 @@ def test_symlinked_folders_are_followed_once(image_dir, tmp_path):
     (image_dir / "a" / "again").symlink_to(image_dir / "b")
     (image_dir / "b" / "copy.png").symlink_to(image_dir / "b" / "im000.png")
     (outside / "back").symlink_to(outside)
-    pack(image_dir, tmp_path / "db", cfg_small(), progress=False)
+    pack(image_dir, tmp_path / "db", small_cfg(), progress=False)
     db = PackedDB(tmp_path / "db")
     assert sorted(r.path for r in db.records if r.path.startswith("linked/")) == [
         "linked/a/im001.jpg", "linked/b/im000.png"]
@@ -209,7 +205,8 @@ def test_symlinked_folders_are_followed_once(image_dir, tmp_path):
         "b/copy.png": "the same file as 'b/im000.png' (a symlink or hard link), packed once"}
 
 
-def test_write_failures_are_one_line_and_leave_nothing(image_dir, tmp_path, monkeypatch):
+def test_write_failures_are_one_line_and_leave_nothing(image_dir, tmp_path, monkeypatch,
+                                                      small_cfg):
     import srdata.pack as pack_mod
     (tmp_path / "file").write_text("x")
     line = one_line_error(cli(image_dir, tmp_path / "file" / "sub" / "db"))
@@ -218,7 +215,7 @@ def test_write_failures_are_one_line_and_leave_nothing(image_dir, tmp_path, monk
 
     # ENOSPC on the JSON write while replacing a database: the old one is unchanged
     dst = tmp_path / "db"
-    pack(image_dir, dst, cfg_small(), progress=False)
+    pack(image_dir, dst, small_cfg(), progress=False)
     before = tree(dst)
 
     def full(path, obj):
