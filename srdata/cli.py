@@ -9,7 +9,7 @@ import click
 
 from . import format as fmt
 from . import images
-from .pack import PackConfig, PackError, pack
+from .pack import Interrupted, PackConfig, PackError, pack
 from .basicsr import open_db
 
 SHOWN_SKIPS = 20
@@ -56,7 +56,8 @@ def main():
               help="Worker processes; 0 uses every core.")
 @click.option("--shard-size", default=None, type=click.IntRange(min=1),
               help="Images per LMDB shard  [default: about 1 GiB per shard]")
-@click.option("--overwrite", is_flag=True, help="Replace DB if it exists.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace DB if it is an srpipe database (never any other folder).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def pack_cmd(images_dir, db, size, fit, codec, quality, subsampling, min_size, max_pixels,
              workers, shard_size, overwrite, quiet):
@@ -72,6 +73,9 @@ def pack_cmd(images_dir, db, size, fit, codec, quality, subsampling, min_size, m
         m = pack(images_dir, db, cfg, overwrite=overwrite, progress=not quiet)
     except PackError as e:
         raise click.ClickException(str(e)) from None
+    except Interrupted as e:  # after the new database was in place
+        click.echo(f"interrupted: {e}", err=True)
+        sys.exit(130)
     except KeyboardInterrupt:
         click.echo(f"interrupted: nothing was written to {db}", err=True)
         sys.exit(130)

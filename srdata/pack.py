@@ -4,14 +4,13 @@ Worker processes read, orient, convert, resize and encode the images (the costly
 the parent writes the encoded bytes to LMDB in order (cheap: a memcpy per image), so the
 writer never serialises the job and the output is the same for any number of workers.
 The database is built in a hidden sibling directory and renamed into place when complete:
-a killed pack leaves no directory that looks like a database.
+a killed pack leaves no directory that looks like a database (``srdata.publish``).
 """
 from __future__ import annotations
 
 import ctypes
 import datetime
 import hashlib
-import logging
 import multiprocessing as mp
 import os
 import shutil
@@ -29,13 +28,11 @@ from tqdm import tqdm
 from . import __version__
 from . import format as fmt
 from . import images
+from . import publish as pub
+from .publish import Interrupted, PackError, check_destination, recover_publish  # noqa: F401
+from .walk import walk
 
-log = logging.getLogger(__name__)
 GiB = 1 << 30
-
-
-class PackError(ValueError):
-    """The pack cannot run or produced nothing; the message says what to change."""
 
 
 @dataclass(frozen=True)
@@ -86,18 +83,9 @@ def display(rel: bytes) -> str:
 
 
 def scan(root: Path, exclude: Path | None = None) -> list[bytes]:
-    """Every file under ``root`` (recursively), as sorted relative byte paths."""
-    root_b = os.fsencode(root)
-    exclude_b = os.fsencode(exclude.resolve()) if exclude else None
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root_b):
-        if exclude_b is not None:
-            dirnames[:] = [d for d in dirnames
-                           if os.path.realpath(os.path.join(dirpath, d)) != exclude_b]
-        dirnames.sort()
-        for name in filenames:
-            found.append(os.path.relpath(os.path.join(dirpath, name), root_b))
-    return sorted(found)
+    """Every file under ``root`` (recursively, symlinked folders followed, each real file
+    once), as sorted relative byte paths; ``srdata.walk.walk`` also says what it left out."""
+    return walk(root, exclude)[0]
 
 
 def _die_with_parent(parent: int) -> None:
@@ -200,63 +188,78 @@ class _ShardWriter:
         shard["bytes"], shard["sha256"] = data.stat().st_size, digest.hexdigest()
 
     def close(self) -> list[dict]:
-        self._close_shard()
+        try:
+            self._close_shard()
+        except BaseException:
+            self.abort()
+            raise
         return self.shards
 
-
-def _remove_stale_partials(dst: Path) -> None:
-    for p in dst.parent.glob(f".{dst.name}.partial-*"):
-        try:
-            os.kill(int(p.name.rsplit("-", 1)[1]), 0)
-        except (ValueError, ProcessLookupError):
-            log.warning("removing %s, left by an interrupted pack", p)
-            shutil.rmtree(p, ignore_errors=True)
-        except PermissionError:
-            pass  # another user's live process
-
-
-def check_destination(dst: Path, overwrite: bool) -> None:
-    if dst.exists() and not dst.is_dir():
-        raise PackError(f"{dst} exists and is not a directory; choose another DB path")
-    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise PackError(f"{dst} exists and is not empty; pass --overwrite to replace it, "
-                        "or choose another DB path")
+    def abort(self) -> None:
+        """After a failure (a full disk, Ctrl-C): let go of the shard without committing,
+        so no open file keeps the removed partial directory's space."""
+        if self.env is not None:
+            self.env.close()  # aborts the open write transaction
+            self.env = self.txn = None
 
 
 def pack(src: str | os.PathLike, dst: str | os.PathLike, cfg: PackConfig,
          overwrite: bool = False, progress: bool = True) -> dict:
-    """Pack ``src`` into the database ``dst``; returns the summary (also in the manifest)."""
-    src, dst = Path(src), Path(dst)
+    """Pack ``src`` into the database ``dst``; returns the summary (also in the manifest).
+
+    ``overwrite`` replaces only a database that srpipe wrote, never IMAGES or other files.
+    """
+    src, shown = Path(src), Path(dst)
+    # a symlinked DB is written where it points, so the swap stays on one file system;
+    # an absolute path gives "." or "x/.." a name for the lock and the swap
+    dst = Path((os.path.realpath if shown.is_symlink() and shown.is_dir() else
+                os.path.abspath)(shown))
     if not src.is_dir():
         raise PackError(f"image folder {src} does not exist or is not a directory")
-    check_destination(dst, overwrite)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(dst)
-    exclude = dst if dst.resolve().is_relative_to(src.resolve()) else None
-    files = scan(src, exclude)
+    pub.prepare_parent(dst)
+    with pub.locked(dst):
+        pub.repair(dst)  # what a killed pack left, before looking at DB
+        try:
+            check_destination(dst, overwrite, src)
+        except OSError as e:
+            raise PackError(f"cannot read {dst}: {e.strerror}; choose another DB path") from None
+        summary = _pack_locked(src, dst, cfg, progress)
+    summary["db"] = str(shown)
+    return summary
+
+
+def _pack_locked(src: Path, dst: Path, cfg: PackConfig, progress: bool) -> dict:
+    try:  # DB and our names next to it are left out wherever the walk meets them
+        files, skipped = walk(src, dst, pub.own_names(dst))
+    except OSError as e:
+        raise PackError(f"cannot read the image folder {src}: {e.strerror}") from None
     if not files:
-        raise PackError(f"{src} holds no files; point IMAGES at a folder of images")
+        reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:5])
+        raise PackError(f"{src} holds no files{f' to pack ({reasons})' if reasons else ''}; "
+                        "point IMAGES at a folder of images")
 
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        summary = _pack_into(src, files, tmp, cfg, progress)
-        _publish(tmp, dst)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        summary = _pack_into(src, files, tmp, cfg, progress, skipped)
+        pub.publish(tmp, dst)
+    except (OSError, lmdb.Error) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PackError(pub.write_failure(dst, e)) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    summary["db"] = str(dst)
     return summary
 
 
 def _pack_into(src: Path, files: list[bytes], tmp: Path, cfg: PackConfig,
-               progress: bool) -> dict:
+               progress: bool, walk_skipped: list[dict] = ()) -> dict:
     t0 = time.perf_counter()
     root = os.fsencode(src)
     jobs = ((root, rel, cfg) for rel in files)
     writer = _ShardWriter(tmp, cfg.resolved_shard_size())
-    rows, skipped = [], []
+    rows, skipped = [], list(walk_skipped)
     workers = cfg.resolved_workers()
     bar = tqdm(total=len(files), unit="img", disable=not progress, desc="packing",
                dynamic_ncols=True)
@@ -276,9 +279,13 @@ def _pack_into(src: Path, files: list[bytes], tmp: Path, cfg: PackConfig,
             rows.append([shard, fmt.record_key(gid).decode(), h, w, c, len(value),
                          fmt.crc32(value), display(rel)])
     except BrokenProcessPool as e:
+        writer.abort()
         raise PackError("a packing worker process died (out of memory?); if you call "
                         "srdata.pack from a script, put the call under "
                         "`if __name__ == '__main__':`") from e
+    except BaseException:
+        writer.abort()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
@@ -312,13 +319,3 @@ def _pack_into(src: Path, files: list[bytes], tmp: Path, cfg: PackConfig,
     fmt.write_json_atomic(tmp / fmt.MANIFEST, manifest)  # last: its presence means complete
     return manifest
 
-
-def _publish(tmp: Path, dst: Path) -> None:
-    """Move the finished database into place; an old one is removed only after that."""
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    if old is not None:
-        shutil.rmtree(old)

@@ -116,8 +116,16 @@ def test_refuses_non_empty_destination_without_overwrite(image_dir, tmp_path, sm
     with pytest.raises(PackError, match="--overwrite"):
         pack(image_dir, dst, small_cfg(), progress=False)
     assert (dst / "precious.txt").read_text() == "keep me"
-    pack(image_dir, dst, small_cfg(), overwrite=True, progress=False)
-    assert not (dst / "precious.txt").exists() and len(PackedDB(dst)) == 6
+    # --overwrite replaces only a database srpipe wrote, never other files
+    with pytest.raises(PackError, match="not an srpipe database"):
+        pack(image_dir, dst, small_cfg(), overwrite=True, progress=False)
+    assert (dst / "precious.txt").read_text() == "keep me"
+    (dst / "precious.txt").unlink()
+    pack(image_dir, dst, small_cfg(), progress=False)  # an empty folder is fine
+    with pytest.raises(PackError, match="already holds a database; pass --overwrite"):
+        pack(image_dir, dst, small_cfg(), progress=False)
+    pack(image_dir, dst, small_cfg(shard_size=4), overwrite=True, progress=False)
+    assert len(PackedDB(dst)) == 6 and len(PackedDB(dst).manifest["shards"]) == 2
 
 
 def test_db_inside_source_is_not_packed_into_itself(image_dir, small_cfg):

@@ -1,0 +1,292 @@
+"""srdata pack under faults: what --overwrite may delete, concurrent packs, the publish
+window (Ctrl-C, kill -9), symlinked folders, disk full, read-only and impossible
+destinations. Each case checks the user's files, the exit and the one-line message."""
+import errno
+import logging
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import make_images
+from srdata import PackedDB
+from srdata.cli import main
+from srdata.pack import Interrupted, PackError, pack
+from srdata.publish import recover_publish
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+def tree(root):
+    """{relative path: bytes} of every file under root, to prove nothing was touched."""
+    return {p.relative_to(root): p.read_bytes() for p in Path(root).rglob("*") if p.is_file()}
+
+
+def cli(*args):
+    return CliRunner().invoke(main, ["pack", *map(str, args), "--size", "96",
+                                     "--min-size", "48", "--workers", "1", "-q"])
+
+
+def leftovers(parent):
+    return sorted(p.name for p in Path(parent).iterdir() if p.name.startswith("."))
+
+
+def one_line_error(result):
+    lines = result.output.strip().splitlines()
+    assert result.exit_code not in (0, None) and result.exception is not None
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def test_overwrite_never_replaces_images_or_foreign_folders(image_dir, tmp_path):
+    images = tree(image_dir)
+    for db in (image_dir, tmp_path):  # DB is IMAGES, DB holds IMAGES
+        line = one_line_error(cli(image_dir, db, "--overwrite"))
+        assert "the image folder" in line and "outside IMAGES" in line
+    (tmp_path / "link").symlink_to(image_dir)
+    assert "outside IMAGES" in one_line_error(cli(image_dir, tmp_path / "link", "--overwrite"))
+    (tmp_path / "link").unlink()
+    # neither a folder of other files, nor one with a manifest of ours plus other files
+    other = tmp_path / "other"
+    shutil.copytree(image_dir, other)
+    assert "not an srpipe database (no manifest.json)" in one_line_error(
+        cli(image_dir, other, "--overwrite"))
+    (other / "manifest.json").write_text('{"format": "srpipe-lmdb", "format_version": 1}')
+    assert "holds 'a', which srpipe did not write" in one_line_error(
+        cli(image_dir, other, "--overwrite"))
+    assert tree(image_dir) == images and tree(other).items() > images.items()
+    assert leftovers(tmp_path) == [] and leftovers(image_dir) == []
+
+
+def test_second_pack_fails_fast_naming_the_first(image_dir, tmp_path, caplog, small_cfg):
+    dst = tmp_path / "db"
+    # the first pack holds the lock and waits inside its packing step, as a slow one would
+    first = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time, srdata.pack as p
+        p._pack_into = lambda *a, **k: time.sleep(300)
+        p.pack({str(image_dir)!r}, {str(dst)!r}, p.PackConfig(), progress=False)
+        """)], env=ENV)
+    try:
+        deadline = time.time() + 60
+        while not list(tmp_path.glob(".db.partial-*")):
+            assert first.poll() is None and time.time() < deadline, "the first pack never began"
+            time.sleep(0.05)
+        line = one_line_error(cli(image_dir, dst))
+        assert f"another pack (pid {first.pid}) is writing {dst}" in line
+        assert not dst.exists() and list(tmp_path.glob(".db.partial-*"))
+    finally:
+        first.kill()  # kill -9: the kernel releases its lock
+        first.wait()
+    with caplog.at_level(logging.WARNING):
+        pack(image_dir, dst, small_cfg(), progress=False)
+    assert len(PackedDB(dst)) == 6 and leftovers(tmp_path) == []
+    assert any("left by an interrupted pack" in r.message for r in caplog.records)
+
+
+# A pack killed with SIGKILL at one point of the swap; the DB it replaces is DB/, the new one
+# is a copy of it named as the pack would name it.
+KILLED_PUBLISH = """
+import os, sys, shutil
+from pathlib import Path
+from srdata import publish
+dst, new, point = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+os.rename(new, tmp)
+real = os.replace
+def replace(a, b):
+    real(a, b)
+    if (point == "between" and ".old-" in str(b)) or (point == "after" and b == dst):
+        os.kill(os.getpid(), 9)
+os.replace = replace
+with publish.locked(dst):
+    publish.publish(tmp, dst)
+"""
+
+
+def kill_during_publish(dst, point):
+    new = dst.parent / "new"
+    shutil.copytree(dst, new)
+    (new / "manifest.json").write_text((new / "manifest.json").read_text().replace(
+        '"count"', '"new": 1, "count"'))
+    proc = subprocess.run([sys.executable, "-c", KILLED_PUBLISH, str(dst), str(new), point],
+                          env=ENV, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_publish_window_is_recoverable(image_dir, tmp_path, caplog, small_cfg):
+    dst = tmp_path / "db"
+    pack(image_dir, dst, small_cfg(), progress=False)
+    first = (dst / "manifest.json").read_text()
+
+    # kill -9 between the renames: no DB at DB, the old one aside; the next open restores it
+    kill_during_publish(dst, "between")
+    assert not dst.exists() and [n.split("-")[0] for n in leftovers(tmp_path)] == [
+        ".db.lock", ".db.old", ".db.partial"]
+    done = recover_publish(dst)
+    assert any(d.startswith(f"restored {dst} from .db.old-") for d in done), done
+    assert (dst / "manifest.json").read_text() == first and leftovers(tmp_path) == []
+    assert recover_publish(dst) == []
+
+    # kill -9 after the new DB is in place: the next pack removes the old one and says so
+    kill_during_publish(dst, "after")
+    assert '"new": 1' in (dst / "manifest.json").read_text()
+    assert [n.split("-")[0] for n in leftovers(tmp_path)] == [".db.lock", ".db.old"]
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(PackError, match="pass --overwrite"):
+            pack(image_dir, dst, small_cfg(), progress=False)
+    assert any("removed .db.old-" in r.message for r in caplog.records)
+    assert leftovers(tmp_path) == [] and '"new": 1' in (dst / "manifest.json").read_text()
+
+
+def test_ctrl_c_in_the_publish_window_tells_the_truth(image_dir, tmp_path, monkeypatch,
+                                                     small_cfg):
+    import srdata.publish as publish
+    dst = tmp_path / "db"
+    pack(image_dir, dst, small_cfg(), progress=False)
+    first = (dst / "manifest.json").read_text()
+
+    # Ctrl-C between the two renames: the old DB goes back, nothing was written
+    real_replace = os.replace
+
+    def replace(a, b):
+        real_replace(a, b)
+        if ".old-" in str(b):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", replace)
+    result = cli(image_dir, dst, "--overwrite")
+    assert result.exit_code == 130 and "nothing was written" in result.output
+    assert (dst / "manifest.json").read_text() == first and leftovers(tmp_path) == []
+    monkeypatch.setattr(os, "replace", real_replace)
+
+    # Ctrl-C while the old DB is removed: the new one is in place, and the message says so
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path, *a, **k):
+        if ".old-" in str(path):
+            raise KeyboardInterrupt
+        return real_rmtree(path, *a, **k)
+    monkeypatch.setattr(publish.shutil, "rmtree", rmtree)
+    with pytest.raises(Interrupted, match="holds the new database, complete; the previous"):
+        pack(image_dir, dst, small_cfg(shard_size=4), overwrite=True, progress=False)
+    monkeypatch.setattr(publish.shutil, "rmtree", real_rmtree)
+    assert len(PackedDB(dst).manifest["shards"]) == 2
+    assert [n.split("-")[0] for n in leftovers(tmp_path)] == [".db.old"]
+    assert any("removed .db.old-" in d for d in recover_publish(dst))
+    assert leftovers(tmp_path) == [] and len(PackedDB(dst).manifest["shards"]) == 2
+
+
+def test_symlinked_folders_are_followed_once(image_dir, tmp_path, small_cfg):
+    outside = tmp_path / "outside"
+    make_images(outside, [(100, 120), (110, 100)], seed=50)
+    (image_dir / "linked").symlink_to(outside)
+    (image_dir / "loop").symlink_to(image_dir)
+    (image_dir / "a" / "again").symlink_to(image_dir / "b")
+    (image_dir / "b" / "copy.png").symlink_to(image_dir / "b" / "im000.png")
+    (outside / "back").symlink_to(outside)
+    pack(image_dir, tmp_path / "db", small_cfg(), progress=False)
+    db = PackedDB(tmp_path / "db")
+    assert sorted(r.path for r in db.records if r.path.startswith("linked/")) == [
+        "linked/a/im001.jpg", "linked/b/im000.png"]
+    assert len(db) == 8
+    reasons = {s["path"]: s["reason"] for s in db.manifest["skipped"]}
+    assert reasons == {
+        "loop": "symlink to a folder packed already, as '.'",
+        "a/again": "symlink to a folder packed already, as 'b'",
+        "linked/back": "symlink to a folder packed already, as 'linked'",
+        "b/copy.png": "the same file as 'b/im000.png' (a symlink or hard link), packed once"}
+
+
+def test_write_failures_are_one_line_and_leave_nothing(image_dir, tmp_path, monkeypatch,
+                                                      small_cfg):
+    import srdata.pack as pack_mod
+    (tmp_path / "file").write_text("x")
+    line = one_line_error(cli(image_dir, tmp_path / "file" / "sub" / "db"))
+    assert line == (f"Error: cannot create {tmp_path}/file/sub/db: {tmp_path}/file is a "
+                    "file, not a folder; choose another DB path")
+
+    # ENOSPC on the JSON write while replacing a database: the old one is unchanged
+    dst = tmp_path / "db"
+    pack(image_dir, dst, small_cfg(), progress=False)
+    before = tree(dst)
+
+    def full(path, obj):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    monkeypatch.setattr(pack_mod.fmt, "write_json_atomic", full)
+    line = one_line_error(cli(image_dir, dst, "--overwrite"))
+    assert line.startswith(f"Error: the disk holding {tmp_path} is full (")
+    assert "No space left on device" in line and "nothing was written" in line
+    assert tree(dst) == before and leftovers(tmp_path) == []
+
+
+def test_disk_full_in_lmdb_write(image_dir, tmp_path):
+    """A file-size limit makes LMDB's writes fail as a full disk does (portable, no root)."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (32 << 10, 32 << 10))
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "pack_lmdb.py"),
+                           str(image_dir), str(tmp_path / "db"), "--size", "96",
+                           "--min-size", "48", "--codec", "raw", "--workers", "1", "-q"],
+                          env=ENV, preexec_fn=limit, capture_output=True, text=True,
+                          timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"Error: writing {tmp_path / 'db'} failed (")
+    # LMDB reports the failed write as "mdb_txn_commit: Input/output error", as on a full disk
+    assert "mdb_txn_commit: " in lines[0] and "nothing was written" in lines[0]
+    assert not (tmp_path / "db").exists() and leftovers(tmp_path) == []
+
+
+def mount_tmpfs(path, options):
+    """A small tmpfs at path (root only, where mounting is allowed); unmounted by the caller."""
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+            capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root and a permitting container)")
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    path = tmp_path / "ro"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+        return
+    mount_tmpfs(path, "ro,size=1m")  # root writes whatever the permissions say
+    yield path
+    subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+def test_read_only_destination(image_dir, read_only_dir):
+    line = one_line_error(cli(image_dir, read_only_dir / "db"))
+    assert line.startswith(f"Error: cannot write in {read_only_dir}: ")
+    assert line.endswith("; choose another DB path")
+    assert list(read_only_dir.iterdir()) == []
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    path = tmp_path / "small"
+    path.mkdir()
+    mount_tmpfs(path, "size=256k")
+    yield path
+    subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+def test_really_full_disk(image_dir, full_disk):
+    result = CliRunner().invoke(main, ["pack", str(image_dir), str(full_disk / "db"), "--fit",
+                                       "none", "--min-size", "48", "--codec", "raw",
+                                       "--workers", "1", "-q"])
+    line = one_line_error(result)
+    assert line.startswith(f"Error: the disk holding {full_disk} is full (")
+    assert "nothing was written" in line and list(full_disk.iterdir()) == []
