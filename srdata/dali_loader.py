@@ -3,7 +3,8 @@
 Python worker processes (DALI's parallel external source) read each sample's encoded bytes
 from LMDB and hand over the sampler's crop and flips; everything after that runs in DALI:
 ``mixed`` decode on a GPU (``cpu`` without one, ``device_id=None``, the same graph CI
-tests), slice, flips, transpose and the nearest-neighbour downscale.
+tests), slice, flips, transpose and the nearest-neighbour downscale. With a paired LR
+database the source hands over both records and the graph decodes and cuts both, no resize.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Each worker opens the database lazily (see ``srdata.reader``), decodes with OpenCV, and cuts
 the HR patch the row describes; batches travel as uint8 NHWC in pinned memory and the LR is
-picked on the device. It is the baseline DALI is measured against, and a fallback that needs
+picked on the device (paired databases: the LR patch is cut from the LR database in the
+worker too). It is the baseline DALI is measured against, and a fallback that needs
 nothing beyond PyTorch. Workers are spawned, as DALI's are: a script that builds a loader
 needs the usual ``if __name__ == "__main__":`` guard.
 """

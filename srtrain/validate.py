@@ -2,8 +2,9 @@
 
 The pairs are centre crops of held-out images (``--val-split``) or of ``--val-db``, with LR
 made by the same nearest-neighbour rule as training, so the scores measure what the model
-learnt; with a paired LR database (``--lr-db``) the LR are that database's crops. Metrics follow BasicSR's conventions (see ``srtrain.metrics``), so they compare with
-published numbers for the same degradation.
+learnt (with a paired ``--lr-db``: that database's crops, on the LR grid). Metrics follow
+BasicSR's conventions (see ``srtrain.metrics``), so they compare with published numbers for
+the same degradation.
 """
 from __future__ import annotations
 
