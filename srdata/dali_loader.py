@@ -3,7 +3,8 @@
 Python worker processes (DALI's parallel external source) read each sample's encoded bytes
 from LMDB and hand over the sampler's crop and flips; everything after that runs in DALI:
 ``mixed`` decode on a GPU (``cpu`` without one, ``device_id=None``, the same graph CI
-tests), slice, flips, transpose and the nearest-neighbour downscale.
+tests), slice, flips, transpose and the nearest-neighbour downscale. With a paired LR
+database the source hands over both records and the graph decodes and cuts both, no resize.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from . import format as fmt
 from .loader import Loader
-from .sampler import HFLIP, ID, TRANSPOSE, X, Y, crop_and_flip
+from .sampler import HFLIP, ID, TRANSPOSE, X, Y, crop_and_flip, lr_row
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -52,6 +53,70 @@ class PatchSource:
         return value, np.array([row[Y], row[X]], np.int32), flags
 
 
+class PairedSource(PatchSource):
+    """PatchSource for paired databases: per side (HR, then LR) the cut patch of a raw
+    record, or an encoded record and its crop anchor; then the flips, shared by both."""
+
+    def __init__(self, db, lr, sampler, scale: int, first_epoch: int, skip: int,
+                 padded_len: int):
+        super().__init__(db, sampler, first_epoch, skip, padded_len)
+        self.lr, self.scale = lr, scale
+
+    def __call__(self, info):
+        epoch = self.first_epoch + info.epoch_idx
+        j = info.idx_in_epoch + (self.skip if info.epoch_idx == 0 else 0)
+        if j >= self.padded_len:
+            raise StopIteration
+        if self._epoch != epoch:
+            self._epoch, self._rows = epoch, self.sampler.plan(epoch)
+        row = self._rows[min(j, len(self._rows) - 1)]  # a short last batch is padded
+        i, patch = int(row[ID]), self.sampler.patch
+        out = []
+        for db, r, size in ((self.db, row, patch),
+                            (self.lr, lr_row(row, self.scale), patch // self.scale)):
+            if db.codec == "raw":
+                out.append(crop_and_flip(db.image(i), r, size))
+            else:
+                out += [np.frombuffer(db.read(i), np.uint8), np.array([r[Y], r[X]], np.int32)]
+        return (*out, row[HFLIP:TRANSPOSE + 1].astype(np.int32))
+
+
+def _paired_pipeline(source, hr_raw, lr_raw, patch, scale, gpu, roi, workers):
+    """Both patches decoded and cut in the graph (raw ones arrive cut); no downscale."""
+    sides = ((hr_raw, patch), (lr_raw, patch // scale))
+    dtypes = [types.UINT8 if raw else [types.UINT8, types.INT32] for raw, _ in sides]
+    dtypes = [t for d in dtypes for t in (d if isinstance(d, list) else [d])] + [types.INT32]
+
+    @pipeline_def(enable_conditionals=True, py_num_workers=workers, py_start_method="spawn")
+    def paired_pipeline():
+        outs = list(fn.external_source(source=source, num_outputs=len(dtypes), batch=False,
+                                       parallel=True, dtype=dtypes))
+        flags = outs.pop()
+        patches = []
+        for raw, size in sides:
+            if raw:  # cut and flipped by the source already
+                data = outs.pop(0)
+                patches.append(data.gpu() if gpu else data)
+                continue
+            data, anchor = outs.pop(0), outs.pop(0)
+            shape = np.array([size, size], np.int32)
+            device = "mixed" if gpu else "cpu"
+            if roi:
+                img = fn.decoders.image_slice(data, anchor, shape, axis_names="HW",
+                                              device=device, output_type=types.RGB)
+            else:
+                img = fn.decoders.image(data, device=device, output_type=types.RGB)
+                img = fn.slice(img, anchor, shape, axis_names="HW")
+            img = fn.flip(img, horizontal=flags[0], vertical=flags[1])
+            if flags[2] == 1:
+                img = fn.transpose(img, perm=[1, 0, 2], transpose_layout=False)
+            patches.append(img)
+        hr, lr = patches
+        return lr, hr
+
+    return paired_pipeline
+
+
 def _sr_pipeline(source, raw, patch, scale, gpu, roi, workers):
     shape = np.array([patch, patch], np.int32)
 
@@ -84,14 +149,17 @@ def _sr_pipeline(source, raw, patch, scale, gpu, roi, workers):
 
 class DaliLoader(Loader):
     def __init__(self, db, sampler, scale, device, dtype, channels_last, workers: int,
-                 roi_decode: bool = False):
+                 roi_decode: bool = False, lr=None):
         if pipeline_def is None:
             raise ImportError(MISSING_DALI)
         super().__init__(db, sampler, scale, device, dtype, channels_last)
+        self.lr = lr
         self.workers, self.roi_decode = max(1, workers), roi_decode
         self._pipe, self._pipe_at = None, None  # the pipeline and the (epoch, batch) it is at
 
     def _build(self, epoch: int, start: int):
+        if self.lr is not None:
+            return self._build_paired(epoch, start)
         s = self.sampler
         source = PatchSource(self.db, s, epoch, start * s.batch_size,
                              len(s) * s.batch_size)
@@ -103,6 +171,17 @@ class DaliLoader(Loader):
                      seed=s.seed)
         pipe.build()
         self._pipe = pipe
+
+    def _build_paired(self, epoch: int, start: int):
+        s, gpu = self.sampler, self.device.type == "cuda"
+        source = PairedSource(self.db, self.lr, s, self.scale, epoch, start * s.batch_size,
+                              len(s) * s.batch_size)
+        build = _paired_pipeline(source, self.db.codec == "raw", self.lr.codec == "raw",
+                                 s.patch, self.scale, gpu, self.roi_decode, self.workers)
+        self._pipe = build(batch_size=s.batch_size, num_threads=self.workers,
+                           device_id=self.device.index if gpu else None,
+                           prefetch_queue_depth=2, seed=s.seed)
+        self._pipe.build()
 
     def _batches(self, epoch, start):
         if self._pipe is None or self._pipe_at != (epoch, start):
@@ -142,6 +221,8 @@ class DaliLoader(Loader):
         for row in rows:
             try:
                 self.db.image(int(row[ID]))
+                if self.lr is not None:
+                    self.lr.image(int(row[ID]))
             except fmt.DBError as e:
                 return fmt.DBError(f"{e}; run `srdata verify {self.db.path}` to list every bad "
                                    "record")

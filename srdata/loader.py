@@ -4,6 +4,7 @@ Both iterate ``(lr, hr)`` pairs on the device as NCHW tensors in channels_last m
 format, either float in [0, 1] (the dtype the caller asks for) or uint8. ``lr`` is the
 nearest-neighbour downscale of ``hr`` by ``scale``: ``lr[y, x] = hr[y*s + s//2, x*s + s//2]``
 (what DALI's INTERP_NN resize computes), so no blur or ringing is baked into the inputs.
+With a paired LR database (``lr_db``) ``lr`` is instead that database's crop.
 
 Progress is counted in batches handed to the caller: ``state_dict()`` taken after k batches
 of epoch e resumes, through ``load_state_dict()``, at batch k of epoch e, and after a full
@@ -28,6 +29,7 @@ class Loader:
         self.db, self.sampler, self.scale = db, sampler, scale
         self.device, self.dtype, self.channels_last = device, dtype, channels_last
         self.epoch, self.batch = 0, 0
+        self.lr = None  # paired data: the LR database (srdata.paired.LRSource)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -85,7 +87,7 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
                 world_size: int = 1, device=None, dtype: torch.dtype = torch.float32,
                 channels_last: bool = True, augment: bool = True, drop_last: bool = True,
                 workers: int | None = None, roi_decode: bool | None = None,
-                ids=None) -> Loader:
+                ids=None, lr_db=None) -> Loader:
     """An iterable of ``(lr, hr)`` batches from the database ``db`` (a path or an open one).
 
     ``workers``: CPU processes reading the database (torch: DataLoader workers; dali:
@@ -94,6 +96,9 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
     the full decode on a 2-core machine, benchmarks/results/cpu-2core-2026-11-26) and off
     with ``mixed`` GPU decode, whose hardware JPEG decoder takes whole images. ``ids``:
     draw from these images only (e.g. the training part of a train/validation split).
+    ``lr_db``: paired training (a path or an open database): ``lr`` is the crop of this
+    database's image of the same name (see ``srdata.paired``) instead of a downscale of
+    ``hr``; crops start on multiples of ``scale``, flips apply to both.
     """
     from .basicsr import open_db
     if loader not in LOADERS:
@@ -106,16 +111,23 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
     if dtype not in (torch.uint8, torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"got dtype={dtype}, expected uint8, float32, float16 or bfloat16")
     db = open_db(db) if isinstance(db, (str, os.PathLike)) else db
+    lr = None
+    if lr_db is not None:
+        from .paired import pair
+        lr = pair(db, open_db(lr_db) if isinstance(lr_db, (str, os.PathLike)) else lr_db,
+                  scale)
     sampler = Sampler(db.heights, db.widths, batch_size, patch_size, seed=seed,
                       sample_ratio=sample_ratio, rank=rank, world_size=world_size,
-                      augment=augment, drop_last=drop_last, ids=ids)
+                      augment=augment, drop_last=drop_last, ids=ids,
+                      align=1 if lr is None else scale)
     device = resolve_device(device)
     if workers is None:
         workers = max(1, len(os.sched_getaffinity(0)) - 1)
     if loader == "torch":
         from .torch_loader import TorchLoader
-        return TorchLoader(db, sampler, scale, device, dtype, channels_last, workers)
+        return TorchLoader(db, sampler, scale, device, dtype, channels_last, workers, lr=lr)
     from .dali_loader import DaliLoader
     if roi_decode is None:
         roi_decode = device.type != "cuda"
-    return DaliLoader(db, sampler, scale, device, dtype, channels_last, workers, roi_decode)
+    return DaliLoader(db, sampler, scale, device, dtype, channels_last, workers, roi_decode,
+                      lr=lr)

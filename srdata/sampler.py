@@ -8,6 +8,8 @@ Both loaders consume the rows of ``Sampler.plan(epoch)``, so ``loader="torch"`` 
 with the crop the HR patch's top-left corner. Augmentations are applied in that order:
 flip left-right, flip top-bottom, then transpose (swap H and W). With the three bits the
 eight symmetries of the square (flips and 90-degree rotations) are equally likely.
+With ``align=scale`` (paired HR and LR databases) crops start on multiples of the scale:
+``lr_row`` gives the LR crop that the HR crop is exactly ``scale`` times.
 
 An epoch draws a fresh random ``sample_ratio`` fraction of the database (all of it at 1.0),
 in random order. Row j's crop and flips depend only on ``(seed, epoch, j)``, not on the
@@ -32,7 +34,7 @@ ID, Y, X, HFLIP, VFLIP, TRANSPOSE = range(6)
 class Sampler:
     def __init__(self, heights, widths, batch_size: int, patch: int, seed: int = 0,
                  sample_ratio: float = 1.0, rank: int = 0, world_size: int = 1,
-                 augment: bool = True, drop_last: bool = True, ids=None):
+                 augment: bool = True, drop_last: bool = True, ids=None, align: int = 1):
         self.heights = np.asarray(heights, np.int64)
         self.widths = np.asarray(widths, np.int64)
         # the images this sampler draws from: all, or a subset (a held-out validation split)
@@ -56,7 +58,13 @@ class Sampler:
             raise ValueError(f"patch {patch} is larger than image {i} "
                              f"({self.widths[i]}x{self.heights[i]} px) and {small.size - 1} "
                              f"other(s); use a smaller patch or pack with --min-size {patch}")
+        if align < 1 or patch % align:
+            raise ValueError(f"got align={align}, patch={patch}, expected the patch to be a "
+                             "multiple of align >= 1")
         self.batch_size, self.patch, self.seed = batch_size, patch, seed
+        # paired data: crops start on multiples of align (the scale), so the HR crop is
+        # exactly the LR crop at (y/scale, x/scale) blown up; 1 draws every position
+        self.align = align
         self.rank, self.world_size = rank, world_size
         self.augment, self.drop_last = augment, drop_last
         self.draw = max(1, round(sample_ratio * n))
@@ -79,8 +87,12 @@ class Sampler:
         ids = self.ids[rng.permutation(len(self.ids))[: self.draw]]
         rows = np.zeros((self.draw, 6), np.int64)
         rows[:, ID] = ids
-        rows[:, Y] = rng.random(self.draw) * (self.heights[ids] - self.patch + 1)
-        rows[:, X] = rng.random(self.draw) * (self.widths[ids] - self.patch + 1)
+        # (r * positions) truncated, times align: at align=1 the same draws as ever
+        a = self.align
+        rows[:, Y] = (rng.random(self.draw) * ((self.heights[ids] - self.patch) // a + 1)
+                      ).astype(np.int64) * a
+        rows[:, X] = (rng.random(self.draw) * ((self.widths[ids] - self.patch) // a + 1)
+                      ).astype(np.int64) * a
         flips = rng.integers(0, 2, (self.draw, 3))
         if self.augment:
             rows[:, HFLIP:] = flips
@@ -106,6 +118,15 @@ def crop_and_flip(img: np.ndarray, row, patch: int) -> np.ndarray:
     if row[TRANSPOSE]:
         hr = hr.transpose(1, 0, 2)
     return np.ascontiguousarray(hr)
+
+
+def lr_row(row, scale: int) -> np.ndarray:
+    """The LR crop of a paired row (``align=scale``): the HR crop's corner divided by
+    ``scale``, the same flips; cut it with ``crop_and_flip(lr, ..., patch // scale)``."""
+    assert row[Y] % scale == 0 and row[X] % scale == 0, "rows of a Sampler with align=scale"
+    lr = np.array(row, np.int64)
+    lr[Y], lr[X] = row[Y] // scale, row[X] // scale
+    return lr
 
 
 def nn_downscale(hr, scale: int):

@@ -2,7 +2,8 @@
 
 Each worker opens the database lazily (see ``srdata.reader``), decodes with OpenCV, and cuts
 the HR patch the row describes; batches travel as uint8 NHWC in pinned memory and the LR is
-picked on the device. It is the baseline DALI is measured against, and a fallback that needs
+picked on the device (paired databases: the LR patch is cut from the LR database in the
+worker too). It is the baseline DALI is measured against, and a fallback that needs
 nothing beyond PyTorch. Workers are spawned, as DALI's are: a script that builds a loader
 needs the usual ``if __name__ == "__main__":`` guard.
 """
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import format as fmt
 from .loader import Loader
-from .sampler import ID, crop_and_flip, nn_downscale
+from .sampler import ID, crop_and_flip, lr_row, nn_downscale
 
 
 class PatchDataset(Dataset):
@@ -26,6 +27,19 @@ class PatchDataset(Dataset):
 
     def __getitem__(self, row):
         return crop_and_flip(self.db.image(int(row[ID])), row, self.patch)
+
+
+class PairedPatchDataset(Dataset):
+    """A row -> (LR patch, HR patch): the same crop, on each database's own grid."""
+
+    def __init__(self, db, lr, patch: int, scale: int):
+        self.db, self.lr, self.patch, self.scale = db, lr, patch, scale
+
+    def __getitem__(self, row):
+        i = int(row[ID])
+        hr = crop_and_flip(self.db.image(i), row, self.patch)
+        lr = crop_and_flip(self.lr.image(i), lr_row(row, self.scale), self.patch // self.scale)
+        return lr, hr
 
 
 class _RowBatches:
@@ -53,11 +67,14 @@ def _worker_init(_):
 
 
 class TorchLoader(Loader):
-    def __init__(self, db, sampler, scale, device, dtype, channels_last, workers: int):
+    def __init__(self, db, sampler, scale, device, dtype, channels_last, workers: int,
+                 lr=None):
         super().__init__(db, sampler, scale, device, dtype, channels_last)
-        self.workers = workers
+        self.workers, self.lr = workers, lr
+        dataset = (PatchDataset(db, sampler.patch) if lr is None
+                   else PairedPatchDataset(db, lr, sampler.patch, scale))
         self._dl = DataLoader(
-            PatchDataset(db, sampler.patch), batch_sampler=_RowBatches(self),
+            dataset, batch_sampler=_RowBatches(self),
             num_workers=workers, pin_memory=device.type == "cuda",
             persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
             worker_init_fn=_worker_init if workers else None,
@@ -69,6 +86,11 @@ class TorchLoader(Loader):
     def _batches(self, epoch, start):
         try:
             for hr in self._dl:
+                if self.lr is not None:  # paired: (lr, hr) from the two databases
+                    lr, hr = (t.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+                              for t in hr)
+                    yield self._output(lr), self._output(hr)
+                    continue
                 hr = hr.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
                 yield self._output(nn_downscale(hr, self.scale)), self._output(hr)
         except fmt.DBError as e:

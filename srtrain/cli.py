@@ -60,6 +60,10 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 @click.option("--ema", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Keep an exponential moving average of the weights with this decay "
                    "(e.g. 0.999); validation and upscale use it.")
+@click.option("--lr-db", type=click.Path(),
+              help="Paired LR database (srdata pack or BasicSR LMDB, e.g. "
+                   "DIV2K_train_LR_bicubic_X4_sub.lmdb): train and validate on its images, "
+                   "matched to --db's by name, instead of downscaling --db.")
 @click.option("--val-db", type=click.Path(), help="Validate on this database.")
 @click.option("--val-split", default=0.02, type=click.FloatRange(0, 1, max_open=True),
               help="Without --val-db: hold out this fraction of --db for validation.")

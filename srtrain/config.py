@@ -49,6 +49,7 @@ class TrainConfig:
     resume: bool = False
     profile_loader: bool = False
     progress: bool = True
+    lr_db: str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

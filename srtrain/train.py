@@ -161,18 +161,22 @@ class Trainer:
         state = self._resume_state()
         torch.manual_seed(cfg.seed)
         db = open_db(cfg.db)
+        if cfg.lr_db and cfg.val_db:
+            raise ValueError("--val-db has no LR pairs: with --lr-db, validation holds out "
+                             "--val-split of the paired databases; drop --val-db")
         train_ids, val_ids = split_ids(len(db), 0.0 if cfg.val_db else cfg.val_split,
                                        cfg.seed)
         self.loader = srdata.make_loader(
             db, cfg.loader, cfg.batch_size, cfg.patch, cfg.scale, seed=cfg.seed,
             sample_ratio=cfg.sample_ratio, rank=d.rank, world_size=d.world_size,
             device=device, dtype=AMP_DTYPES[self.amp], channels_last=cfg.channels_last,
-            workers=loader_workers(cfg.workers), ids=train_ids)
+            workers=loader_workers(cfg.workers), ids=train_ids, lr_db=cfg.lr_db)
         self.val = None
         if d.main and (cfg.val_db or len(val_ids)):
             vdb = open_db(cfg.val_db) if cfg.val_db else db
             ids = range(len(vdb)) if cfg.val_db else val_ids
-            self.val = ValSet(vdb, ids, cfg.patch, cfg.scale, cfg.val_images)
+            self.val = ValSet(vdb, ids, cfg.patch, cfg.scale, cfg.val_images,
+                              lr=self.loader.lr)
         self.steps_per_epoch = len(self.loader) // cfg.accum
         if self.steps_per_epoch == 0:
             raise ValueError(f"--accum {cfg.accum} is more than the {len(self.loader)} "
@@ -387,7 +391,7 @@ def loader_efficiency(cfg: TrainConfig, model, device, amp: str, steps: int = 20
         loader = srdata.make_loader(cfg.db, cfg.loader, cfg.batch_size, cfg.patch, cfg.scale,
                                     seed=cfg.seed + 1, sample_ratio=1.0, device=device,
                                     dtype=AMP_DTYPES[amp], channels_last=cfg.channels_last,
-                                    workers=loader_workers(cfg.workers))
+                                    workers=loader_workers(cfg.workers), lr_db=cfg.lr_db)
 
     def fresh():
         m = copy.deepcopy(model)

@@ -2,8 +2,9 @@
 
 The pairs are centre crops of held-out images (``--val-split``) or of ``--val-db``, with LR
 made by the same nearest-neighbour rule as training, so the scores measure what the model
-learnt. Metrics follow BasicSR's conventions (see ``srtrain.metrics``), so they compare with
-published numbers for the same degradation.
+learnt (with a paired ``--lr-db``: that database's crops, on the LR grid). Metrics follow
+BasicSR's conventions (see ``srtrain.metrics``), so they compare with published numbers for
+the same degradation.
 """
 from __future__ import annotations
 
@@ -32,20 +33,26 @@ def split_ids(n: int, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarr
 class ValSet:
     """Up to ``count`` (LR, HR) pairs, uint8 NCHW on the CPU, with their bicubic scores."""
 
-    def __init__(self, db, ids, patch: int, scale: int, count: int):
-        crops = []
+    def __init__(self, db, ids, patch: int, scale: int, count: int, lr=None):
+        crops, lr_crops = [], []
         for i in list(ids)[:count]:
             img = db.image(int(i))
             h, w = img.shape[:2]
             if min(h, w) < patch:
                 continue  # too small for a patch: the sampler never trains on it either
             y, x = (h - patch) // 2, (w - patch) // 2
+            if lr is not None:  # paired: the crop on the LR grid, its LR cut from ``lr``
+                y, x, p = y - y % scale, x - x % scale, patch // scale
+                lr_crops.append(lr.image(int(i))[y // scale:y // scale + p,
+                                                 x // scale:x // scale + p])
             crops.append(img[y:y + patch, x:x + patch])
         if not crops:
             raise ValueError(f"no validation image of {db.path} is at least {patch} px; "
                              "use a smaller --patch or another --val-db")
         self.hr = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
         self.lr = nn_downscale(self.hr, scale).contiguous()
+        if lr is not None:
+            self.lr = torch.from_numpy(np.stack(lr_crops)).permute(0, 3, 1, 2).contiguous()
         self.scale = scale
         bic = metrics.bicubic(self.lr.float() / 255, scale)
         hr = self.hr.float() / 255
