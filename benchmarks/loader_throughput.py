@@ -27,7 +27,7 @@ import click
 
 import _common
 from srdata import warm
-from srdata.basicsr import open_db
+from srdata.reader import open_db
 
 LOADERS = {  # name -> make_loader arguments
     "dali": {"loader": "dali", "roi_decode": False},

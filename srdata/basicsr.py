@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import format as fmt
-from .reader import PackedDB, open_shard
+from .reader import PackedDB, open_db, open_shard  # noqa: F401  open_db: moved to reader
 
 META = "meta_info.txt"
 # The name is everything before the shape, so names with spaces or dots parse too.
@@ -97,13 +97,3 @@ class BasicSRDB:
             return fmt.decode_image(value, self.codec, rec.shape)
         except fmt.DBError as e:
             raise fmt.DBError(f"{self.path}: key {rec.key!r} (from {rec.path}): {e}") from None
-
-
-def open_db(path: str | os.PathLike) -> PackedDB | BasicSRDB:
-    """An srpipe database or a BasicSR LMDB, whichever ``path`` holds."""
-    p = Path(path)
-    if (p / fmt.MANIFEST).is_file():
-        return PackedDB(p)
-    if (p / META).is_file() and (p / "data.mdb").is_file():
-        return BasicSRDB(p)
-    return PackedDB(p)  # its error names the path and says how to pack

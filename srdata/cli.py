@@ -10,7 +10,7 @@ import click
 from . import format as fmt
 from . import images
 from .pack import PackConfig, PackError, pack
-from .basicsr import open_db
+from .reader import open_db
 
 SHOWN_SKIPS = 20
 

@@ -95,7 +95,7 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
     with ``mixed`` GPU decode, whose hardware JPEG decoder takes whole images. ``ids``:
     draw from these images only (e.g. the training part of a train/validation split).
     """
-    from .basicsr import open_db
+    from .reader import open_db
     if loader not in LOADERS:
         raise ValueError(f"got loader={loader!r}, expected one of {', '.join(LOADERS)}")
     if scale not in (2, 3, 4):

@@ -82,3 +82,14 @@ class PackedDB:
             return fmt.decode_image(self.read(i), self.codec, rec.shape)
         except fmt.DBError as e:
             raise fmt.DBError(f"{self.path}: key {rec.key} (from {rec.path}): {e}") from None
+
+
+def open_db(path: str | os.PathLike):
+    """An srpipe database (PackedDB) or a BasicSR LMDB (BasicSRDB), whichever ``path`` holds."""
+    from .basicsr import META, BasicSRDB  # basicsr builds on this module: import it late
+    p = Path(path)
+    if (p / fmt.MANIFEST).is_file():
+        return PackedDB(p)
+    if (p / META).is_file() and (p / "data.mdb").is_file():
+        return BasicSRDB(p)
+    return PackedDB(p)  # its error names the path and says how to pack

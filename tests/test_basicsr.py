@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from srdata import DBError, PackedDB
-from srdata.basicsr import BasicSRDB, open_db
+from srdata.basicsr import BasicSRDB
+from srdata.reader import open_db
 from srdata.pack import pack
 
 
