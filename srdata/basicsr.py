@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import os
 import re
+import zlib
 from pathlib import Path
 
+import lmdb
 import numpy as np
 
 from . import format as fmt
@@ -24,37 +26,76 @@ from .reader import PackedDB, open_db, open_shard  # noqa: F401  open_db: moved 
 META = "meta_info.txt"
 # The name is everything before the shape, so names with spaces or dots parse too.
 _LINE = re.compile(r"(?P<name>\S.*?)\s+\((?P<h>\d+),\s*(?P<w>\d+),\s*(?P<c>\d+)\)\s+\d+")
+_ALL = re.compile(r"^(\S.*?)\s+\((\d+),\s*(\d+),\s*\d+\)\s+\d+$", re.M)
 
 
-def _parse_meta(path: Path) -> list[fmt.Record]:
+def _parse_meta(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(names, heights, widths) of meta_info.txt's lines, in order."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise fmt.DBError(f"cannot read {path}: {e}") from e
-    records = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        m = _LINE.fullmatch(line.strip())
-        if m is None:
-            raise fmt.DBError(f"line {lineno} of {path}: expected `name (h,w,c) level`, "
-                              f"got {line!r}")
-        name = m["name"]
-        key = name[:-4] if name.endswith(".png") else name
-        h, w = int(m["h"]), int(m["w"])
-        if h == 0 or w == 0:
-            raise fmt.DBError(f"line {lineno} of {path}: image {name!r} has shape {h}x{w}")
-        # channels=3: decode always yields RGB, whatever c (1, 3 or 4) was stored
-        records.append(fmt.Record(len(records), 0, key, h, w, fmt.CHANNELS, 0, 0, name))
-    if not records:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # one regex pass over the whole text (fast for a million lines); line by line only to
+    # name the line that does not parse
+    found = _ALL.findall("\n".join(lines))
+    if len(found) != len(lines):
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip() and _LINE.fullmatch(line.strip()) is None:
+                raise fmt.DBError(f"line {lineno} of {path}: expected `name (h,w,c) level`, "
+                                  f"got {line!r}")
+    if not found:
         raise fmt.DBError(f"{path} lists no images; the BasicSR LMDB is empty or unfinished")
-    return records
+    names, hs, ws = zip(*found)
+    heights, widths = np.array(hs, np.int64), np.array(ws, np.int64)
+    zero = np.flatnonzero((heights == 0) | (widths == 0))
+    if zero.size:
+        i = int(zero[0])
+        raise fmt.DBError(f"line {i + 1} of {path}: image {names[i]!r} has shape "
+                          f"{heights[i]}x{widths[i]}")
+    return list(names), heights, widths
+
+
+_CRC_TABLE = np.array([zlib.crc32(bytes([b])) ^ zlib.crc32(b"\0") for b in range(256)],
+                      np.uint32)
+_HEAD = 33  # PNG signature, IHDR length and type, 13 bytes of IHDR data, its crc
+
+
+def _crc32_rows(data: np.ndarray) -> np.ndarray:
+    """zlib.crc32 of every row of a uint8 matrix at once (a table-driven CRC, vectorised)."""
+    crc = np.full(len(data), 0xFFFFFFFF, np.uint32)
+    for col in data.T:
+        crc = _CRC_TABLE[(crc ^ col) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def stored_sizes(env, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each record's (height, width) from its PNG header, 0 where the key is missing or
+    the header is damaged. Touches one page per record, not the whole image."""
+    blank = bytes(_HEAD)
+    with env.begin(buffers=True) as txn:
+        get = txn.get
+        heads = b"".join([(get(k) or blank)[:_HEAD] for k in keys])
+    if len(heads) != len(keys) * _HEAD:  # a value shorter than a PNG header: one by one
+        with env.begin(buffers=True) as txn:
+            heads = b"".join(bytes((txn.get(k) or blank)[:_HEAD]).ljust(_HEAD, b"\0")
+                             for k in keys)
+    a = np.frombuffer(heads, np.uint8).reshape(len(keys), _HEAD)
+    ok = ((a[:, :8] == np.frombuffer(fmt._PNG, np.uint8)).all(1)
+          & (a[:, 12:16] == np.frombuffer(b"IHDR", np.uint8)).all(1)
+          & (_crc32_rows(a[:, 12:29]) == a[:, 29:33].copy().view(">u4")[:, 0]))
+    w = a[:, 16:20].copy().view(">u4")[:, 0].astype(np.int64)
+    h = a[:, 20:24].copy().view(">u4")[:, 0].astype(np.int64)
+    return np.where(ok, h, 0), np.where(ok, w, 0)
 
 
 class BasicSRDB:
     """A BasicSR LMDB with PackedDB's reading interface: ``len``, ``read(i)``, ``image(i)``.
 
     BasicSR stores no sizes or checksums, so ``nbytes`` and ``crc32`` are 0 in every record.
+    Sizes come from each PNG's own header, as BasicSR trusts the decoded image: its test
+    LMDBs list shapes in meta_info.txt that differ from the stored images (480x500 listed,
+    480x492 stored). ``mismatches`` holds ``(id, listed height, listed width)`` of those.
     """
 
     codec = "png"
@@ -69,9 +110,24 @@ class BasicSRDB:
         if not (self.path / "data.mdb").is_file():
             raise fmt.DBError(f"{self.path} is not a complete BasicSR LMDB: "
                               f"{self.path / 'data.mdb'} is missing")
-        self.records = _parse_meta(meta)
-        self.heights = np.array([r.height for r in self.records], np.int64)
-        self.widths = np.array([r.width for r in self.records], np.int64)
+        names, listed_h, listed_w = _parse_meta(meta)
+        keys = np.array([(n[:-4] if n.endswith(".png") else n).encode() for n in names],
+                        np.bytes_)
+        try:
+            h, w = stored_sizes(open_shard(self.path), keys)
+        except lmdb.Error as e:
+            raise fmt.DBError(f"{self.path}: LMDB error while reading the image headers: "
+                              f"{e}; the LMDB is damaged, copy or make it again") from None
+        # a missing key or damaged header keeps the listed size: reading it names the key
+        known = h > 0
+        height, width = np.where(known, h, listed_h), np.where(known, w, listed_w)
+        off = np.flatnonzero(known & ((h != listed_h) | (w != listed_w)))
+        self.mismatches = [(int(i), int(listed_h[i]), int(listed_w[i])) for i in off]
+        n = len(names)
+        # channels=3: decode always yields RGB, whatever c (1, 3 or 4) was stored
+        self.records = fmt.Index(np.zeros(n), keys, height, width, np.full(n, fmt.CHANNELS),
+                                 np.zeros(n), np.zeros(n), fmt.Strings(names))
+        self.heights, self.widths = self.records.height, self.records.width
         self.manifest = {"format": "basicsr-lmdb", "count": len(self.records),
                          "codec": self.codec, "source_root": str(self.path),
                          "skipped": [], "shards": []}
@@ -81,18 +137,23 @@ class BasicSRDB:
 
     def read(self, i: int) -> bytes:
         """The PNG bytes of image ``i``; DBError names the key if it is missing."""
-        rec = self.records[i]
         # BasicSR's lmdb dir is itself the environment, so it shares PackedDB's handle table
-        with open_shard(self.path).begin(buffers=False) as txn:
-            value = txn.get(rec.key.encode())
+        try:
+            with open_shard(self.path).begin(buffers=False) as txn:
+                value = txn.get(self.records.keys[i])
+        except lmdb.Error as e:
+            rec = self.records[i]
+            raise fmt.DBError(f"{self.path}: key {rec.key!r} (image {i}): LMDB error: {e}; "
+                              "the LMDB is damaged, copy or make it again") from None
         if value is None:
+            rec = self.records[i]
             raise fmt.DBError(f"{self.path}: key {rec.key!r} (image {i}, line {rec.path!r} "
                               f"of {META}) is missing from data.mdb")
         return value
 
     def image(self, i: int) -> np.ndarray:
         """Image ``i`` as HxWx3 uint8 RGB (gray expanded; alpha dropped, not composited)."""
-        rec, value = self.records[i], self.read(i)  # read's own error already names the key
+        value, rec = self.read(i), self.records[i]  # read's own error already names the key
         try:
             return fmt.decode_image(value, self.codec, rec.shape)
         except fmt.DBError as e:
