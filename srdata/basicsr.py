@@ -26,20 +26,21 @@ from .reader import PackedDB, open_db, open_shard  # noqa: F401  open_db: moved 
 META = "meta_info.txt"
 # The name is everything before the shape, so names with spaces or dots parse too.
 _LINE = re.compile(r"(?P<name>\S.*?)\s+\((?P<h>\d+),\s*(?P<w>\d+),\s*(?P<c>\d+)\)\s+\d+")
-_ALL = re.compile(r"^(\S.*?)\s+\((\d+),\s*(\d+),\s*\d+\)\s+\d+$", re.M)
+# the same over a whole file: (name, h, w) per line
+_ALL = re.compile(r"^[ \t]*(\S.*?)[ \t]+\((\d+),[ \t]*(\d+),[ \t]*\d+\)[ \t]+\d+[ \t\r]*$",
+                  re.M)
 
 
-def _parse_meta(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(names, heights, widths) of meta_info.txt's lines, in order."""
+def _parse_meta(path: Path) -> tuple[tuple, tuple, np.ndarray, np.ndarray]:
+    """(names, keys, heights, widths) of meta_info.txt's lines, in order."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise fmt.DBError(f"cannot read {path}: {e}") from e
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
     # one regex pass over the whole text (fast for a million lines); line by line only to
     # name the line that does not parse
-    found = _ALL.findall("\n".join(lines))
-    if len(found) != len(lines):
+    found = _ALL.findall(text)
+    if len(found) != sum(1 for line in text.splitlines() if line.strip()):
         for lineno, line in enumerate(text.splitlines(), 1):
             if line.strip() and _LINE.fullmatch(line.strip()) is None:
                 raise fmt.DBError(f"line {lineno} of {path}: expected `name (h,w,c) level`, "
@@ -47,13 +48,15 @@ def _parse_meta(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     if not found:
         raise fmt.DBError(f"{path} lists no images; the BasicSR LMDB is empty or unfinished")
     names, hs, ws = zip(*found)
+    # keys: the names less the ".png" the writer appends, stripped in one pass over them all
+    keys = ("\n".join(names) + "\n").replace(".png\n", "\n").split("\n")[:-1]
     heights, widths = np.array(hs, np.int64), np.array(ws, np.int64)
     zero = np.flatnonzero((heights == 0) | (widths == 0))
     if zero.size:
         i = int(zero[0])
         raise fmt.DBError(f"line {i + 1} of {path}: image {names[i]!r} has shape "
                           f"{heights[i]}x{widths[i]}")
-    return list(names), heights, widths
+    return names, keys, heights, widths
 
 
 _CRC_TABLE = np.array([zlib.crc32(bytes([b])) ^ zlib.crc32(b"\0") for b in range(256)],
@@ -72,13 +75,15 @@ def _crc32_rows(data: np.ndarray) -> np.ndarray:
 def stored_sizes(env, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each record's (height, width) from its PNG header, 0 where the key is missing or
     the header is damaged. Touches one page per record, not the whole image."""
-    blank = bytes(_HEAD)
+    blank, keys = bytes(_HEAD), keys.tolist()  # bytes objects: numpy scalars are slower
     with env.begin(buffers=True) as txn:
         get = txn.get
-        heads = b"".join([(get(k) or blank)[:_HEAD] for k in keys])
-    if len(heads) != len(keys) * _HEAD:  # a value shorter than a PNG header: one by one
-        with env.begin(buffers=True) as txn:
-            heads = b"".join(bytes((txn.get(k) or blank)[:_HEAD]).ljust(_HEAD, b"\0")
+        try:  # the fast path, ~1 us a record: a missing key (None) fails the slice
+            heads = b"".join([get(k)[:_HEAD] for k in keys])
+        except TypeError:
+            heads = b""
+        if len(heads) != len(keys) * _HEAD:  # a key missing or a value under 33 bytes
+            heads = b"".join(bytes((get(k) or blank)[:_HEAD]).ljust(_HEAD, b"\0")
                              for k in keys)
     a = np.frombuffer(heads, np.uint8).reshape(len(keys), _HEAD)
     ok = ((a[:, :8] == np.frombuffer(fmt._PNG, np.uint8)).all(1)
@@ -110,9 +115,11 @@ class BasicSRDB:
         if not (self.path / "data.mdb").is_file():
             raise fmt.DBError(f"{self.path} is not a complete BasicSR LMDB: "
                               f"{self.path / 'data.mdb'} is missing")
-        names, listed_h, listed_w = _parse_meta(meta)
-        keys = np.array([(n[:-4] if n.endswith(".png") else n).encode() for n in names],
-                        np.bytes_)
+        names, keys, listed_h, listed_w = _parse_meta(meta)
+        try:
+            keys = np.array(keys, np.bytes_)
+        except UnicodeEncodeError:  # BasicSR writes ASCII keys; others may not
+            keys = np.array([k.encode() for k in keys], np.bytes_)
         try:
             h, w = stored_sizes(open_shard(self.path), keys)
         except lmdb.Error as e:
