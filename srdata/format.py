@@ -266,19 +266,21 @@ def index_from_rows(rows: list, shards: int) -> Index:
     """Check the index rows (types and ranges, vectorised) and turn them into columns."""
     if not isinstance(rows, list) or not rows:
         raise ValueError("rows is not a non-empty list")
-    try:
+    try:  # (a row that is not a list fails a column's type check below)
         widths = set(map(len, rows))
     except TypeError:
         widths = None
-    if widths != {len(INDEX_COLUMNS)} or not all(type(r) is list for r in rows):
+    if widths != {len(INDEX_COLUMNS)}:
         i = next(i for i, r in enumerate(rows)
-                 if type(r) is not list or len(r) != len(INDEX_COLUMNS))
+                 if not isinstance(r, list) or len(r) != len(INDEX_COLUMNS))
         raise ValueError(f"row {i} is {rows[i]!r:.80}, expected [{', '.join(INDEX_COLUMNS)}]")
     shard, keys, height, width, channels, nbytes, crc, paths = zip(*rows)
     for name, col in (("key", keys), ("path", paths)):
-        if set(map(type, col)) != {str}:  # numpy would turn a number into a string
+        try:
+            "".join(col)  # fails on anything but strings, at C speed (numpy would convert)
+        except TypeError:
             i = next(i for i, v in enumerate(col) if type(v) is not str)
-            raise ValueError(f"row {i} has {name} {col[i]!r}, expected a string")
+            raise ValueError(f"row {i} has {name} {col[i]!r}, expected a string") from None
     try:
         keys = np.array(keys, np.bytes_)
     except UnicodeEncodeError as e:
