@@ -38,6 +38,7 @@ def describe(db: PackedDB) -> dict:
         "skipped": m["skipped"],
         "source_root": m["source_root"],
         "created": m.get("created"),
+        "id": m.get("id"),
     }
 
 

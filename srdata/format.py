@@ -138,19 +138,20 @@ class Strings:
         self._blob = "\0".join(items).encode("utf-8", "surrogatepass")
         if self._blob.count(0) != max(0, self._n - 1):
             raise ValueError("a string holds a NUL character")
-        self._packed = self._starts = None
+        self._packed = self._bounds = None
 
     def __len__(self) -> int:
         return self._n
 
     def __getitem__(self, i: int) -> str:
-        if self._blob is None:
-            self._blob = zlib.decompress(self._packed)
-        if self._starts is None:
-            nul = np.flatnonzero(np.frombuffer(self._blob, np.uint8) == 0)
-            self._starts = np.concatenate([[0], nul + 1])
-            self._ends = np.append(nul, len(self._blob))
-        return self._blob[self._starts[i]:self._ends[i]].decode("utf-8", "surrogatepass")
+        blob = self._blob
+        if blob is None:
+            blob = self._blob = zlib.decompress(self._packed)
+        if self._bounds is None:  # one assignment: threads may race here, harmlessly
+            nul = np.flatnonzero(np.frombuffer(blob, np.uint8) == 0)
+            self._bounds = (np.concatenate([[0], nul + 1]), np.append(nul, len(blob)))
+        starts, ends = self._bounds
+        return blob[starts[i]:ends[i]].decode("utf-8", "surrogatepass")
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Strings) and list(self) == list(other)
@@ -165,7 +166,7 @@ class Strings:
 
     def __setstate__(self, state):
         self._n, self._packed = state["n"], state["packed"]
-        self._blob = self._starts = None
+        self._blob = self._bounds = None
 
 
 class Index:
