@@ -75,17 +75,20 @@ def _crc32_rows(data: np.ndarray) -> np.ndarray:
 def stored_sizes(env, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each record's (height, width) from its PNG header, 0 where the key is missing or
     the header is damaged. Touches one page per record, not the whole image."""
-    blank, keys = bytes(_HEAD), keys.tolist()  # bytes objects: numpy scalars are slower
+    blank, chunks = bytes(_HEAD), []
     with env.begin(buffers=True) as txn:
         get = txn.get
-        try:  # the fast path, ~1 us a record: a missing key (None) fails the slice
-            heads = b"".join([get(k)[:_HEAD] for k in keys])
-        except TypeError:
-            heads = b""
-        if len(heads) != len(keys) * _HEAD:  # a key missing or a value under 33 bytes
-            heads = b"".join(bytes((get(k) or blank)[:_HEAD]).ljust(_HEAD, b"\0")
-                             for k in keys)
-    a = np.frombuffer(heads, np.uint8).reshape(len(keys), _HEAD)
+        for start in range(0, len(keys), 1 << 16):  # chunks: 64K views alive at a time
+            part = keys[start:start + (1 << 16)].tolist()  # bytes: numpy scalars are slower
+            try:  # the fast path, ~1 us a record: a missing key (None) fails the slice
+                heads = b"".join([get(k)[:_HEAD] for k in part])
+            except TypeError:
+                heads = b""
+            if len(heads) != len(part) * _HEAD:  # a key missing or a value under 33 bytes
+                heads = b"".join(bytes((get(k) or blank)[:_HEAD]).ljust(_HEAD, b"\0")
+                                 for k in part)
+            chunks.append(heads)
+    a = np.frombuffer(b"".join(chunks), np.uint8).reshape(len(keys), _HEAD)
     ok = ((a[:, :8] == np.frombuffer(fmt._PNG, np.uint8)).all(1)
           & (a[:, 12:16] == np.frombuffer(b"IHDR", np.uint8)).all(1)
           & (_crc32_rows(a[:, 12:29]) == a[:, 29:33].copy().view(">u4")[:, 0]))
