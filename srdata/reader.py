@@ -146,11 +146,10 @@ class PackedDB:
         """Image ``i`` as HxWx3 uint8 RGB."""
         idx = self.records
         shape = (int(idx.height[i]), int(idx.width[i]), int(idx.channels[i]))
+        value = self.read(i)  # its errors name the database, shard and key already
         try:
-            return fmt.decode_image(self.read(i), self.codec, shape)
+            return fmt.decode_image(value, self.codec, shape)
         except fmt.DBError as e:
-            if str(e).startswith(f"{self.path}: key"):  # read's own error names the key
-                raise
             rec = self.records[i]
             raise fmt.DBError(f"{self.path}: key {rec.key} (from {rec.path}): {e}") from None
 
