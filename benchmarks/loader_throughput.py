@@ -2,14 +2,15 @@
 
     python benchmarks/loader_throughput.py [--db DB | --count 10000] \
         [--loaders dali,dali-roi,torch] [--batch-sizes 32,64] [--workers 4,0] \
-        [--out F.jsonl] [--md F.md] [--plot F.png]
+        [--crc on,off] [--out F.jsonl] [--md F.md] [--plot F.png]
 
 Without ``--db`` it builds, with the real packer, a database of COUNT 512x512 photo-like
 JPEG q95 images (the users' setting). Each configuration (loader x batch size x CPU
 workers, 0 meaning all cores but one) runs epochs of exactly ``--batches`` batches (a
 ``sample_ratio`` of the database), so a pass never breaks off mid-epoch: one warm-up epoch
 (workers start, decoders allocate), then ``--repeats`` timed epochs, synchronised on the
-GPU; img/s is the median epoch's. One JSON line per configuration.
+GPU; img/s is the median epoch's. One JSON line per configuration. ``--crc on,off`` adds
+rows with the per-read crc32 check switched off, to measure what it costs (``crc`` field).
 
 The first batch of every epoch is left out of the timing (it holds the workers' start-up
 on a fresh loader; ``startup_s`` reports that). Then a cold/warm pair for the first loader
@@ -18,6 +19,7 @@ page cache (``srdata warm --evict``) and after it was read in (``srdata warm``).
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import tempfile
 import time
@@ -27,7 +29,7 @@ import click
 
 import _common
 from srdata import warm
-from srdata.basicsr import open_db
+from srdata.reader import open_db
 
 LOADERS = {  # name -> make_loader arguments
     "dali": {"loader": "dali", "roi_decode": False},
@@ -89,18 +91,40 @@ def cold_warm(db, name, batch_size, workers, args) -> dict:
     return out
 
 
+def crc_cost(db, repeats: int) -> dict:
+    """One thread, records in memory: the crc32 every read checks against a full decode,
+    a steadier measure of its share than two loader runs on a busy machine."""
+    from srdata import format as fmt
+    n = min(len(db), 200)
+    values = [db.read(i) for i in range(n)]
+    shapes = [(int(db.heights[i]), int(db.widths[i]), 3) for i in range(n)]
+    crc, _ = _common.median_time(lambda: [fmt.crc32(v) for v in values], repeats)
+    dec, _ = _common.median_time(lambda: [fmt.decode_image(v, db.codec, s)
+                                          for v, s in zip(values, shapes)], repeats)
+    return {"records": n, "bytes_per_record": round(sum(map(len, values)) / n),
+            "crc_ms_per_record": round(crc / n * 1e3, 4),
+            "decode_ms_per_record": round(dec / n * 1e3, 3),
+            "crc_share_of_decode": round(crc / dec, 4)}
+
+
 def render_markdown(records: list[dict]) -> str:
     rows = [r for r in records if r.get("kind") == "throughput"]
-    torch_rate = {(r["batch_size"], r["workers"]): r["images_per_s"]
+    torch_rate = {(r["batch_size"], r["workers"], r.get("crc", True)): r["images_per_s"]
                   for r in rows if r["loader"] == "torch"}
-    lines = ["| loader | batch | CPU workers | img/s | x torch (same batch, workers) |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| loader | batch | CPU workers | crc32 check | img/s | x torch (same batch, "
+             "workers, check) |", "|---|---:|---:|---|---:|---:|"]
     for r in rows:
-        base = torch_rate.get((r["batch_size"], r["workers"]))
+        base = torch_rate.get((r["batch_size"], r["workers"], r.get("crc", True)))
         ratio = f"{r['images_per_s'] / base:.2f}" if base else "-"
         lines.append(f"| {r['loader']} | {r['batch_size']} | {r['workers']} | "
+                     f"{'on' if r.get('crc', True) else 'off'} | "
                      f"{r['images_per_s']:,.0f} | {ratio} |")
     for r in records:
+        if r.get("kind") == "crc_cost":
+            lines.append(f"\ncrc32 check per read: {r['crc_ms_per_record']:.3f} ms per "
+                         f"{r['bytes_per_record'] / 1e3:,.0f} KB record, "
+                         f"{r['crc_share_of_decode']:.1%} of its decode "
+                         f"({r['decode_ms_per_record']:.2f} ms, one thread).")
         if r.get("kind") == "cold_warm":
             lines.append(f"\nFirst epoch of a fresh `{r['loader']}` loader (batch "
                          f"{r['batch_size']}, {r['workers']} workers): "
@@ -119,7 +143,7 @@ def render_plot(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")  # files only: no display on servers
     import matplotlib.pyplot as plt
 
-    rows = [r for r in records if r.get("kind") == "throughput"]
+    rows = [r for r in records if r.get("kind") == "throughput" and r.get("crc", True)]
     batches = sorted({r["batch_size"] for r in rows})
     loaders = list(dict.fromkeys(r["loader"] for r in rows))
     workers = sorted({r["workers"] for r in rows})
@@ -167,6 +191,8 @@ def _ints(text: str) -> list[int]:
 @click.option("--device", default=None, help="cuda or cpu  [default: cuda if present]")
 @click.option("--batches", default=50, show_default=True, help="Batches per timed epoch.")
 @click.option("--repeats", default=3, show_default=True)
+@click.option("--crc", "crc_modes", default="on", show_default=True,
+              help="on, off or on,off: the crc32 check on every read (off: to measure its cost).")
 @click.option("--cold/--no-cold", default=True, show_default=True,
               help="Also measure a first epoch from a cold and a warm page cache.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
@@ -176,7 +202,7 @@ def _ints(text: str) -> list[int]:
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a PNG bar chart here (needs matplotlib: pip install '.[bench]').")
 def main(db, count, size, loaders, batch_sizes, worker_counts, patch, scale, dtype, device,
-         batches, repeats, cold, out, md, plot):
+         batches, repeats, crc_modes, cold, out, md, plot):
     import torch
 
     from srdata.loader import resolve_device
@@ -204,11 +230,18 @@ def main(db, count, size, loaders, batch_sizes, worker_counts, patch, scale, dty
         for bs in _ints(batch_sizes):
             for workers in budgets:
                 for name in names:
-                    r = common | {"kind": "throughput", "loader": name, "batch_size": bs,
-                                  "workers": workers}
-                    records.append(r | measure(database, name, bs, workers, args)
-                                   | {"env": env})
-                    _common.emit(records[-1], out)
+                    for crc in crc_modes.split(","):
+                        d = copy.copy(database)  # the flag travels to the workers with it
+                        d._check_crc = crc == "on"
+                        r = common | {"kind": "throughput", "loader": name, "batch_size": bs,
+                                      "workers": workers, "crc": crc == "on"}
+                        records.append(r | measure(d, name, bs, workers, args)
+                                       | {"env": env})
+                        _common.emit(records[-1], out)
+        if "off" in crc_modes.split(","):
+            records.append(common | {"kind": "crc_cost"} | crc_cost(database, repeats)
+                           | {"env": env})
+            _common.emit(records[-1], out)
         if cold:
             bs, workers = _ints(batch_sizes)[-1], budgets[-1]
             r = common | {"kind": "cold_warm", "loader": names[0], "batch_size": bs,

@@ -14,47 +14,96 @@ from __future__ import annotations
 
 import os
 import re
+import zlib
 from pathlib import Path
 
+import lmdb
 import numpy as np
 
 from . import format as fmt
-from .reader import PackedDB, open_shard
+from .reader import PackedDB, open_db, open_shard  # noqa: F401  open_db: moved to reader
 
 META = "meta_info.txt"
 # The name is everything before the shape, so names with spaces or dots parse too.
 _LINE = re.compile(r"(?P<name>\S.*?)\s+\((?P<h>\d+),\s*(?P<w>\d+),\s*(?P<c>\d+)\)\s+\d+")
+# the same over a whole file: (name, h, w) per line
+_ALL = re.compile(r"^[ \t]*(\S.*?)[ \t]+\((\d+),[ \t]*(\d+),[ \t]*\d+\)[ \t]+\d+[ \t\r]*$",
+                  re.M)
 
 
-def _parse_meta(path: Path) -> list[fmt.Record]:
+def _parse_meta(path: Path) -> tuple[tuple, tuple, np.ndarray, np.ndarray]:
+    """(names, keys, heights, widths) of meta_info.txt's lines, in order."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise fmt.DBError(f"cannot read {path}: {e}") from e
-    records = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        m = _LINE.fullmatch(line.strip())
-        if m is None:
-            raise fmt.DBError(f"line {lineno} of {path}: expected `name (h,w,c) level`, "
-                              f"got {line!r}")
-        name = m["name"]
-        key = name[:-4] if name.endswith(".png") else name
-        h, w = int(m["h"]), int(m["w"])
-        if h == 0 or w == 0:
-            raise fmt.DBError(f"line {lineno} of {path}: image {name!r} has shape {h}x{w}")
-        # channels=3: decode always yields RGB, whatever c (1, 3 or 4) was stored
-        records.append(fmt.Record(len(records), 0, key, h, w, fmt.CHANNELS, 0, 0, name))
-    if not records:
+    # one regex pass over the whole text (fast for a million lines); line by line only to
+    # name the line that does not parse
+    found = _ALL.findall(text)
+    if len(found) != sum(1 for line in text.splitlines() if line.strip()):
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip() and _LINE.fullmatch(line.strip()) is None:
+                raise fmt.DBError(f"line {lineno} of {path}: expected `name (h,w,c) level`, "
+                                  f"got {line!r}")
+    if not found:
         raise fmt.DBError(f"{path} lists no images; the BasicSR LMDB is empty or unfinished")
-    return records
+    names, hs, ws = zip(*found)
+    # keys: the names less the ".png" the writer appends, stripped in one pass over them all
+    keys = ("\n".join(names) + "\n").replace(".png\n", "\n").split("\n")[:-1]
+    heights, widths = np.array(hs, np.int64), np.array(ws, np.int64)
+    zero = np.flatnonzero((heights == 0) | (widths == 0))
+    if zero.size:
+        i = int(zero[0])
+        raise fmt.DBError(f"line {i + 1} of {path}: image {names[i]!r} has shape "
+                          f"{heights[i]}x{widths[i]}")
+    return names, keys, heights, widths
+
+
+_CRC_TABLE = np.array([zlib.crc32(bytes([b])) ^ zlib.crc32(b"\0") for b in range(256)],
+                      np.uint32)
+_HEAD = 33  # PNG signature, IHDR length and type, 13 bytes of IHDR data, its crc
+
+
+def _crc32_rows(data: np.ndarray) -> np.ndarray:
+    """zlib.crc32 of every row of a uint8 matrix at once (a table-driven CRC, vectorised)."""
+    crc = np.full(len(data), 0xFFFFFFFF, np.uint32)
+    for col in data.T:
+        crc = _CRC_TABLE[(crc ^ col) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def stored_sizes(env, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each record's (height, width) from its PNG header, 0 where the key is missing or
+    the header is damaged. Touches one page per record, not the whole image."""
+    blank, chunks = bytes(_HEAD), []
+    with env.begin(buffers=True) as txn:
+        get = txn.get
+        for start in range(0, len(keys), 1 << 16):  # chunks: 64K views alive at a time
+            part = keys[start:start + (1 << 16)].tolist()  # bytes: numpy scalars are slower
+            try:  # the fast path, ~1 us a record: a missing key (None) fails the slice
+                heads = b"".join([get(k)[:_HEAD] for k in part])
+            except TypeError:
+                heads = b""
+            if len(heads) != len(part) * _HEAD:  # a key missing or a value under 33 bytes
+                heads = b"".join(bytes((get(k) or blank)[:_HEAD]).ljust(_HEAD, b"\0")
+                                 for k in part)
+            chunks.append(heads)
+    a = np.frombuffer(b"".join(chunks), np.uint8).reshape(len(keys), _HEAD)
+    ok = ((a[:, :8] == np.frombuffer(fmt._PNG, np.uint8)).all(1)
+          & (a[:, 12:16] == np.frombuffer(b"IHDR", np.uint8)).all(1)
+          & (_crc32_rows(a[:, 12:29]) == a[:, 29:33].copy().view(">u4")[:, 0]))
+    w = a[:, 16:20].copy().view(">u4")[:, 0].astype(np.int64)
+    h = a[:, 20:24].copy().view(">u4")[:, 0].astype(np.int64)
+    return np.where(ok, h, 0), np.where(ok, w, 0)
 
 
 class BasicSRDB:
     """A BasicSR LMDB with PackedDB's reading interface: ``len``, ``read(i)``, ``image(i)``.
 
     BasicSR stores no sizes or checksums, so ``nbytes`` and ``crc32`` are 0 in every record.
+    Sizes come from each PNG's own header, as BasicSR trusts the decoded image: its test
+    LMDBs list shapes in meta_info.txt that differ from the stored images (480x500 listed,
+    480x492 stored). ``mismatches`` holds ``(id, listed height, listed width)`` of those.
     """
 
     codec = "png"
@@ -69,9 +118,26 @@ class BasicSRDB:
         if not (self.path / "data.mdb").is_file():
             raise fmt.DBError(f"{self.path} is not a complete BasicSR LMDB: "
                               f"{self.path / 'data.mdb'} is missing")
-        self.records = _parse_meta(meta)
-        self.heights = np.array([r.height for r in self.records], np.int64)
-        self.widths = np.array([r.width for r in self.records], np.int64)
+        names, keys, listed_h, listed_w = _parse_meta(meta)
+        try:
+            keys = np.array(keys, np.bytes_)
+        except UnicodeEncodeError:  # BasicSR writes ASCII keys; others may not
+            keys = np.array([k.encode() for k in keys], np.bytes_)
+        try:
+            h, w = stored_sizes(open_shard(self.path), keys)
+        except lmdb.Error as e:
+            raise fmt.DBError(f"{self.path}: LMDB error while reading the image headers: "
+                              f"{e}; the LMDB is damaged, copy or make it again") from None
+        # a missing key or damaged header keeps the listed size: reading it names the key
+        known = h > 0
+        height, width = np.where(known, h, listed_h), np.where(known, w, listed_w)
+        off = np.flatnonzero(known & ((h != listed_h) | (w != listed_w)))
+        self.mismatches = [(int(i), int(listed_h[i]), int(listed_w[i])) for i in off]
+        n = len(names)
+        # channels=3: decode always yields RGB, whatever c (1, 3 or 4) was stored
+        self.records = fmt.Index(np.zeros(n), keys, height, width, np.full(n, fmt.CHANNELS),
+                                 np.zeros(n), np.zeros(n), fmt.Strings(names))
+        self.heights, self.widths = self.records.height, self.records.width
         self.manifest = {"format": "basicsr-lmdb", "count": len(self.records),
                          "codec": self.codec, "source_root": str(self.path),
                          "skipped": [], "shards": []}
@@ -81,29 +147,24 @@ class BasicSRDB:
 
     def read(self, i: int) -> bytes:
         """The PNG bytes of image ``i``; DBError names the key if it is missing."""
-        rec = self.records[i]
         # BasicSR's lmdb dir is itself the environment, so it shares PackedDB's handle table
-        with open_shard(self.path).begin(buffers=False) as txn:
-            value = txn.get(rec.key.encode())
+        try:
+            with open_shard(self.path).begin(buffers=False) as txn:
+                value = txn.get(self.records.keys[i])
+        except lmdb.Error as e:
+            rec = self.records[i]
+            raise fmt.DBError(f"{self.path}: key {rec.key!r} (image {i}): LMDB error: {e}; "
+                              "the LMDB is damaged, copy or make it again") from None
         if value is None:
+            rec = self.records[i]
             raise fmt.DBError(f"{self.path}: key {rec.key!r} (image {i}, line {rec.path!r} "
                               f"of {META}) is missing from data.mdb")
         return value
 
     def image(self, i: int) -> np.ndarray:
         """Image ``i`` as HxWx3 uint8 RGB (gray expanded; alpha dropped, not composited)."""
-        rec, value = self.records[i], self.read(i)  # read's own error already names the key
+        value, rec = self.read(i), self.records[i]  # read's own error already names the key
         try:
             return fmt.decode_image(value, self.codec, rec.shape)
         except fmt.DBError as e:
             raise fmt.DBError(f"{self.path}: key {rec.key!r} (from {rec.path}): {e}") from None
-
-
-def open_db(path: str | os.PathLike) -> PackedDB | BasicSRDB:
-    """An srpipe database or a BasicSR LMDB, whichever ``path`` holds."""
-    p = Path(path)
-    if (p / fmt.MANIFEST).is_file():
-        return PackedDB(p)
-    if (p / META).is_file() and (p / "data.mdb").is_file():
-        return BasicSRDB(p)
-    return PackedDB(p)  # its error names the path and says how to pack

@@ -1,7 +1,6 @@
 """Describe a database (``srdata inspect``) and check every record (``srdata verify``)."""
 from __future__ import annotations
 
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -39,57 +38,74 @@ def describe(db: PackedDB) -> dict:
         "skipped": m["skipped"],
         "source_root": m["source_root"],
         "created": m.get("created"),
+        "id": m.get("id"),
     }
 
 
-def _sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _check_record(db: PackedDB, rec: fmt.Record, checksums: bool) -> str | None:
-    where = f"key {rec.key} (image {rec.id}, from {rec.path})"
+def _check_record(db: PackedDB, i: int) -> str | None:
+    """One line naming the key if record ``i`` is missing, damaged (LMDB error, crc32 or
+    size mismatch) or does not decode to its index shape."""
     try:
-        value = db.read(rec.id)
-    except fmt.DBError:
-        return f"{where}: missing from {fmt.shard_name(rec.shard)}"
-    if checksums and (len(value) != rec.nbytes or fmt.crc32(value) != rec.crc32):
-        return (f"{where}: checksum mismatch ({len(value)} bytes, crc32 "
-                f"{fmt.crc32(value):08x}; index says {rec.nbytes} bytes, {rec.crc32:08x})")
+        value = db.read(i)  # checks the crc32 and names the key and the cause
+    except fmt.DBError as e:
+        msg = str(e)
+        return msg[len(f"{db.path}: "):] if msg.startswith(f"{db.path}: ") else msg
+    rec = db.records[i]
     try:
         fmt.decode_image(value, db.codec, rec.shape)
     except fmt.DBError as e:
-        return f"{where}: {e}"
+        return f"key {rec.key} (image {i}, from {rec.path}): {e}"
     return None
+
+
+def _open_shards(db: PackedDB) -> dict[int, str]:
+    """Shard number -> why it cannot be read at all (missing, truncated, not LMDB...)."""
+    from .reader import open_shard
+    broken = {}
+    for k, shard in enumerate(db.manifest["shards"]):
+        path = db.path / shard["name"]
+        if not (path / "data.mdb").is_file():
+            broken[k] = f"{shard['name']}: {path / 'data.mdb'} is missing"
+            continue
+        try:
+            open_shard(path, getattr(db, "identity", None))
+        except fmt.DBError as e:
+            broken[k] = f"{shard['name']}: {e}"
+    return broken
 
 
 def verify(db: PackedDB, progress: bool = True) -> list[str]:
     """Decode every record and check its crc32 and shape; returns one line per problem.
 
-    A BasicSR LMDB records no checksums: its records are only decoded and their shapes
-    checked against meta_info.txt."""
+    A shard that cannot be opened (missing, truncated, damaged) is one line stating why, not
+    one per key. A BasicSR LMDB records no checksums: its records are only decoded and their
+    shapes checked against their PNG headers."""
     problems = []
-    checksums = db.manifest.get("format") == fmt.FORMAT_NAME
     for shard in db.manifest["shards"]:
         path = db.path / shard["name"] / "data.mdb"
-        if not path.is_file():
-            problems.append(f"{shard['name']}: {path} is missing")
-        elif _sha256(path) != shard["sha256"]:
+        if path.is_file() and fmt.sha256_file(path) != shard.get("sha256"):
             problems.append(f"{shard['name']}: data.mdb sha256 differs from the manifest "
                             "(file modified since packing)")
-    missing = {s["name"] for s in db.manifest["shards"]
-               if not (db.path / s["name"] / "data.mdb").is_file()}
-    records = [r for r in db.records if fmt.shard_name(r.shard) not in missing]
-    problems += [f"key {r.key} (image {r.id}, from {r.path}): shard {fmt.shard_name(r.shard)} "
-                 "is missing" for r in db.records if fmt.shard_name(r.shard) in missing]
+    broken = _open_shards(db)
+    problems += [broken[k] + f" ({int((db.records.shard == k).sum())} records unreadable)"
+                 for k in sorted(broken)]
+    ids = np.flatnonzero(~np.isin(db.records.shard, list(broken)))
     threads = min(8, len(os.sched_getaffinity(0)))  # OpenCV decode releases the GIL
     with ThreadPoolExecutor(threads) as ex:
-        results = ex.map(lambda r: _check_record(db, r, checksums), records)
-        for problem in tqdm(results, total=len(records), unit="img", desc="verifying",
+        results = ex.map(lambda i: _check_record(db, int(i)), ids)
+        for problem in tqdm(results, total=len(ids), unit="img", desc="verifying",
                             disable=not progress, dynamic_ncols=True):
             if problem:
                 problems.append(problem)
     return problems
+
+
+def warnings(db) -> list[str]:
+    """What is odd but readable: a BasicSR meta_info.txt listing shapes that differ from
+    the stored images (BasicSR trains on those, and so do we, at the stored size)."""
+    out = []
+    for i, h, w in getattr(db, "mismatches", []):
+        rec = db.records[i]
+        out.append(f"key {rec.key!r} (image {i}): meta_info.txt lists {h}x{w} (HxW), the "
+                   f"stored PNG is {rec.height}x{rec.width}; reading it at the stored size")
+    return out

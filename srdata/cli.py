@@ -10,7 +10,7 @@ import click
 from . import format as fmt
 from . import images
 from .pack import Interrupted, PackConfig, PackError, pack
-from .basicsr import open_db
+from .reader import open_db
 
 SHOWN_SKIPS = 20
 
@@ -120,18 +120,26 @@ def inspect_cmd(db, as_json):
 
 @main.command("verify")
 @click.argument("db", metavar="DB")
+@click.option("--strict", is_flag=True,
+              help="Fail on warnings too (a BasicSR meta_info.txt shape that differs from "
+                   "the stored image).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def verify_cmd(db, quiet):
+def verify_cmd(db, strict, quiet):
     """Decode every record of DB and check its checksum and shape."""
-    from .check import verify
+    from .check import verify, warnings
     d = _open(db)
-    problems = verify(d, progress=not quiet)
+    problems, notes = verify(d, progress=not quiet), warnings(d)
     for p in problems:
         click.echo(f"BAD {p}", err=True)
-    if problems:
-        raise click.ClickException(f"{db}: {len(problems)} problem(s) in {len(d):,} records; "
-                                   "pack the database again from its source")
-    click.echo(f"{db}: all {len(d):,} records OK")
+    for w in notes:
+        click.echo(f"WARNING {w}", err=True)
+    if problems or (strict and notes):
+        what = f"{len(problems)} problem(s)" + (f" and {len(notes)} warning(s)" if notes else "")
+        raise click.ClickException(f"{db}: {what} in {len(d):,} records; "
+                                   + ("pack the database again from its source" if problems
+                                      else "without --strict these are warnings only"))
+    click.echo(f"{db}: all {len(d):,} records OK"
+               + (f", {len(notes)} warning(s)" if notes else ""))
 
 
 @main.command("warm")

@@ -49,8 +49,22 @@ class PatchSource:
         flags = row[HFLIP:TRANSPOSE + 1].astype(np.int32)
         if self.db.codec == "raw":
             return crop_and_flip(self.db.image(int(row[ID])), row, self.sampler.patch)
-        value = np.frombuffer(self.db.read(int(row[ID])), np.uint8)
-        return value, np.array([row[Y], row[X]], np.int32), flags
+        value = self.db.read(int(row[ID]))
+        _check_header(self.db, int(row[ID]), value)
+        return np.frombuffer(value, np.uint8), np.array([row[Y], row[X]], np.int32), flags
+
+
+def _check_header(db, i: int, value: bytes) -> None:
+    """The decoder takes an image's size from its header, and would crop inside whatever
+    size that says: check it against the index first (the torch loader checks the decoded
+    array, the same test)."""
+    shape = fmt.encoded_shape(value, db.codec)
+    expected = (int(db.heights[i]), int(db.widths[i]))
+    if shape != expected:
+        rec = db.records[i]
+        found = f"is {shape[0]}x{shape[1]} px" if shape else "has a damaged header"
+        raise fmt.DBError(f"{db.path}: key {rec.key} (image {i}, from {rec.path}): the stored "
+                          f"{db.codec} {found}, the index says {expected[0]}x{expected[1]}")
 
 
 class PairedSource(PatchSource):
@@ -72,12 +86,15 @@ class PairedSource(PatchSource):
         row = self._rows[min(j, len(self._rows) - 1)]  # a short last batch is padded
         i, patch = int(row[ID]), self.sampler.patch
         out = []
-        for db, r, size in ((self.db, row, patch),
-                            (self.lr, lr_row(row, self.scale), patch // self.scale)):
+        for db, k, r, size in ((self.db, i, row, patch),
+                               (self.lr.db, int(self.lr.ids[i]), lr_row(row, self.scale),
+                                patch // self.scale)):
             if db.codec == "raw":
-                out.append(crop_and_flip(db.image(i), r, size))
+                out.append(crop_and_flip(db.image(k), r, size))
             else:
-                out += [np.frombuffer(db.read(i), np.uint8), np.array([r[Y], r[X]], np.int32)]
+                value = db.read(k)
+                _check_header(db, k, value)
+                out += [np.frombuffer(value, np.uint8), np.array([r[Y], r[X]], np.int32)]
         return (*out, row[HFLIP:TRANSPOSE + 1].astype(np.int32))
 
 

@@ -21,12 +21,22 @@ Index row: ``[shard, key, height, width, channels, nbytes, crc32, path]``; ``crc
 zlib.crc32 of the stored value, ``path`` the source file relative to the source root.
 Everything is JSON, never pickle. A reader refuses any ``format_version`` but its own.
 Bump ``FORMAT_VERSION`` on any change a version-1 reader would misread.
+
+Integrity, all checked by the reader: every value's crc32 on every read; ``index.json``
+against the manifest's ``index_sha256``; each ``data.mdb``'s size against the LMDB's last
+used page when a process opens it; and the manifest's ``id`` (a uuid4 hex, new for every
+pack) when a process opens a shard, so a database re-packed under a running reader is
+refused, not mixed. ``index_sha256`` and ``id`` are optional: older databases lack them.
 """
 from __future__ import annotations
 
+import gc
+import hashlib
 import json
 import os
+import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +128,94 @@ class Record:
         return (self.height, self.width, self.channels)
 
 
+class Strings:
+    """Many strings as one NUL-joined UTF-8 blob instead of a Python object each; pickled
+    compressed (source paths repeat their folders), unpacked on first use."""
+
+    def __init__(self, items):
+        items = list(items)
+        self._n = len(items)
+        self._blob = "\0".join(items).encode("utf-8", "surrogatepass")
+        if self._blob.count(0) != max(0, self._n - 1):
+            raise ValueError("a string holds a NUL character")
+        self._packed = self._bounds = None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int) -> str:
+        blob = self._blob
+        if blob is None:
+            blob = self._blob = zlib.decompress(self._packed)
+        if self._bounds is None:  # one assignment: threads may race here, harmlessly
+            nul = np.flatnonzero(np.frombuffer(blob, np.uint8) == 0)
+            self._bounds = (np.concatenate([[0], nul + 1]), np.append(nul, len(blob)))
+        starts, ends = self._bounds
+        return blob[starts[i]:ends[i]].decode("utf-8", "surrogatepass")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Strings) and list(self) == list(other)
+
+    def __iter__(self):
+        return (self[i] for i in range(self._n))
+
+    def __getstate__(self):
+        if self._packed is None:
+            self._packed = zlib.compress(self._blob, 1)
+        return {"n": self._n, "packed": self._packed}
+
+    def __setstate__(self, state):
+        self._n, self._packed = state["n"], state["packed"]
+        self._blob = self._bounds = None
+
+
+class Index:
+    """Every record's metadata as numpy columns (a million records cost ~40 MB, not a
+    Python object each); ``index[i]`` is record ``i`` as a ``Record``."""
+
+    def __init__(self, shard, keys, height, width, channels, nbytes, crc32, paths):
+        self.shard = np.asarray(shard, np.int32)
+        self.keys = np.asarray(keys, np.bytes_)  # fixed width; LMDB keys hold no NUL
+        self.height = np.asarray(height, np.int64)
+        self.width = np.asarray(width, np.int64)
+        self.channels = np.asarray(channels, np.uint8)
+        self.nbytes = np.asarray(nbytes, np.int64)
+        self.crc32 = np.asarray(crc32, np.uint32)
+        self.paths = paths if isinstance(paths, Strings) else Strings(paths)
+
+    def __len__(self) -> int:
+        return len(self.height)
+
+    def __getitem__(self, i: int) -> Record:
+        i = range(len(self))[i]  # IndexError past the end, negative ids count back
+        return Record(i, int(self.shard[i]), self.keys[i].decode(), int(self.height[i]),
+                      int(self.width[i]), int(self.channels[i]), int(self.nbytes[i]),
+                      int(self.crc32[i]), self.paths[i])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Index):
+            return NotImplemented
+        cols = ("shard", "keys", "height", "width", "channels", "nbytes", "crc32")
+        return (all(np.array_equal(getattr(self, c), getattr(other, c)) for c in cols)
+                and self.paths == other.paths)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _bad_manifest(path: Path, what: str) -> DBError:
+    return DBError(f"{path}: {what}; the manifest was edited or damaged, pack the database "
+                   "again")
+
+
 def read_manifest(db: str | os.PathLike) -> dict:
     """Read and check ``DB/manifest.json``; DBError names the database and what to do."""
     db = Path(db)
@@ -138,26 +236,138 @@ def read_manifest(db: str | os.PathLike) -> dict:
                       f"expected {FORMAT_NAME!r})" if isinstance(manifest, dict) else
                       f"{path} is not an srpipe manifest")
     version = manifest.get("format_version")
+    if type(version) is not int:  # "1" or 1.0 would pass a plain != and mislead below
+        raise _bad_manifest(path, f"format_version is {version!r}, expected the integer "
+                                  f"{FORMAT_VERSION}")
     if version != FORMAT_VERSION:
         raise DBError(f"{db} has format version {version}, this srpipe reads version "
                       f"{FORMAT_VERSION}; repack it with this version's `srdata pack`")
+    count, shards = manifest.get("count"), manifest.get("shards")
+    if type(count) is not int or count < 1:
+        raise _bad_manifest(path, f"count is {count!r}, expected a positive integer")
+    if not isinstance(shards, list) or not shards or not all(
+            isinstance(s, dict) and isinstance(s.get("name"), str) for s in shards):
+        raise _bad_manifest(path, "shards is not a list of {\"name\": ...} entries")
     return manifest
 
 
-def read_index(db: str | os.PathLike, manifest: dict) -> list[Record]:
+def _column(values: tuple, name: str, lo: int, hi: int) -> np.ndarray:
+    """An integer index column, or the first row that is not an integer in lo..hi."""
+    a = np.array(values)  # numpy infers the dtype: a string or float anywhere shows in it
+    if a.dtype.kind not in "iu" or a.ndim != 1:
+        i = next((i for i, v in enumerate(values) if type(v) is not int), 0)
+        raise ValueError(f"row {i} has {name} {values[i]!r}, expected an integer")
+    bad = np.flatnonzero((a < lo) | (a > hi))
+    if bad.size:
+        raise ValueError(f"row {bad[0]} has {name} {values[bad[0]]}, expected {lo}..{hi}")
+    return a
+
+
+def index_from_rows(rows: list, shards: int) -> Index:
+    """Check the index rows (types and ranges, vectorised) and turn them into columns."""
+    if not isinstance(rows, list) or not rows:
+        raise ValueError("rows is not a non-empty list")
+    try:  # (a row that is not a list fails a column's type check below)
+        widths = set(map(len, rows))
+    except TypeError:
+        widths = None
+    if widths != {len(INDEX_COLUMNS)}:
+        i = next(i for i, r in enumerate(rows)
+                 if not isinstance(r, list) or len(r) != len(INDEX_COLUMNS))
+        raise ValueError(f"row {i} is {rows[i]!r:.80}, expected [{', '.join(INDEX_COLUMNS)}]")
+    shard, keys, height, width, channels, nbytes, crc, paths = zip(*rows)
+    for name, col in (("key", keys), ("path", paths)):
+        try:
+            "".join(col)  # fails on anything but strings, at C speed (numpy would convert)
+        except TypeError:
+            i = next(i for i, v in enumerate(col) if type(v) is not str)
+            raise ValueError(f"row {i} has {name} {col[i]!r}, expected a string") from None
+    try:
+        keys = np.array(keys, np.bytes_)
+    except UnicodeEncodeError as e:
+        raise ValueError(f"a key is not ASCII ({e})") from None
+    return Index(_column(shard, "shard", 0, shards - 1), keys,
+                 _column(height, "height", 1, 1 << 31), _column(width, "width", 1, 1 << 31),
+                 _column(channels, "channels", CHANNELS, CHANNELS),
+                 _column(nbytes, "nbytes", 1, 1 << 40), _column(crc, "crc32", 0, 0xFFFFFFFF),
+                 Strings(paths))
+
+
+class _NoGC:
+    """Pause the cyclic garbage collector: parsing a million rows allocates millions of
+    lists it would otherwise scan again and again (half the parse time)."""
+
+    def __enter__(self):
+        self.was = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc):
+        if self.was:
+            gc.enable()
+
+
+def read_index(db: str | os.PathLike, manifest: dict) -> Index:
     path = Path(db) / manifest.get("index", INDEX)
     try:
-        index = json.loads(path.read_text())
-        if index["columns"] != list(INDEX_COLUMNS):
-            raise ValueError(f"columns {index['columns']}, expected {list(INDEX_COLUMNS)}")
-        records = [Record(i, *row) for i, row in enumerate(index["rows"])]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DBError(f"index {path} is missing or malformed ({e}); pack the database "
+        data = path.read_bytes()
+    except OSError as e:
+        raise DBError(f"index {path} is missing or unreadable ({e}); pack the database "
                       "again") from e
+    expected = manifest.get("index_sha256")  # absent in databases packed before it existed
+    with ThreadPoolExecutor(1) as pool:  # hashlib releases the GIL: hash while JSON parses
+        digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())
+        try:
+            with _NoGC():
+                index = json.loads(data)
+                if not isinstance(index, dict) or index.get("columns") != list(INDEX_COLUMNS):
+                    raise ValueError(f"columns are not {list(INDEX_COLUMNS)}")
+                records = index_from_rows(index.get("rows"), len(manifest["shards"]))
+            problem = None
+        except (ValueError, TypeError, RecursionError) as e:
+            problem = e
+    if expected is not None and digest.result() != expected:
+        raise DBError(f"index {path} was modified after packing (its sha256 differs from the "
+                      "manifest's index_sha256); pack the database again")
+    if problem is not None:
+        raise DBError(f"index {path} is malformed: {problem}; pack the database again") \
+            from problem
     if len(records) != manifest["count"]:
         raise DBError(f"index {path} lists {len(records)} images, the manifest says "
                       f"{manifest['count']}; pack the database again")
     return records
+
+
+_PNG = b"\x89PNG\r\n\x1a\n"
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def encoded_shape(buf, codec: str) -> tuple[int, int] | None:
+    """(height, width) from a PNG's IHDR or a JPEG's frame header, without decoding; None
+    when the header is damaged (a PNG's IHDR carries its own crc) or the codec is raw."""
+    if codec == "png":
+        if len(buf) < 33 or bytes(buf[:8]) != _PNG or bytes(buf[12:16]) != b"IHDR":
+            return None
+        if zlib.crc32(buf[12:29]) != struct.unpack(">I", buf[29:33])[0]:
+            return None
+        w, h = struct.unpack(">II", buf[16:24])
+        return h, w
+    if codec != "jpeg" or bytes(buf[:2]) != b"\xff\xd8":
+        return None
+    i, n = 2, len(buf)
+    while i + 9 <= n:  # marker segments up to the frame header, usually a handful
+        if buf[i] != 0xFF:
+            return None
+        marker = buf[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker in _SOF:
+            h, w = struct.unpack(">HH", buf[i + 5:i + 9])
+            return h, w
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # standalone markers
+            i += 2
+        else:
+            i += 2 + struct.unpack(">H", buf[i + 2:i + 4])[0]
+    return None
 
 
 def write_json_atomic(path: Path, obj) -> None:

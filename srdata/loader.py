@@ -100,7 +100,7 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
     database's image of the same name (see ``srdata.paired``) instead of a downscale of
     ``hr``; crops start on multiples of ``scale``, flips apply to both.
     """
-    from .basicsr import open_db
+    from .reader import open_db
     if loader not in LOADERS:
         raise ValueError(f"got loader={loader!r}, expected one of {', '.join(LOADERS)}")
     if scale not in (2, 3, 4):

@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import time
+import uuid
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
@@ -316,6 +317,8 @@ def _pack_into(src: Path, files: list[bytes], tmp: Path, cfg: PackConfig,
     }
     fmt.write_json_atomic(tmp / fmt.INDEX, {"format_version": fmt.FORMAT_VERSION,
                                            "columns": list(fmt.INDEX_COLUMNS), "rows": rows})
+    # what readers check: a new id per pack, and the index's own checksum
+    manifest |= {"id": uuid.uuid4().hex, "index_sha256": fmt.sha256_file(tmp / fmt.INDEX)}
     fmt.write_json_atomic(tmp / fmt.MANIFEST, manifest)  # last: its presence means complete
     return manifest
 

@@ -8,6 +8,8 @@ across fork.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import threading
 from pathlib import Path
@@ -16,69 +18,152 @@ import lmdb
 import numpy as np
 
 from . import format as fmt
+from . import publish
 
 # LMDB allows one Environment per file per process (py-lmdb refuses a second open), so every
-# reader of the same shard in this process shares one; rebuilt after a fork.
-_ENVS: dict[str, lmdb.Environment] = {}
+# reader of the same shard in this process shares one; rebuilt after a fork. Each entry
+# remembers the database identity it was checked against.
+_ENVS: dict[str, tuple[lmdb.Environment, str | None]] = {}
 _ENVS_PID = os.getpid()
 _ENVS_LOCK = threading.Lock()
 
 
-def open_shard(path: Path) -> lmdb.Environment:
-    """The process's read-only Environment for the shard directory ``path``."""
+def identity(manifest: dict) -> str:
+    """What tells one pack of a database from another: the manifest's ``id``, or for a
+    database packed before ids existed a digest of its manifest (creation time, checksums)."""
+    if manifest.get("id"):
+        return str(manifest["id"])
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def _check_identity(db: Path, expected: str) -> None:
+    try:
+        now = identity(fmt.read_manifest(db))
+    except fmt.DBError as e:
+        now = f"unreadable: {e}"
+    if now != expected:
+        raise fmt.DBError(f"{db} was packed again or replaced after it was opened (database "
+                          f"id {expected[:12]}, now {now[:12]}); reading on would mix old and "
+                          "new images: restart training with the new database")
+
+
+def _check_size(env: lmdb.Environment, path: Path) -> None:
+    """A data.mdb shorter than the LMDB's last used page (a partial copy, a full disk)
+    would kill the process with SIGBUS on the first read past its end."""
+    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    have = os.path.getsize(path / "data.mdb")
+    if have < need:
+        raise fmt.DBError(f"{path.parent}: {path.name}/data.mdb is truncated: {have} of {need} "
+                          "bytes; copy or pack it again")
+
+
+def open_shard(path: Path, db_identity: str | None = None) -> lmdb.Environment:
+    """The process's read-only Environment for the shard directory ``path``.
+
+    Checked once per process and shard: the file is complete, and (``db_identity`` given)
+    the database in ``path.parent`` is still the pack the caller opened."""
     global _ENVS, _ENVS_PID
     key = os.path.realpath(path)
-    env = _ENVS.get(key)
-    if env is not None and _ENVS_PID == os.getpid():
+    env, ident = _ENVS.get(key, (None, None))
+    if env is not None and _ENVS_PID == os.getpid() and ident == db_identity:
         return env
     with _ENVS_LOCK:
         if _ENVS_PID != os.getpid():  # inherited over fork: never reuse the parent's handles
             _ENVS, _ENVS_PID = {}, os.getpid()
-        env = _ENVS.get(key)
-        if env is None:
-            try:
-                env = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False,
-                                max_readers=fmt.MAX_READERS, subdir=True)
-            except lmdb.Error as e:
-                raise fmt.DBError(f"cannot open LMDB {path}: {e}; the database is "
-                                  "incomplete or damaged, pack or copy it again") from e
-            _ENVS[key] = env
+        env, ident = _ENVS.get(key, (None, None))
+        if env is not None and ident == db_identity:
+            return env
+        if env is not None:  # this process opened another pack at this path before
+            if db_identity is not None:
+                _check_identity(path.parent, db_identity)
+            del _ENVS[key]
+            env.close()
+        try:
+            env = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False,
+                            max_readers=fmt.MAX_READERS, subdir=True)
+        except lmdb.Error as e:
+            raise fmt.DBError(f"cannot open LMDB {path}: {e}; the database is "
+                              "incomplete or damaged, pack or copy it again") from e
+        try:
+            _check_size(env, path)
+            if db_identity is not None:  # after the open: a swap before or after it shows
+                _check_identity(path.parent, db_identity)
+        except BaseException:
+            env.close()
+            raise
+        _ENVS[key] = (env, db_identity)
         return env
 
 
 class PackedDB:
-    """An srpipe database: ``len(db)`` images, ``db.read(i)`` bytes, ``db.image(i)`` RGB."""
+    """An srpipe database: ``len(db)`` images, ``db.read(i)`` bytes, ``db.image(i)`` RGB.
+
+    ``db.records`` is a ``format.Index`` (numpy columns; ``db.records[i]`` a ``Record``)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        # a pack killed while swapping a new database in may have left the old one aside
+        # (.DB.old-PID) and none at DB: put it back, or clear what the swap left (logged)
+        publish.recover_publish(self.path)
         self.manifest = fmt.read_manifest(self.path)
-        self.codec = self.manifest["codec"]
+        self.codec = self.manifest.get("codec")
         if self.codec not in fmt.CODECS:
             raise fmt.DBError(f"{self.path} uses codec {self.codec!r}, this srpipe reads "
                               f"{', '.join(fmt.CODECS)}")
         self.records = fmt.read_index(self.path, self.manifest)
-        self.heights = np.array([r.height for r in self.records], np.int64)
-        self.widths = np.array([r.width for r in self.records], np.int64)
+        self.heights, self.widths = self.records.height, self.records.width
+        self.identity = identity(self.manifest)
+        # Every read checks the value's crc32 (~1% of a JPEG decode, see
+        # benchmarks/loader_throughput.py --crc); off only to measure that cost.
+        self._check_crc = True
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def read(self, i: int) -> bytes:
-        """The stored value of image ``i``; DBError names the key if it is missing."""
+    def _where(self, i: int) -> str:
         rec = self.records[i]
-        env = open_shard(self.path / fmt.shard_name(rec.shard))
-        with env.begin(buffers=False) as txn:
-            value = txn.get(rec.key.encode())
+        return (f"{self.path}: key {rec.key} (image {i}, from {rec.path}) in "
+                f"{fmt.shard_name(rec.shard)}")
+
+    def read(self, i: int) -> bytes:
+        """The stored value of image ``i``; DBError names the key if it is missing, damaged
+        or does not match the index's crc32."""
+        idx = self.records
+        shard = int(idx.shard[i])
+        try:
+            env = open_shard(self.path / fmt.shard_name(shard), self.identity)
+            with env.begin(buffers=False) as txn:
+                value = txn.get(idx.keys[i])
+        except lmdb.Error as e:
+            raise fmt.DBError(f"{self._where(i)}: LMDB error: {e}; the shard is damaged, copy "
+                              "or pack the database again") from None
         if value is None:
-            raise fmt.DBError(f"{self.path}: key {rec.key} (image {i}, from {rec.path}) is "
-                              f"missing from {fmt.shard_name(rec.shard)}; pack the database "
+            raise fmt.DBError(f"{self._where(i)}: missing from the shard; pack the database "
                               "again")
+        if self._check_crc and (len(value) != idx.nbytes[i] or fmt.crc32(value) != idx.crc32[i]):
+            raise fmt.DBError(f"{self._where(i)}: checksum mismatch: {len(value)} bytes, crc32 "
+                              f"{fmt.crc32(value):08x}; the index says {idx.nbytes[i]} bytes, "
+                              f"{idx.crc32[i]:08x}; copy or pack the database again")
         return value
 
     def image(self, i: int) -> np.ndarray:
         """Image ``i`` as HxWx3 uint8 RGB."""
-        rec = self.records[i]
+        idx = self.records
+        shape = (int(idx.height[i]), int(idx.width[i]), int(idx.channels[i]))
+        value = self.read(i)  # its errors name the database, shard and key already
         try:
-            return fmt.decode_image(self.read(i), self.codec, rec.shape)
+            return fmt.decode_image(value, self.codec, shape)
         except fmt.DBError as e:
+            rec = self.records[i]
             raise fmt.DBError(f"{self.path}: key {rec.key} (from {rec.path}): {e}") from None
+
+
+def open_db(path: str | os.PathLike):
+    """An srpipe database (PackedDB) or a BasicSR LMDB (BasicSRDB), whichever ``path`` holds."""
+    from .basicsr import META, BasicSRDB  # basicsr builds on this module: import it late
+    p = Path(path)
+    if (p / fmt.MANIFEST).is_file():
+        return PackedDB(p)
+    if (p / META).is_file() and (p / "data.mdb").is_file():
+        return BasicSRDB(p)
+    return PackedDB(p)  # its error names the path and says how to pack

@@ -118,7 +118,7 @@ def main(ctx, db, compile_, quiet, scale, **opts):
 
 def _check(cfg: TrainConfig) -> None:
     """The mistakes we can name before any work starts."""
-    from srdata.basicsr import open_db
+    from srdata.reader import open_db
     from .models import build_model
     if cfg.patch % cfg.scale:
         lo = cfg.patch - cfg.patch % cfg.scale

@@ -21,7 +21,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import srdata
-from srdata.basicsr import open_db
+from srdata.reader import open_db
 
 from . import checkpoint, ddp
 from .config import AMP_DTYPES, TrainConfig, resolve_amp

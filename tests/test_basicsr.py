@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from srdata import DBError, PackedDB
-from srdata.basicsr import BasicSRDB, open_db
+from srdata.basicsr import BasicSRDB
+from srdata.reader import open_db
 from srdata.pack import pack
 
 
@@ -137,3 +138,32 @@ def test_cli_inspects_verifies_and_warms_a_basicsr_lmdb(basicsr_db):
     corrupt_byte(path / "data.mdb", data.index(value) + 20)  # inside the PNG's IHDR
     r = run("verify", path, "-q")
     assert r.exit_code == 1 and f"key {keys[2]}" in r.output, r.output
+
+
+def test_meta_info_shapes_that_differ_from_the_images_read_as_basicsr_does(basicsr_db):
+    # BasicSR's own test LMDBs list 480x500 for a 480x492 image; BasicSR trusts the image
+    import torch
+
+    import srdata
+    from click.testing import CliRunner
+
+    from srdata.cli import main
+    path, image_dir, files, keys = basicsr_db
+    meta = path / "meta_info.txt"
+    lines = meta.read_text().splitlines()
+    stored = cv2.imread(str(image_dir / files[1])).shape[:2]
+    lines[1] = f"{keys[1]}.png ({stored[0] + 8},{stored[1] + 40},3) 1"
+    meta.write_text("\n".join(lines) + "\n")
+    db = BasicSRDB(path)
+    assert (db.heights[1], db.widths[1]) == stored and db.image(1).shape[:2] == stored
+    assert db.mismatches == [(1, stored[0] + 8, stored[1] + 40)]
+    lo = srdata.make_loader(db, "torch", batch_size=1, patch_size=min(stored) // 4 * 4,
+                            scale=4, workers=0, device="cpu", dtype=torch.uint8, ids=[1])
+    for _ in range(12):  # crops drawn all over the image: none may fall outside it
+        assert sum(len(hr) for _, hr in lo) == 1
+    r = CliRunner().invoke(main, ["verify", str(path), "-q"])
+    assert r.exit_code == 0 and "all 7 records OK, 1 warning(s)" in r.output, r.output
+    assert (f"WARNING key {keys[1]!r} (image 1): meta_info.txt lists {stored[0] + 8}x"
+            f"{stored[1] + 40} (HxW), the stored PNG is {stored[0]}x{stored[1]}") in r.output
+    r = CliRunner().invoke(main, ["verify", str(path), "-q", "--strict"])
+    assert r.exit_code == 1 and "0 problem(s) and 1 warning(s)" in r.output, r.output
