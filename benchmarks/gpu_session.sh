@@ -108,7 +108,8 @@ import re
 
 NEEDED = {"torch": "torch", "numpy": "numpy", "lmdb": "lmdb", "nvidia.dali": "nvidia-dali-cuda120",
           "cv2": "opencv-python-headless", "PIL": "pillow", "click": "click", "tqdm": "tqdm",
-          "skimage": "scikit-image", "matplotlib": "matplotlib", "pytest": "pytest"}
+          "skimage": "scikit-image", "matplotlib": "matplotlib", "pytest": "pytest",
+          "pytest_timeout": "pytest-timeout"}
 missing = []
 print("== versions")
 for mod, pip in NEEDED.items():
@@ -152,8 +153,9 @@ pack
 TESTS="skipped (--skip-tests)" TESTS_RC=0
 if [ "$SKIP_TESTS" = 0 ]; then
   t=$SECONDS
-  timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -m gpu -q -p no:cacheprovider tests \
-    > "$RES/pytest-gpu.log" 2>&1
+  # addopts without --strict-markers: without pytest-timeout its marker would stop collection
+  timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -m gpu -q -o addopts=-ra -p no:cacheprovider \
+    tests > "$RES/pytest-gpu.log" 2>&1
   rc=$? TESTS_RC=$rc
   TESTS="exit $rc in $((SECONDS - t)) s: $(grep -E '(passed|failed|skipped|error|deselected)' \
     "$RES/pytest-gpu.log" | tail -1)"
