@@ -74,7 +74,7 @@ cpu_quota() {  # whole CPUs the cgroup allows, or nothing when unlimited
   fi
   [ -n "${q:-}" ] && [ "$q" != max ] && [ "$q" -gt 0 ] 2>/dev/null && echo $(( (q + p - 1) / p ))
 }
-NPROC=$(nproc)
+NPROC=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys those
 QUOTA=$(cpu_quota)
 if [ -z "$WORKERS" ] && [ -n "$QUOTA" ] && [ "$QUOTA" -lt "$NPROC" ]; then
   WORKERS=$(( QUOTA > 1 ? QUOTA - 1 : 1 ))
@@ -87,6 +87,8 @@ SHM_KB=$(df -Pk /dev/shm 2>/dev/null | awk 'NR==2 {print $2}')
     2>/dev/null || echo 'no cpu.max'))   loader workers: ${WORKERS:-all cores but one}"
   grep -m1 'model name' /proc/cpuinfo
   grep Cpus_allowed_list /proc/self/status
+  echo "OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}" \
+       "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset}"
   echo "== memory"; free -g
   echo "== df -h /dev/shm /tmp"; df -h /dev/shm /tmp
   if [ -n "$SHM_KB" ] && [ "$SHM_KB" -lt 2097152 ]; then

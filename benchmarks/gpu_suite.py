@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -135,13 +137,20 @@ class Suite:
         logfile = self.out / "logs" / f"{part}.log"
         logfile.parent.mkdir(parents=True, exist_ok=True)
         with open(logfile, "a") as log:
+            # its own process group: a timeout (or the suite's end) takes the step's loader
+            # workers with it, so none goes on loading beside the next step
+            proc = subprocess.Popen([str(c) for c in cmd], cwd=HERE, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
             try:
-                rc = subprocess.run([str(c) for c in cmd], cwd=HERE, stdout=log,
-                                    stderr=subprocess.STDOUT,
-                                    timeout=max(1, min(self.p["timeout"], self.left()))
-                                    ).returncode
+                rc = proc.wait(timeout=max(1, min(self.p["timeout"], self.left())))
             except subprocess.TimeoutExpired:
                 rc = "timeout"
+            finally:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:  # the step and all its workers are gone
+                    pass
+                proc.wait()
         ok = rc == 0
         _common.emit({"part": part, "ok": ok, "returncode": rc,
                       "seconds": round(time.perf_counter() - t0, 1), "command": command,
@@ -318,6 +327,8 @@ def main(preset, quick, results, out, count, parts, budget, workers, work):
         env | {"preset": preset, "parts": parts, "budget": budget, "workers": workers,
                **{k: v for k, v in p.items() if k != "est"}}, indent=2))
     t0 = time.perf_counter()
+    # a `timeout` around the suite: end like Ctrl-C, so the running step's group is killed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="srpipe-suite-") as tmp:
         work = (work or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)
