@@ -1,4 +1,4 @@
-"""The whole benchmark suite in one command, for a GPU machine (~6 minutes with 16 cores).
+"""The whole benchmark suite in one command, for a GPU machine (~10 min with 16 cores, est.).
 
     python benchmarks/gpu_suite.py --budget 420     # the GPU parts, stopping before 420 s
     python benchmarks/gpu_suite.py --preset cpu     # every part sized for a few CPU cores
