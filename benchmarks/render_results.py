@@ -179,8 +179,10 @@ def render(out: Path) -> Path:
                "|---|---|---:|---:|---:|---:|"]
         md += [f"| {h['model']} | {h['loader']} | {h['batch_size']} | {_rate(h['img_per_s'])} | "
                f"{_duration(h['seconds_per_epoch'])} | {h['speedup']:.2f}× |" for h in heads]
-        md += ["", "`synthetic`: the step alone on a pre-made batch, what a loader that costs "
-               "nothing would give.", ""]
+        md.append("")
+        if any(h["loader"] == "synthetic" for h in heads):
+            md += ["`synthetic`: the step alone on a pre-made batch, what a loader that costs "
+                   "nothing would give.", ""]
     if (out / "loader_throughput.md").exists():
         md += ["## Loader throughput", "", (out / "loader_throughput.md").read_text(),
                "![loaders](loader_throughput.png)", ""]

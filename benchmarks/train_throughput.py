@@ -42,8 +42,9 @@ def _table(records: list[dict]) -> str:
     r = records[0]
     lines.append(f"\n{env.get('gpu') or 'no GPU'}, {env['cpus']} CPUs, torch {env['torch']}, "
                  f"DALI {env.get('dali')}, {env['date'][:10]}; patch "
-                 f"{r['patch']}, scale {r['scale']}, amp {r['amp']}, compile {r['compile']}, "
-                 f"cudnn.benchmark {r.get('cudnn_benchmark')}, tf32 {r.get('tf32')}.")
+                 f"{r['patch']}, scale {r['scale']}, amp {r['amp']}, compile {r['compile']}"
+                 + (f", cudnn.benchmark {r['cudnn_benchmark']}, tf32 {r['tf32']}"
+                    if "tf32" in r else "") + ".")
     return "\n".join(lines) + "\n"
 
 
