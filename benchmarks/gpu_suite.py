@@ -1,68 +1,100 @@
-"""The whole benchmark suite in one command, for a GPU machine (≤ 6 minutes with 16 cores).
+"""The whole benchmark suite in one command, for a GPU machine (~10 min with 16 cores, est.).
 
-    python benchmarks/gpu_suite.py                 # full: 10K x 512² JPEG q95, as users train
-    python benchmarks/gpu_suite.py --preset cpu    # the same parts sized for a few CPU cores
-    python benchmarks/gpu_suite.py --quick         # tiny sizes: checks the suite end to end
+    python benchmarks/gpu_suite.py --budget 420     # the GPU parts, stopping before 420 s
+    python benchmarks/gpu_suite.py --preset cpu     # every part sized for a few CPU cores
+    python benchmarks/gpu_suite.py --quick          # tiny sizes: checks the suite end to end
 
-Writes ``benchmarks/results/<gpu>-<date>/`` (``cpu<N>-<date>`` without a GPU):
+Writes ``benchmarks/results/<gpu>-<date>/`` (``cpu<N>-<date>`` without a GPU). The parts,
+most valuable first, so that a budget that runs out loses the least:
 
-1. ``db``: a COUNT-image 512² JPEG q95 database, packed by ``tools/pack_lmdb.py``;
+1. ``headline``: esrgan's train img/s fed by each loader and on synthetic data, and the
+   seconds per epoch of the users' 10K images that follow;
 2. ``loaders``: loader throughput (dali, dali ROI decode, torch; 4 workers and all cores);
-3. ``train``: train throughput for esrgan, fast and srcnn, synthetic and with each loader;
-   ``batch``: one model's img/s and peak memory over a range of batch sizes;
-4. ``codecs``: jpeg q90/q95/q100, png, raw: bytes and PSNR, and DALI and torch img/s;
-5. ``quality``: each model preset's validation PSNR over bicubic after the demo's training;
-6. ``headline``: seconds per epoch of the users' 10K images with the full esrgan model.
+3. ``train``: the kernel switches on/off for esrgan (cudnn.benchmark, TF32 at fp32,
+   torch.compile: they decide srtrain's defaults), then the other presets with each loader;
+4. ``batch``: one model's img/s and peak memory over a range of batch sizes;
+5. ``codecs``: jpeg q90/q95/q100, png, raw: bytes and PSNR, and DALI and torch img/s;
+6. ``quality``: each model preset's validation PSNR over bicubic after the demo's training.
 
-Each part runs as its own process and writes JSON lines; a part that fails is recorded in
-``suite.jsonl`` with its error and the others still run. ``render_results.py`` then turns
-the folder into ``results.md`` and PNG plots. Output goes to files, never through a pipe
-(``tee`` with worker processes can hang).
+The GPU default (``--preset full``) leaves out codecs (CPU-side) and quality (presets
+already ranked); ``--parts codecs,quality`` runs them. Every part uses one database, packed
+once by ``tools/pack_lmdb.py`` (into ``--work``, kept for reruns when given). Each step runs
+as its own process under a timeout and writes JSON lines; one that fails is recorded in
+``suite.jsonl`` with its error and the rest still run; with ``--budget`` a step whose
+estimate no longer fits is recorded as skipped. ``results.md`` and the PNG plots
+(``render_results.py``) are rewritten after every part, so a run cut short keeps what it
+measured. Output goes to files, never through a pipe (``tee`` with worker processes can hang).
 """
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import click
 
 import _common
+import render_results
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 USERS_EPOCH, USERS_SECONDS = 10_000, 7200  # the starting point: 2 h per epoch of ~10K images
-# each part and the result files it writes (besides its .md, .png and logs/PART.log)
-PARTS = {"loaders": ["loader_throughput.jsonl"], "train": ["train_throughput.jsonl"],
-         "batch": ["batch_sizes.jsonl"], "codecs": ["codec_compare.jsonl", "codec_loaders.jsonl"],
-         "quality": ["model_quality.jsonl"], "headline": ["headline.jsonl"]}
+# each part, in the order the parts run, and the result files it writes (besides its .md,
+# .png and logs/PART.log)
+PARTS = {"headline": ["train_esrgan.jsonl", "headline.jsonl"],
+         "loaders": ["loader_throughput.jsonl"],
+         "train": ["kernels.jsonl", "train_throughput.jsonl"],
+         "batch": ["batch_sizes.jsonl"],
+         # progressive training / time to quality: its part goes here (after batch: it
+         # needs the GPU; before codecs and quality, which do not)
+         "codecs": ["codec_compare.jsonl", "codec_loaders.jsonl"],
+         "quality": ["model_quality.jsonl"]}
+GPU_PARTS = "headline,loaders,train,batch"  # codecs: CPU-side; quality: presets ranked already
+STEP_TIMEOUT = 240  # s: a hung step costs at most this much of a GPU session
 CODECS = [("jpeg", 90), ("jpeg", 95), ("jpeg", 100), ("png", 95), ("raw", 95)]
 PRESETS = {
-    # the users' setting: 10K 512² JPEGs, 256² patches, esrgan at batch 32
-    "full": {"count": 10_000, "size": 512, "patch": 256, "batch": 64, "train_batch": 32,
+    # the users' setting: 512² JPEGs, 256² patches, esrgan at batch 32; 4000 images, as
+    # loader rates do not depend on the database's size beyond a few thousand (the headline
+    # is still the users' 10K-image epoch). ``est``: seconds each step is expected to take
+    # with a GPU and 16 cores (the read-through's estimate: about half of it is start-up),
+    # what --budget plans with.
+    "full": {"count": 4000, "size": 512, "patch": 256, "batch": 64, "train_batch": 32,
              "steps": 30, "warmup": 10, "batches": 50, "codec_count": 1000, "photos": 48,
-             "models": "esrgan,fast,srcnn", "workers": "4,0", "timeout": 900,
+             "models": "fast,srcnn", "workers": "4,0", "cold": False, "kernels": True,
+             "compile": True, "timeout": STEP_TIMEOUT, "parts": GPU_PARTS,
              "batch_model": "esrgan", "batch_sizes": "8,16,32,64", "codecs": CODECS,
-             "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30},
+             "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
+             "est": {"db": 40, "headline": 90, "loaders": 90, "kernels": 45, "compile": 150,
+                     "train": 60, "batch": 90, "codecs": 60, "quality": 200}},
     # the same images and patches on a few CPU cores, where esrgan trains at ~0.5 img/s:
     # few steps and small batches: ~11 minutes on 2 cores, and ~25 more for quality
     "cpu": {"count": 2000, "size": 512, "patch": 256, "batch": 32, "train_batch": 4,
             "steps": 6, "warmup": 1, "batches": 20, "codec_count": 300, "photos": 24,
-            "models": "esrgan,fast,srcnn", "workers": "1", "timeout": 2400,
+            "models": "fast,srcnn", "workers": "1", "cold": True, "kernels": False,
+            "compile": False, "timeout": 2400, "parts": ",".join(PARTS),
             "batch_model": "fast", "batch_sizes": "1,2,4,8", "codecs": CODECS,
-            "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30},
+            "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
+            "est": {"db": 120, "headline": 200, "loaders": 200, "kernels": 0, "compile": 0,
+                    "train": 150, "batch": 100, "codecs": 150, "quality": 1500}},
     # tiny sizes: the suite end to end in a test, not a measurement
     "quick": {"count": 48, "size": 96, "patch": 48, "batch": 4, "train_batch": 2, "steps": 2,
               "warmup": 1, "batches": 3, "codec_count": 12, "photos": 4,
-              "models": "esrgan,srcnn", "workers": "1", "timeout": 300,
+              "models": "srcnn", "workers": "1", "cold": True, "kernels": True,
+              "compile": False, "timeout": STEP_TIMEOUT, "parts": GPU_PARTS,
               "batch_model": "srcnn", "batch_sizes": "1,2", "codecs": [("jpeg", 95), ("raw", 95)],
-              "quality_models": "srcnn", "quality_epochs": 1},
+              "quality_models": "srcnn", "quality_epochs": 1,
+              "est": {"db": 5, "headline": 15, "loaders": 15, "kernels": 10, "compile": 0,
+                      "train": 10, "batch": 10, "codecs": 10, "quality": 15}},
 }
+RESERVE = 10  # s of a budget kept for the last results.md
 
 
 def results_dir(root: Path, env: dict) -> Path:
@@ -72,95 +104,172 @@ def results_dir(root: Path, env: dict) -> Path:
 
 
 class Suite:
-    def __init__(self, out: Path, work: Path, p: dict):
-        self.out, self.work, self.p = out, work, p
+    def __init__(self, out: Path, work: Path, p: dict, budget: float | None = None):
+        self.out, self.work, self.p, self.budget = out, work, p, budget
         self.log = out / "suite.jsonl"
+        self.t0 = time.perf_counter()
 
-    def run(self, part: str, *cmd, timeout: int | None = None) -> bool:
-        """Run one step of a part as a process; record how it went, never raise."""
+    def left(self) -> float:
+        """Seconds of the budget still to spend on steps (inf without a budget)."""
+        if self.budget is None:
+            return float("inf")
+        return self.budget - RESERVE - (time.perf_counter() - self.t0)
+
+    def fits(self, part: str, est: str, command: str) -> bool:
+        """Whether the step's estimate fits in what is left; if not, record it as skipped."""
+        need = self.p["est"].get(est, 0)
+        if need <= self.left():
+            return True
+        _common.emit({"part": part, "ok": True, "skipped": f"budget: needs ~{need} s, "
+                      f"{max(0, self.left()):.0f} s left", "command": command}, self.log)
+        return False
+
+    def run(self, part: str, *cmd, est: str | None = None) -> bool:
+        """Run one step of a part as a process; record how it went, never raise.
+
+        ``est``: the key of its time estimate (default: the part's); a step that would not
+        fit in what is left of the budget is skipped, and no timeout outlasts the budget.
+        """
+        command = " ".join(str(c) for c in cmd[1:])
+        if not self.fits(part, est or part, command):
+            return False
         t0 = time.perf_counter()
         logfile = self.out / "logs" / f"{part}.log"
         logfile.parent.mkdir(parents=True, exist_ok=True)
         with open(logfile, "a") as log:
+            # its own process group: a timeout (or the suite's end) takes the step's loader
+            # workers with it, so none goes on loading beside the next step
+            proc = subprocess.Popen([str(c) for c in cmd], cwd=HERE, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
             try:
-                rc = subprocess.run([str(c) for c in cmd], cwd=HERE, stdout=log,
-                                    stderr=subprocess.STDOUT, timeout=timeout or
-                                    self.p["timeout"]).returncode
+                rc = proc.wait(timeout=max(1, min(self.p["timeout"], self.left())))
             except subprocess.TimeoutExpired:
                 rc = "timeout"
+            finally:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:  # the step and all its workers are gone
+                    pass
+                proc.wait()
         ok = rc == 0
         _common.emit({"part": part, "ok": ok, "returncode": rc,
-                      "seconds": round(time.perf_counter() - t0, 1),
-                      "command": " ".join(str(c) for c in cmd[1:]),
+                      "seconds": round(time.perf_counter() - t0, 1), "command": command,
                       "log_tail": None if ok else logfile.read_text()[-1500:]}, self.log)
         return ok
 
-    def db(self, name: str, count: int, codec: str = "jpeg", quality: int = 95) -> Path:
-        """A database of ``count`` photos packed by the real packer (tools/pack_lmdb.py)."""
-        photos = self.work / f"photos-{count}"
-        if not photos.is_dir():
-            _common.make_photos(photos, count, self.p["size"], self.p["size"])
-        db = self.work / name
-        if not (db / "manifest.json").is_file():
-            self.run("db", sys.executable, ROOT / "tools" / "pack_lmdb.py", photos, db,
-                     "--size", self.p["size"], "--min-size", self.p["patch"], "--codec",
-                     codec, "--quality", quality, "--overwrite", "--quiet")
-        return db
+    def db(self, count: int, codec: str = "jpeg", quality: int = 95) -> Path | None:
+        """A database of ``count`` photos packed by the real packer (tools/pack_lmdb.py),
+        made once per work folder and reused; None if it could not be made."""
+        size = self.p["size"]
+        photos = self.work / f"photos-{count}-{size}"
+        db = self.work / f"db-{count}-{size}-{codec}-{quality}"
+        if (db / "manifest.json").is_file():
+            return db
+        if not self.fits("db", "db", f"pack {db.name}"):
+            return None
+        if not (photos / "done").is_file():
+            _common.make_photos(photos, count, size, size)
+            (photos / "done").touch()
+        ok = self.run("db", sys.executable, ROOT / "tools" / "pack_lmdb.py", photos, db,
+                      "--size", size, "--min-size", self.p["patch"], "--codec", codec,
+                      "--quality", quality, "--overwrite", "--quiet")
+        return db if ok else None
 
 
-def run_suite(out: Path, work: Path, p: dict, parts: list[str]) -> None:
-    s = Suite(out, work, p)
-    py = sys.executable
-    db = s.db("db", p["count"]) if {"loaders", "train", "batch"} & set(parts) else None
-    if "loaders" in parts:
-        s.run("loaders", py, "loader_throughput.py", "--db", db, "--loaders",
-              "dali,dali-roi,torch", "--batch-sizes", p["batch"], "--workers", p["workers"],
-              "--patch", p["patch"], "--batches", p["batches"],
-              "--out", out / "loader_throughput.jsonl", "--md", out / "loader_throughput.md",
-              "--plot", out / "loader_throughput.png")
-    if "train" in parts:
-        s.run("train", py, "train_throughput.py", "--db", db, "--models", p["models"],
-              "--loaders", "dali,torch", "--batch-sizes", p["train_batch"], "--patch",
-              p["patch"], "--steps", p["steps"], "--warmup", p["warmup"],
-              "--out", out / "train_throughput.jsonl", "--md", out / "train_throughput.md")
-    if "batch" in parts:
-        s.run("batch", py, "train_throughput.py", "--db", db, "--models", p["batch_model"],
-              "--loaders", "dali", "--batch-sizes", p["batch_sizes"], "--patch", p["patch"],
-              "--steps", p["steps"], "--warmup", p["warmup"],
-              "--out", out / "batch_sizes.jsonl", "--md", out / "batch_sizes.md")
-    if "codecs" in parts:
-        s.run("codecs", py, "codec_compare.py", "--count", p["photos"], "--size", p["size"],
-              "--repeats", 3, "--out", out / "codec_compare.jsonl")
-        for codec, q in p["codecs"]:
-            cdb = s.db(f"db-{codec}-{q}", p["codec_count"], codec, q)
-            s.run("codecs", py, "loader_throughput.py", "--db", cdb, "--loaders", "dali,torch",
-                  "--batch-sizes", p["batch"], "--workers", "0", "--patch", p["patch"],
-                  "--batches", p["batches"], "--no-cold",
-                  "--out", out / "codec_loaders.jsonl")
-    if "quality" in parts:
-        s.run("quality", py, "model_quality.py", "--models", p["quality_models"], "--epochs",
-              p["quality_epochs"], "--out", out / "model_quality.jsonl",
-              "--md", out / "model_quality.md")
-    if "headline" in parts:
-        headline(out)
+def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
+    p, out, py = s.p, s.out, sys.executable
+    train_workers = ["--workers", workers] if workers else []
+    loader_workers = p["workers"] if not workers else ",".join(
+        str(w if w != "0" else workers) for w in p["workers"].split(","))
+    train = ["--patch", p["patch"], "--steps", p["steps"], "--warmup", p["warmup"]]
+    db = s.db(p["count"]) if {"headline", "loaders", "train", "batch"} & set(parts) else None
+    for part in parts:
+        if db is None and part in ("headline", "loaders", "batch"):
+            _common.emit({"part": part, "ok": True, "skipped": "no database (see the db step)",
+                          "command": ""}, s.log)
+        if part == "headline" and db:
+            s.run("headline", py, "train_throughput.py", "--db", db, "--models", "esrgan",
+                  "--loaders", "dali,torch", "--batch-sizes", p["train_batch"], *train,
+                  *train_workers, "--out", out / "train_esrgan.jsonl")
+            headline(out)
+        if part == "loaders" and db:
+            s.run("loaders", py, "loader_throughput.py", "--db", db, "--loaders",
+                  "dali,dali-roi,torch", "--batch-sizes", p["batch"], "--workers",
+                  loader_workers, "--patch", p["patch"], "--batches", p["batches"],
+                  "--cold" if p["cold"] else "--no-cold",
+                  "--out", out / "loader_throughput.jsonl", "--md", out / "loader_throughput.md",
+                  "--plot", out / "loader_throughput.png")
+        if part == "train":
+            kernels(s, train)
+            if db:
+                s.run("train", py, "train_throughput.py", "--db", db, "--models", p["models"],
+                      "--loaders", "dali,torch", "--batch-sizes", p["train_batch"], *train,
+                      *train_workers, "--out", out / "train_throughput.jsonl")
+        if part == "batch" and db:
+            s.run("batch", py, "train_throughput.py", "--db", db, "--models", p["batch_model"],
+                  "--loaders", "dali", "--batch-sizes", p["batch_sizes"], *train,
+                  *train_workers, "--out", out / "batch_sizes.jsonl",
+                  "--md", out / "batch_sizes.md")
+        if part == "codecs":
+            s.run("codecs", py, "codec_compare.py", "--count", p["photos"], "--size", p["size"],
+                  "--repeats", 3, "--out", out / "codec_compare.jsonl")
+            for codec, q in p["codecs"]:
+                cdb = s.db(p["codec_count"], codec, q)
+                if cdb:
+                    s.run("codecs", py, "loader_throughput.py", "--db", cdb, "--loaders",
+                          "dali,torch", "--batch-sizes", p["batch"], "--workers", workers or 0,
+                          "--patch", p["patch"], "--batches", p["batches"], "--no-cold",
+                          "--out", out / "codec_loaders.jsonl")
+        if part == "quality":
+            s.run("quality", py, "model_quality.py", "--models", p["quality_models"],
+                  "--epochs", p["quality_epochs"], "--out", out / "model_quality.jsonl",
+                  "--md", out / "model_quality.md")
+        render(out)  # each part's results on the page as soon as it is done
+
+
+def kernels(s: Suite, train: list) -> None:
+    """esrgan's step alone with each kernel switch on and off: the rows that set srtrain's
+    defaults (cudnn.benchmark and TF32 act on CUDA only)."""
+    p, py = s.p, sys.executable
+    if not p["kernels"]:
+        return
+    step = [py, "train_throughput.py", "--loaders", "synthetic", "--models", "esrgan",
+            "--batch-sizes", p["train_batch"], *train, "--out", s.out / "kernels.jsonl"]
+    s.run("train", *step, "--cudnn-benchmark", "on,off", est="kernels")
+    s.run("train", *step, "--amp", "off", "--tf32", "on,off", est="kernels")
+    if p["compile"]:
+        s.run("train", *step, "--compile", est="compile")
+
+
+def render(out: Path) -> None:
+    """results.md and the plots from what is there now; a failure is printed, not raised."""
+    try:
+        render_results.render(out)
+    except Exception:  # the measurements are on disk: a rendering bug must not lose the run
+        traceback.print_exc()
 
 
 def headline(out: Path) -> None:
-    """Seconds per epoch of the users' 10K images for esrgan fed by each loader.
+    """Seconds per epoch of the users' 10K images for esrgan fed by each loader, and on
+    synthetic data (the step alone: what a loader at no cost would give).
 
     The epoch is the users' whatever the size of the database measured: img/s does not
     depend on it, and the comparison is with their 2 h per epoch of ~10K images."""
-    for r in _common.read_lines(out / "train_throughput.jsonl"):
-        if r["model"] == "esrgan":
-            seconds = USERS_EPOCH / r["loader_img_per_s"]
-            _common.emit({"part": "headline", "model": "esrgan", "loader": r["loader"],
-                          "batch_size": r["batch_size"], "patch": r["patch"],
-                          "img_per_s": r["loader_img_per_s"], "images": USERS_EPOCH,
-                          "seconds_per_epoch": round(seconds, 1),
-                          "baseline_seconds_per_epoch": USERS_SECONDS,
-                          "speedup": round(USERS_SECONDS / seconds, 2),
-                          "baseline": "the users' original setup: 2 h per epoch of ~10K "
-                                      "512² images, RRDBNet 64x23"}, out / "headline.jsonl")
+    rows = [r for r in _common.read_lines(out / "train_esrgan.jsonl") if r["model"] == "esrgan"]
+    if not rows:
+        return
+    fastest = max(rows, key=lambda r: r["synthetic_img_per_s"])
+    rates = [(r, r["loader"], r["loader_img_per_s"]) for r in rows]
+    for r, loader, rate in rates + [(fastest, "synthetic", fastest["synthetic_img_per_s"])]:
+        seconds = USERS_EPOCH / rate
+        _common.emit({"part": "headline", "model": "esrgan", "loader": loader,
+                      "batch_size": r["batch_size"], "patch": r["patch"],
+                      "img_per_s": rate, "images": USERS_EPOCH,
+                      "seconds_per_epoch": round(seconds, 1),
+                      "baseline_seconds_per_epoch": USERS_SECONDS,
+                      "speedup": round(USERS_SECONDS / seconds, 2),
+                      "baseline": "the users' original setup: 2 h per epoch of ~10K "
+                                  "512² images, RRDBNet 64x23"}, out / "headline.jsonl")
 
 
 def forget(out: Path, parts: list[str]) -> None:
@@ -168,18 +277,20 @@ def forget(out: Path, parts: list[str]) -> None:
     for part in parts:
         for name in PARTS[part]:
             (out / name).unlink(missing_ok=True)
-    builds = {"db"} if set(parts) - {"quality", "headline"} else set()  # the parts that pack
+    builds = {"db"} if set(parts) - {"quality"} else set()  # the parts that pack
     kept = [r for r in _common.read_lines(out / "suite.jsonl")
             if r["part"] not in builds | set(parts)]
     (out / "suite.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
-def _parts(ctx, param, value: str) -> list[str]:
+def _parts(ctx, param, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
     parts = value.split(",")
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise click.BadParameter(f"got {','.join(unknown)}, expected some of {','.join(PARTS)}")
-    return parts
+    return [p for p in PARTS if p in parts]  # most valuable first, whatever the order given
 
 
 @click.command()
@@ -190,26 +301,43 @@ def _parts(ctx, param, value: str) -> list[str]:
               help="Parent folder of the results folder.")
 @click.option("--out", type=click.Path(path_type=Path),
               help="The results folder itself  [default: RESULTS/<gpu>-<date>]")
-@click.option("--count", type=int, help="Images in the main database  [default: 10000]")
-@click.option("--parts", default=",".join(PARTS), show_default=True, callback=_parts,
-              help="Run only these; the results of the others stay as they are.")
-def main(preset, quick, results, out, count, parts):
+@click.option("--count", type=int, help="Images in the main database  [default: 4000]")
+@click.option("--parts", callback=_parts,
+              help=f"Run only these (of {','.join(PARTS)}); the results of the others stay "
+                   f"as they are  [default: {GPU_PARTS}; every part with --preset cpu]")
+@click.option("--budget", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Start no step whose estimate no longer fits in this wall time.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="The most CPU workers a loader gets  [default: all cores but one]; set it "
+                   "to the CPU quota less one where a container sees more cores than it has.")
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the generated photos and databases here for the next run  "
+                   "[default: a temporary folder]")
+def main(preset, quick, results, out, count, parts, budget, workers, work):
     preset = "quick" if quick else preset
     p = dict(PRESETS[preset])
     if count:
         p["count"] = count
+    parts = parts or p["parts"].split(",")
     env = _common.environment() | _common.accelerator_environment()
     out = (out or results_dir(results, env)).resolve()  # the parts run in benchmarks/
     out.mkdir(parents=True, exist_ok=True)
     forget(out, parts)
-    (out / "environment.json").write_text(json.dumps(env | {"preset": preset, **p}, indent=2))
+    (out / "environment.json").write_text(json.dumps(
+        env | {"preset": preset, "parts": parts, "budget": budget, "workers": workers,
+               **{k: v for k, v in p.items() if k != "est"}}, indent=2))
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="srpipe-suite-") as work:
-        run_suite(out, Path(work), p, parts)
-    subprocess.run([sys.executable, HERE / "render_results.py", out], check=False)
-    failed = [r for r in _common.read_lines(out / "suite.jsonl") if not r["ok"]]
+    # a `timeout` around the suite: end like Ctrl-C, so the running step's group is killed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with tempfile.TemporaryDirectory(prefix="srpipe-suite-") as tmp:
+        work = (work or Path(tmp)).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        run_suite(Suite(out, work, p, budget), parts, workers)
+    steps = _common.read_lines(out / "suite.jsonl")
+    failed = [r for r in steps if not r["ok"]]
+    skipped = [r for r in steps if r.get("skipped")]
     print(f"suite finished in {time.perf_counter() - t0:.0f} s: {out} "
-          f"({len(failed)} failed step(s))")
+          f"({len(failed)} failed, {len(skipped)} skipped step(s))")
     sys.exit(1 if failed else 0)
 
 

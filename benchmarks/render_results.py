@@ -3,8 +3,8 @@
     python benchmarks/render_results.py benchmarks/results/<gpu>-<date>
 
 Reads whichever of these exist: headline.jsonl, loader_throughput.{md,png},
-train_throughput.jsonl, batch_sizes.jsonl, codec_compare.jsonl, codec_loaders.jsonl,
-model_quality.md, suite.jsonl, environment.json. Writes results.md, train_throughput.png,
+train_esrgan.jsonl, train_throughput.jsonl, kernels.jsonl, batch_sizes.jsonl,
+codec_compare.jsonl, codec_loaders.jsonl, model_quality.md, suite.jsonl, environment.json. Writes results.md, train_throughput.png,
 batch_sizes.png and codecs.png next to them.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from _common import read_lines
+from train_throughput import _table as train_table
 
 
 def _plt():
@@ -39,11 +40,10 @@ def _save(plt, fig, ax, ylabel: str, title: str, path: Path) -> None:
 
 
 def train_section(out: Path) -> list[str]:
-    rows = read_lines(out / "train_throughput.jsonl")
+    rows = read_lines(out / "train_esrgan.jsonl") + read_lines(out / "train_throughput.jsonl")
     if not rows:
         return []
-    md = (out / "train_throughput.md").read_text() if (out / "train_throughput.md").exists() \
-        else ""
+    md = train_table(rows)
     plt = _plt()
     models = list(dict.fromkeys(r["model"] for r in rows))
     loaders = list(dict.fromkeys(r["loader"] for r in rows))
@@ -68,6 +68,31 @@ def train_section(out: Path) -> list[str]:
                "training throughput: synthetic data vs fed by each loader",
                out / "train_throughput.png")
     return ["## Training throughput", "", md, "![train](train_throughput.png)", ""]
+
+
+def kernels_section(out: Path) -> list[str]:
+    """The training step alone with each kernel switch on and off, against srtrain's
+    defaults at the same precision (cudnn.benchmark and TF32 on, no compile)."""
+    rows = read_lines(out / "kernels.jsonl")
+    if not rows:
+        return []
+    on = lambda b: "on" if b else "off"  # noqa: E731
+    base = {r["amp"]: r["synthetic_img_per_s"] for r in rows
+            if r["cudnn_benchmark"] and r["tf32"] and not r["compile"]}
+    lines = ["## Kernel switches", "", "The training step alone on one pre-made batch: what "
+             "each switch is worth, against srtrain's defaults at the same precision "
+             "(cudnn.benchmark on, TF32 on, no compile).", "",
+             "| model | batch | amp | cudnn.benchmark | TF32 | compile | img/s | × default "
+             "| peak GiB |", "|---|---:|---|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        rate, ref = r["synthetic_img_per_s"], base.get(r["amp"])
+        mem = f"{r['peak_gpu_gib']:.1f}" if r["peak_gpu_gib"] is not None else "-"
+        lines.append(f"| {r['model']} | {r['batch_size']} | {r['amp']} | "
+                     f"{on(r['cudnn_benchmark'])} | {on(r['tf32'])} | {on(r['compile'])} | "
+                     f"{_rate(rate)} | {f'{rate / ref:.2f}' if ref else '-'} | {mem} |")
+    if not rows[0]["env"].get("gpu"):
+        lines += ["", "No GPU: cudnn.benchmark and TF32 change nothing on the CPU."]
+    return lines + [""]
 
 
 def batch_section(out: Path) -> list[str]:
@@ -155,13 +180,21 @@ def render(out: Path) -> Path:
         md += [f"| {h['model']} | {h['loader']} | {h['batch_size']} | {_rate(h['img_per_s'])} | "
                f"{_duration(h['seconds_per_epoch'])} | {h['speedup']:.2f}× |" for h in heads]
         md.append("")
+        if any(h["loader"] == "synthetic" for h in heads):
+            md += ["`synthetic`: the step alone on a pre-made batch, what a loader that costs "
+                   "nothing would give.", ""]
     if (out / "loader_throughput.md").exists():
         md += ["## Loader throughput", "", (out / "loader_throughput.md").read_text(),
                "![loaders](loader_throughput.png)", ""]
-    md += train_section(out) + batch_section(out) + codec_section(out)
+    md += train_section(out) + kernels_section(out) + batch_section(out) + codec_section(out)
     if (out / "model_quality.md").exists():
         md += ["## Model presets: quality", "", (out / "model_quality.md").read_text(), ""]
-    failed = [r for r in read_lines(out / "suite.jsonl") if not r["ok"]]
+    steps = read_lines(out / "suite.jsonl")
+    skipped = [r for r in steps if r.get("skipped")]
+    if skipped:
+        md += ["## Skipped steps", ""] + [f"- `{r['part']}`: `{r['command']}` ({r['skipped']})"
+                                          for r in skipped] + [""]
+    failed = [r for r in steps if not r["ok"]]
     if failed:
         md += ["## Failed steps", ""] + [f"- `{r['part']}`: `{r['command']}` "
                                          f"(exit {r['returncode']}); see logs/{r['part']}.log"

@@ -3,13 +3,18 @@ and fed by each loader, and loader efficiency = fed img/s / synthetic img/s.
 
     python benchmarks/train_throughput.py [--db DB | --count 2048] \
         [--models esrgan,fast,srcnn] [--loaders dali,torch] [--batch-sizes 32] [--patch 256] \
-        [--amp auto] [--compile] [--out F.jsonl] [--md F.md]
+        [--amp auto] [--compile] [--cudnn-benchmark on,off] [--tf32 on,off] \
+        [--out F.jsonl] [--md F.md]
 
 The step is srtrain's own (``srtrain.train.Stepper``: autocast, channels_last, fused AdamW,
 L1), on a fresh model per configuration: ``--warmup`` untimed steps, then ``--steps`` timed,
 synchronised on the GPU. Synthetic data is one loader batch repeated, so the two numbers
 differ only by the loader. One JSON line per model x loader x batch size, with peak GPU
 memory (``--batch-sizes 8,16,32,64``: how throughput and memory grow with the batch).
+
+``--loaders synthetic`` times the step alone on one random batch (no database, no loader):
+what the kernel switches (``--cudnn-benchmark``, ``--tf32``, ``--compile``; CUDA only) are
+measured with, each given as ``on``, ``off`` or ``on,off`` (one configuration each).
 """
 from __future__ import annotations
 
@@ -28,15 +33,37 @@ def _table(records: list[dict]) -> str:
              "| peak GiB |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in records:
         mem = f"{r['peak_gpu_gib']:.1f}" if r["peak_gpu_gib"] is not None else "-"
+        fed = r["loader_img_per_s"]
         lines.append(f"| {r['model']} | {r['loader']} | {r['batch_size']} | "
-                     f"{r['synthetic_img_per_s']:,.1f} | {r['loader_img_per_s']:,.1f} | "
-                     f"{100 * r['loader_efficiency']:.0f}% | {mem} |")
+                     f"{r['synthetic_img_per_s']:,.1f} | "
+                     + (f"{fed:,.1f} | {100 * r['loader_efficiency']:.0f}% | " if fed else
+                        "- | - | ") + f"{mem} |")
     env = records[0]["env"]
     r = records[0]
     lines.append(f"\n{env.get('gpu') or 'no GPU'}, {env['cpus']} CPUs, torch {env['torch']}, "
                  f"DALI {env.get('dali')}, {env['date'][:10]}; patch "
-                 f"{r['patch']}, scale {r['scale']}, amp {r['amp']}, compile {r['compile']}.")
+                 f"{r['patch']}, scale {r['scale']}, amp {r['amp']}, compile {r['compile']}"
+                 + (f", cudnn.benchmark {r['cudnn_benchmark']}, tf32 {r['tf32']}"
+                    if "tf32" in r else "") + ".")
     return "\n".join(lines) + "\n"
+
+
+def synthetic_rate(cfg, model, dev, steps: int, warmup: int) -> dict:
+    """The training step alone, on one random batch of the loader's dtype and layout."""
+    import torch
+
+    from srtrain.config import AMP_DTYPES
+    from srtrain.train import Stepper, repeat, set_kernels, step_rate
+    set_kernels(cfg, dev)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    hr = torch.rand(cfg.batch_size, 3, cfg.patch, cfg.patch, device=dev,
+                    dtype=AMP_DTYPES[cfg.amp]).contiguous(memory_format=fmt)
+    lr = hr[:, :, cfg.scale // 2::cfg.scale, cfg.scale // 2::cfg.scale].contiguous(
+        memory_format=fmt)
+    net = torch.compile(model) if cfg.compile else model
+    rate = step_rate(Stepper(cfg, model, net, dev, cfg.amp, 10**6), repeat(lr, hr), steps,
+                     warmup, dev)
+    return {"synthetic_img_per_s": rate, "loader_img_per_s": None, "loader_efficiency": None}
 
 
 def measure(cfg, dev, steps: int, warmup: int) -> dict | None:
@@ -52,12 +79,22 @@ def measure(cfg, dev, steps: int, warmup: int) -> dict | None:
         model = build_model(cfg.model, cfg.scale).to(
             dev, memory_format=torch.channels_last if cfg.channels_last
             else torch.preserve_format)
-        r = loader_efficiency(cfg, model, dev, cfg.amp, steps, warmup)
+        if cfg.loader == "synthetic":
+            r = synthetic_rate(cfg, model, dev, steps, warmup)
+        else:
+            r = loader_efficiency(cfg, model, dev, cfg.amp, steps, warmup)
     except torch.cuda.OutOfMemoryError:
         return None
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
-    return {**{k: round(v, 3) for k, v in r.items()},
+    return {**{k: None if v is None else round(v, 3) for k, v in r.items()},
             "peak_gpu_gib": round(peak, 2) if peak is not None else None}
+
+
+def _switch(ctx, param, value: str) -> list[bool]:
+    names = value.split(",")
+    if not names or set(names) - {"on", "off"}:
+        raise click.BadParameter(f"got {value}, expected on, off or on,off")
+    return [n == "on" for n in names]
 
 
 @click.command()
@@ -74,6 +111,10 @@ def measure(cfg, dev, steps: int, warmup: int) -> dict | None:
 @click.option("--amp", default="auto", show_default=True)
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True)
 @click.option("--compile", "compile_", is_flag=True)
+@click.option("--cudnn-benchmark", "cudnn", default="on", show_default=True, callback=_switch,
+              help="on, off or on,off: torch.backends.cudnn.benchmark (CUDA).")
+@click.option("--tf32", default="on", show_default=True, callback=_switch,
+              help="on, off or on,off: TF32 for fp32 convolutions and matmuls (CUDA).")
 @click.option("--workers", type=int, help="Loader CPU workers  [default: all cores but one]")
 @click.option("--device", default=None)
 @click.option("--steps", default=30, show_default=True)
@@ -81,7 +122,7 @@ def measure(cfg, dev, steps: int, warmup: int) -> dict | None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--md", type=click.Path(dir_okay=False, path_type=Path))
 def main(db, count, size, models, loaders, batch_sizes, patch, scale, amp, channels_last,
-         compile_, workers, device, steps, warmup, out, md):
+         compile_, cudnn, tf32, workers, device, steps, warmup, out, md):
     from srtrain.config import TrainConfig, resolve_amp
     from srdata.loader import resolve_device
     env = _common.environment() | _common.accelerator_environment()
@@ -89,14 +130,18 @@ def main(db, count, size, models, loaders, batch_sizes, patch, scale, amp, chann
     amp = resolve_amp(amp, dev)
     records = []
     with tempfile.TemporaryDirectory(prefix="srpipe-bench-") as tmp:
-        source = str(db) if db else f"synthetic {size}x{size} jpeg q95"
-        db = db or _common.build_jpeg_db(tmp, count, size, min_size=patch)
-        for name, loader, bs in itertools.product(models.split(","), loaders.split(","),
-                                                  [int(b) for b in batch_sizes.split(",")]):
+        source = str(db) if db else ("one random batch" if loaders == "synthetic" else
+                                     f"synthetic {size}x{size} jpeg q95")
+        if loaders != "synthetic":  # the step alone needs no database
+            db = db or _common.build_jpeg_db(tmp, count, size, min_size=patch)
+        for name, loader, bs, bench, tf in itertools.product(
+                models.split(","), loaders.split(","), [int(b) for b in batch_sizes.split(",")],
+                cudnn, tf32):
             cfg = TrainConfig(db=str(db), loader=loader, model=name, scale=scale,
                               batch_size=bs, patch=patch, amp=amp,
                               channels_last=channels_last, compile=compile_,
-                              workers=workers, schedule="constant")
+                              workers=workers, schedule="constant", cudnn_benchmark=bench,
+                              tf32=tf)
             r = measure(cfg, dev, steps, warmup)
             if r is None:
                 warnings.warn(f"{name} at batch {bs} ran out of GPU memory; skipped")
@@ -105,7 +150,8 @@ def main(db, count, size, models, loaders, batch_sizes, patch, scale, amp, chann
                 "benchmark": "train_throughput", "source": source, "model": name,
                 "loader": loader, "batch_size": bs, "patch": patch, "scale": scale,
                 "amp": amp, "channels_last": channels_last, "compile": compile_,
-                "steps": steps, "warmup": warmup, **r, "env": env})
+                "cudnn_benchmark": bench, "tf32": tf, "steps": steps, "warmup": warmup, **r,
+                "env": env})
             _common.emit(records[-1], out)
     if md:
         md.parent.mkdir(parents=True, exist_ok=True)

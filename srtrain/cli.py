@@ -57,6 +57,10 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
               help="auto: bf16 where the GPU has it, else fp16 (with a GradScaler); off on CPU.")
 @click.option("--channels-last/--no-channels-last", default=True)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--cudnn-benchmark/--no-cudnn-benchmark", default=True,
+              help="CUDA: let cuDNN time its convolution algorithms once per shape.")
+@click.option("--tf32/--no-tf32", default=True,
+              help="CUDA, fp32 math (--amp off): convolutions and matmuls on TF32 tensor cores.")
 @click.option("--ema", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Keep an exponential moving average of the weights with this decay "
                    "(e.g. 0.999); validation and upscale use it.")

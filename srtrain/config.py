@@ -10,7 +10,8 @@ AMPS = ("auto", "bf16", "fp16", "off")
 SCHEDULES = ("onecycle", "cosine", "constant")
 
 # What a resumed run may change: where and how fast it runs, never what it computes.
-RESUMABLE_CHANGES = {"resume", "device", "workers", "log_every", "progress", "profile_loader"}
+RESUMABLE_CHANGES = {"resume", "device", "workers", "log_every", "progress", "profile_loader",
+                     "cudnn_benchmark", "tf32"}
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class TrainConfig:
     profile_loader: bool = False
     progress: bool = True
     lr_db: str | None = None
+    # CUDA only (srtrain.train.set_kernels): cuDNN autotuning and TF32 for fp32 math
+    cudnn_benchmark: bool = True
+    tf32: bool = True
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -144,6 +144,21 @@ def loader_workers(asked: int | None) -> int:
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
 
 
+def set_kernels(cfg: TrainConfig, device: torch.device) -> None:
+    """cuDNN autotuning and TF32 as ``cfg`` says (process-wide torch switches; CUDA only).
+
+    Training shapes are fixed (one batch size, one patch), so cudnn.benchmark's one-off
+    search per shape pays on every later step (BasicSR sets it too). TF32 matters for fp32
+    runs (``--amp off``); bf16/fp16 autocast convolutions do not use it. Set through the
+    APIs torch has kept since 1.12: mixing the legacy flags with torch 2.9's
+    ``fp32_precision`` makes later reads of either raise."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    torch.backends.cudnn.allow_tf32 = cfg.tf32
+    torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train as ``cfg`` says; returns the last validation scores and counters."""
     d, device = ddp.setup(cfg.device)
@@ -158,6 +173,7 @@ class Trainer:
         self.cfg, self.d, self.device = cfg, d, device
         self.out = Path(cfg.out)
         self.amp = resolve_amp(cfg.amp, device)
+        set_kernels(cfg, device)
         state = self._resume_state()
         torch.manual_seed(cfg.seed)
         db = open_db(cfg.db)
@@ -387,6 +403,7 @@ def repeat(lr, hr):
 def loader_efficiency(cfg: TrainConfig, model, device, amp: str, steps: int = 20,
                       warmup: int = 5, loader=None) -> dict:
     """Loader efficiency: img/s with the loader ÷ img/s on synthetic (pre-made) batches."""
+    set_kernels(cfg, device)
     if loader is None:
         loader = srdata.make_loader(cfg.db, cfg.loader, cfg.batch_size, cfg.patch, cfg.scale,
                                     seed=cfg.seed + 1, sample_ratio=1.0, device=device,
@@ -397,8 +414,11 @@ def loader_efficiency(cfg: TrainConfig, model, device, amp: str, steps: int = 20
         m = copy.deepcopy(model)
         return Stepper(cfg, m, torch.compile(m) if cfg.compile else m, device, amp, 10**6)
 
-    lr, hr = next(iter(forever(loader)))
+    # one pass over the loader for both runs: a second iter() would start its workers (and
+    # build a DALI pipeline) again, the first one left half-read
+    batches = forever(loader)
+    lr, hr = next(batches)
     synthetic = step_rate(fresh(), repeat(lr, hr), steps, warmup, device)
-    fed = step_rate(fresh(), forever(loader), steps, warmup, device)
+    fed = step_rate(fresh(), batches, steps, warmup, device)
     return {"synthetic_img_per_s": synthetic, "loader_img_per_s": fed,
             "loader_efficiency": fed / synthetic}

@@ -1,7 +1,9 @@
 """The benchmarks run end to end on tiny inputs (their numbers are not checked here)."""
 import json
+import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -70,30 +72,97 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
     out = tmp_path / "results"
     bench("gpu_suite.py", "--quick", "--out", "results", cwd=tmp_path, timeout=600)
     steps = [json.loads(x) for x in (out / "suite.jsonl").read_text().splitlines()]
-    assert steps and all(s["ok"] for s in steps), steps
-    assert {s["part"] for s in steps} == {"db", "loaders", "train", "batch", "codecs",
-                                          "quality"}
+    assert steps and all(s["ok"] and not s.get("skipped") for s in steps), steps
+    # the GPU default, most valuable first; the kernel switches are rows of the train part
+    assert list(dict.fromkeys(s["part"] for s in steps)) == ["db", "headline", "loaders",
+                                                             "train", "batch"]
     md = (out / "results.md").read_text()
     for section in ("## Headline", "## Loader throughput", "## Training throughput",
-                    "## Batch size", "## Codecs", "## Model presets: quality", "quick mode",
-                    "--preset quick"):
+                    "## Kernel switches", "## Batch size", "quick mode", "--preset quick"):
         assert section in md
     assert "| esrgan | dali | 2 |" in md and "the users' 10,000 images" in md
+    assert "| esrgan | synthetic | 2 |" in md  # the headline's step alone
     assert "| srcnn | dali | 2 |" in md  # the batch-size sweep
-    for png in ("loader_throughput.png", "train_throughput.png", "batch_sizes.png", "codecs.png"):
+    kernels = [json.loads(x) for x in (out / "kernels.jsonl").read_text().splitlines()]
+    assert [(k["amp"], k["cudnn_benchmark"], k["tf32"]) for k in kernels] == [
+        ("off", True, True), ("off", False, True), ("off", True, True), ("off", True, False)]
+    for png in ("loader_throughput.png", "train_throughput.png", "batch_sizes.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    # a part run again replaces its own results only
-    bench("gpu_suite.py", "--quick", "--parts", "headline", "--out", out, cwd=tmp_path)
-    assert "## Training throughput" in (out / "results.md").read_text()
-    assert {s["part"] for s in map(json.loads, (out / "suite.jsonl").read_text().splitlines())
-            } == {"db", "loaders", "train", "batch", "codecs", "quality"}
-    assert len((out / "headline.jsonl").read_text().splitlines()) == 2
+    # the parts left out of the GPU default run on request and keep the others' results
+    bench("gpu_suite.py", "--quick", "--parts", "quality,codecs", "--out", out, cwd=tmp_path,
+          timeout=600)
+    md = (out / "results.md").read_text()
+    for section in ("## Headline", "## Training throughput", "## Codecs",
+                    "## Model presets: quality"):
+        assert section in md
+    assert (out / "codecs.png").read_bytes()[:4] == b"\x89PNG"
+    parts = [json.loads(x)["part"] for x in (out / "suite.jsonl").read_text().splitlines()]
+    assert parts[:parts.index("codecs")] == [s["part"] for s in steps[1:]]  # kept, db redone
+    assert set(parts[parts.index("codecs"):]) == {"db", "codecs", "quality"}
+    assert len((out / "headline.jsonl").read_text().splitlines()) == 3  # dali, torch, synthetic
 
 
 def test_gpu_suite_names_an_unknown_part(tmp_path):
     r = subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), "--parts", "train,nope",
                         "--out", tmp_path], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "got nope, expected some of loaders," in r.stderr
+    assert r.returncode == 2 and "got nope, expected some of headline,loaders," in r.stderr
+
+
+def test_gpu_session_script_end_to_end(tmp_path):
+    """The GPU session's plumbing on the CPU: facts, the suite under a budget that skips
+    every step, one archive and a summary under $OUT (a real quick suite: the test above)."""
+    script = str(BENCH / "gpu_session.sh")
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable)
+    r = subprocess.run(["bash", script, "--quick", "--skip-tests", "--budget", "0"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu-session.tar.gz",
+                                                                    "summary.txt"]
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert summary in r.stdout and "== nproc:" in summary and "suite: exit 0" in summary
+    assert "## Skipped steps" in summary and "budget: needs ~" in summary
+    with tarfile.open(tmp_path / "out" / "gpu-session.tar.gz") as tar:
+        names = set(tar.getnames())
+        env_txt = tar.extractfile("session/env.txt").read().decode()
+        steps = [json.loads(x) for x in tar.extractfile("session/suite/suite.jsonl")]
+    assert {"session/env.txt", "session/suite.log", "session/suite/results.md"} <= names
+    for fact in ("cgroup CPU quota", "df -h /dev/shm /tmp", "== nvidia-smi", "torch.ones",
+                 "nvidia.dali", "lmdb", "pip install --no-deps"):
+        assert fact in env_txt or fact == "torch.ones" and "cuda available: False" in env_txt
+    assert steps and all(s["ok"] and s["skipped"] for s in steps)
+    for args, message in [(["--budget", "soon"], "--budget expects a whole number"),
+                          (["--workers", "0"], "--workers must be at least 1"),
+                          (["--fast"], "unknown argument '--fast'")]:
+        r = subprocess.run(["bash", script, *args], env=env, capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode == 2 and message in r.stderr
+    r = subprocess.run(["bash", script], env={k: v for k, v in env.items() if k != "OUT"},
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "set OUT" in r.stderr
+
+
+def test_loader_efficiency_reads_one_pass_of_the_loader():
+    """The synthetic run's batch comes from the same iterator the fed run goes on with: a
+    second iter() built a second DALI pipeline (or started the torch workers again)."""
+    import torch
+
+    from srtrain.config import TrainConfig
+    from srtrain.models import build_model
+    from srtrain.train import loader_efficiency
+
+    class Loader:
+        starts = 0
+
+        def __iter__(self):
+            Loader.starts += 1
+            for _ in range(8):
+                yield torch.rand(1, 3, 4, 4), torch.rand(1, 3, 16, 16)
+
+    cfg = TrainConfig(db="db", model="srcnn", amp="off", schedule="constant", batch_size=1,
+                      patch=16)
+    r = loader_efficiency(cfg, build_model("srcnn", 4), torch.device("cpu"), "off", steps=2,
+                          warmup=1, loader=Loader())
+    assert Loader.starts == 1 and r["loader_img_per_s"] > 0 and r["synthetic_img_per_s"] > 0
 
 
 

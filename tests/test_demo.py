@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from srtrain.cli import main
-from srtrain.demo import DemoError, prepare_out, resolve_loader
+from srtrain.demo import DemoError, describe_device, prepare_out, resolve_loader
 
 # One epoch over 24 crops: the whole pipeline in seconds; the default run is measured by hand.
 TINY = ["--epochs", "1", "--images", "24", "-q"]
@@ -28,7 +28,8 @@ def test_report_names_loader_and_scores(demo_run):
     out, output = demo_run
     text = (out / "report.txt").read_text()
     assert text.strip() in output  # printed as well as written
-    assert f"loader        {resolve_loader('auto')} on CPU" in text
+    loader = resolve_loader("auto")
+    assert f"loader        {loader} on {describe_device(loader)}" in text  # CPU or GPU
     m = re.search(r"PSNR (\d+\.\d\d) dB vs bicubic (\d+\.\d\d) dB \(([+-]\d+\.\d\d) dB", text)
     assert m, text
     psnr, bicubic, gain = map(float, m.groups())
@@ -100,4 +101,5 @@ def test_torch_loader(tmp_path):
     # loader's forked workers would deadlock. Pillow keeps them safe: this must not hang.
     r = demo(tmp_path / "out", "--loader", "torch")
     assert r.exit_code == 0, r.output
-    assert "loader        torch on CPU" in (tmp_path / "out" / "report.txt").read_text()
+    assert (f"loader        torch on {describe_device('torch')}"
+            in (tmp_path / "out" / "report.txt").read_text())
