@@ -239,6 +239,8 @@ class Trainer:
             workers=loader_workers(cfg.workers), ids=train_ids)
         self.val = None
         self.data_ids = data_identities(cfg, db)
+        if state is not None:
+            self._check_data(state)  # before any image is read
         if d.main and (cfg.val_db or len(val_ids)):
             vdb = open_db(cfg.val_db) if cfg.val_db else db
             ids = range(len(vdb)) if cfg.val_db else val_ids
@@ -265,7 +267,6 @@ class Trainer:
         self.in_epoch, self.step_batch = False, 0  # the loader position of the last step
         self.log = Logger(self.out, d.main, cfg.tensorboard)
         if state is not None:
-            self._check_data(state)
             self._load(state)
             self._replan(TrainConfig.from_dict(state["config"]).epochs)
 
