@@ -288,7 +288,7 @@ class Trainer:
         """--resume on the run's own databases, wherever they are now: compared by identity,
         so a moved or differently spelled path passes and a repacked database does not."""
         saved = state.get("data")
-        if saved is None:  # a checkpoint from before identities: the paths must match
+        if saved is None:  # a checkpoint from before identities: what its paths hold now
             old = TrainConfig.from_dict(state["config"])
             saved = data_identities(old, open_db(old.db)) if Path(old.db).exists() else {}
         for flag, key in (("--db", "db"), ("--val-db", "val_db")):
