@@ -21,7 +21,7 @@ from srtrain.models import RRDBNet, build_model, load_weights
 from srtrain.train import cosine_restarts, ema_decay, make_scheduler
 from srtrain.upscale import read_rgb, upscale_image, upscale_path
 from test_models import basicsr_keys
-from test_train import TINY, events, train
+from test_train import events, train
 
 
 class FakeWriter:
