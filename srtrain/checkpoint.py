@@ -7,9 +7,12 @@ strings, lists and dicts, so it loads without unpickling arbitrary objects.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -71,3 +74,57 @@ def load_model(path: Path, ema: bool = True) -> torch.nn.Module:
     model = build_model(cfg.model, cfg.scale, cfg.num_feat, cfg.num_block, cfg.num_grow_ch)
     model.load_state_dict(model_weights(state, ema)[0])
     return model.eval()
+
+
+def plain_weights(state: dict) -> dict:
+    """BasicSR's weight file for a checkpoint: ``{"params": ..., "params_ema": ...}``.
+
+    ``params`` are the trained weights, ``params_ema`` the EMA ones when the run kept them
+    (BasicSR's ``load_network(param_key="params_ema")`` and Real-ESRGAN's inference take
+    ``params_ema`` first). Only contiguous CPU tensors: no AveragedModel counter, no
+    ``module.`` prefix, no channels_last strides, so any tool loads it with
+    ``torch.load(weights_only=True)`` and a strict ``load_state_dict``.
+    """
+    def plain(sd: dict) -> dict:
+        return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
+    out = {"params": plain(model_weights(state, ema=False)[0])}
+    ema, kind = model_weights(state, ema=True)
+    if kind == "ema":
+        out["params_ema"] = plain(ema)
+    return out
+
+
+def export(ckpt: Path, out: Path, overwrite: bool = False) -> dict:
+    """Write the weights of the checkpoint ``ckpt`` as BasicSR's ``.pth`` at ``out``
+    (atomically; an existing ``out`` only with ``overwrite``). Returns the run's model facts."""
+    from .config import TrainConfig
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"the output {out} is a folder; give a file name such as "
+                         f"{out / 'net_g.pth'}")
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} already exists; pass --overwrite to replace it")
+    state = load(ckpt)
+    weights = plain_weights(state)
+    save(out, weights)
+    cfg = TrainConfig.from_dict(state["config"])
+    return {"model": cfg.model, "scale": cfg.scale, "keys": sorted(weights),
+            "tensors": len(weights["params"])}
+
+
+def database_identity(db) -> str:
+    """What a database is, independent of the path it is opened by: its pack-time ``id``
+    when the manifest has one, else a digest of its contents' description (image count and
+    sizes, shard checksums, BasicSR's meta_info.txt), which a repack or another database
+    changes and a move or copy does not."""
+    if db.manifest.get("id"):
+        return str(db.manifest["id"])
+    h = hashlib.sha256()
+    h.update(json.dumps([db.manifest.get("format"), len(db), db.manifest.get("created"),
+                         [s.get("sha256") for s in db.manifest.get("shards", [])]]).encode())
+    h.update(np.asarray(db.heights, np.int64).tobytes())
+    h.update(np.asarray(db.widths, np.int64).tobytes())
+    meta = Path(db.path) / "meta_info.txt"
+    if meta.is_file():
+        h.update(meta.read_bytes())
+    return "sha256:" + h.hexdigest()

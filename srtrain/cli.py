@@ -2,6 +2,7 @@
 
     srtrain --db DB --loader dali [--model esrgan] [--scale 4] [--batch-size 32] ...
     srtrain upscale --ckpt OUT/best.pt INPUT OUTPUT
+    srtrain export --ckpt OUT/best.pt net_g.pth     (weights for BasicSR / Real-ESRGAN)
     srtrain demo [--out runs/demo]      (the whole pipeline on sample photos, in minutes)
     torchrun --nproc-per-node N -m srtrain --db DB ...     (many GPUs)
 
@@ -50,20 +51,22 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 @click.option("--lr", default=2e-4, type=click.FloatRange(min=0, min_open=True),
               help="Peak learning rate.")
 @click.option("--weight-decay", default=0.0, type=click.FloatRange(min=0))
-@click.option("--schedule", default="onecycle", type=click.Choice(SCHEDULES))
+@click.option("--schedule", default="onecycle", type=click.Choice(SCHEDULES),
+              help="LR per optimizer step; cosine_restarts: BasicSR's 4 equal cosine periods "
+                   "down to 1e-7. Adam's betas stay 0.9/0.99 in all.")
 @click.option("--accum", default=1, type=click.IntRange(min=1),
               help="Batches per optimizer step (gradient accumulation).")
 @click.option("--amp", default="auto", type=click.Choice(AMPS),
               help="auto: bf16 where the GPU has it, else fp16 (with a GradScaler); off on CPU.")
 @click.option("--channels-last/--no-channels-last", default=True)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--ema", default=0.999, type=click.FloatRange(0, 1, max_open=True),
+              help="Decay of the exponential moving average of the weights that validation, "
+                   "export and upscale use (warmed up over the first ~9k steps); 0: none.")
 @click.option("--cudnn-benchmark/--no-cudnn-benchmark", default=True,
               help="CUDA: let cuDNN time its convolution algorithms once per shape.")
 @click.option("--tf32/--no-tf32", default=True,
               help="CUDA, fp32 math (--amp off): convolutions and matmuls on TF32 tensor cores.")
-@click.option("--ema", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              help="Keep an exponential moving average of the weights with this decay "
-                   "(e.g. 0.999); validation and upscale use it.")
 @click.option("--lr-db", type=click.Path(),
               help="Paired LR database (srdata pack or BasicSR LMDB, e.g. "
                    "DIV2K_train_LR_bicubic_X4_sub.lmdb): train and validate on its images, "
@@ -78,7 +81,9 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
               help="Stop after this many validations without a better PSNR.")
 @click.option("--save-every", default=0, type=click.IntRange(min=0),
               help="Also write last.pt every N optimizer steps (0: at epoch ends only).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its last.pt (a larger --epochs trains "
+                   "longer, the LR schedule re-planned over the new total).")
 @click.option("--seed", default=0, type=int)
 @click.option("--init-weights", type=click.Path(exists=True, dir_okay=False),
               help="Start from these weights (ours, or BasicSR/Real-ESRGAN params[_ema]).")
@@ -90,6 +95,8 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
               help="First measure loader efficiency: img/s fed by the loader / img/s on "
                    "synthetic data.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--tensorboard", is_flag=True,
+              help="Also write TensorBoard events to OUT/tb (needs srpipe[tensorboard]).")
 @click.version_option(package_name="srpipe")
 @click.pass_context
 def main(ctx, db, compile_, quiet, scale, **opts):
@@ -101,7 +108,8 @@ def main(ctx, db, compile_, quiet, scale, **opts):
     if ctx.invoked_subcommand is not None:
         return
     if db is None:
-        raise click.UsageError("--db is required to train (or name a sub-command: upscale, demo)")
+        raise click.UsageError("--db is required to train (or name a sub-command: upscale, "
+                               "export, demo)")
     cfg = TrainConfig(db=db, compile=compile_, progress=not quiet, scale=int(scale), **opts)
     _check(cfg)
     from .train import TrainingError, train
@@ -168,6 +176,27 @@ def upscale_cmd(ckpt, src, dst, tile, overlap, device, ema, quiet):
     click.echo(f"wrote {len(r['written'])} image(s) to {dst} in {r['seconds']:.1f} s")
     if not r["written"]:
         sys.exit(1)
+
+
+@main.command("export")
+@click.option("--ckpt", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A checkpoint written by srtrain (last.pt or best.pt).")
+@click.argument("dst", metavar="OUTPUT", type=click.Path())
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT.")
+def export_cmd(ckpt, dst, overwrite):
+    """Write the checkpoint's weights as BasicSR / Real-ESRGAN read them: OUTPUT.pth holding
+    {"params": ..., "params_ema": ...} (params_ema when the run kept an EMA)."""
+    from . import checkpoint
+    try:
+        facts = checkpoint.export(ckpt, dst, overwrite=overwrite)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {' and '.join(facts['keys'])} ({facts['tensors']} tensors each) of "
+               f"--model {facts['model']} x{facts['scale']} to {dst}")
+    if facts["model"] == "srcnn" or facts["scale"] == 3:
+        click.echo("note: BasicSR and Real-ESRGAN have no network for this model and scale "
+                   "(only RRDBNet x2 and x4); srtrain upscale and --init-weights read it",
+                   err=True)
 
 
 @main.command("demo")

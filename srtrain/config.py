@@ -7,11 +7,17 @@ from dataclasses import dataclass
 import torch
 
 AMPS = ("auto", "bf16", "fp16", "off")
-SCHEDULES = ("onecycle", "cosine", "constant")
+SCHEDULES = ("onecycle", "cosine", "constant", "cosine_restarts")
 
 # What a resumed run may change: where and how fast it runs, never what it computes.
 RESUMABLE_CHANGES = {"resume", "device", "workers", "log_every", "progress", "profile_loader",
-                     "cudnn_benchmark", "tf32"}
+                     "cudnn_benchmark", "tf32",
+                     # a run folder may move; init weights only matter before the first step
+                     "out", "init_weights", "tensorboard",
+                     # compared by database identity, not path text (Trainer._check_data)
+                     "db", "val_db", "lr_db",
+                     # more (or fewer, not below the epochs done) re-plans the LR schedule
+                     "epochs"}
 
 
 @dataclass(frozen=True)
@@ -35,7 +41,7 @@ class TrainConfig:
     amp: str = "auto"
     channels_last: bool = True
     compile: bool = False
-    ema: float | None = None
+    ema: float = 0.999
     val_db: str | None = None
     val_split: float = 0.02
     val_images: int = 32
@@ -54,6 +60,7 @@ class TrainConfig:
     # CUDA only (srtrain.train.set_kernels): cuDNN autotuning and TF32 for fp32 math
     cudnn_benchmark: bool = True
     tf32: bool = True
+    tensorboard: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -61,7 +68,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        d = {k: v for k, v in d.items() if k in known}
+        if "ema" in d and d["ema"] is None:
+            d["ema"] = 0.0  # checkpoints from before EMA was on by default: no EMA
+        return cls(**d)
 
     def resume_conflicts(self, saved: "TrainConfig") -> list[str]:
         """Settings that differ from the checkpoint's and would change the computation."""

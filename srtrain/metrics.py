@@ -36,6 +36,9 @@ _Y_WEIGHTS = (65.481, 128.553, 24.966)
 # needs to fit inside the image.
 _SSIM_WINDOW = 11
 GAP = 4
+# grid tiles are enlarged (nearest, whole multiples) to at least this side, so a 32-64 px
+# validation patch is big enough to judge by eye
+MIN_TILE = 192
 
 
 def _check_images(name: str, t: torch.Tensor) -> None:
@@ -81,6 +84,22 @@ def psnr_y(sr: torch.Tensor, hr: torch.Tensor, border: int) -> torch.Tensor:
     return torch.where(mse == 0, torch.inf, psnr).cpu()
 
 
+def psnr_rgb(sr: torch.Tensor, hr: torch.Tensor, border: int) -> torch.Tensor:
+    """Per-image PSNR (dB) over the R, G and B values, shape (N,), float64 on the CPU: what
+    BasicSR's training logs report (``calculate_psnr`` with ``test_y_channel=False``)."""
+    _check_images("sr", sr)
+    _check_images("hr", hr)
+    if sr.shape != hr.shape:
+        raise ValueError(f"sr and hr differ in shape: {tuple(sr.shape)} vs {tuple(hr.shape)}")
+    h, w = hr.shape[-2:]
+    if border < 0 or min(h, w) - 2 * border < 1:
+        raise ValueError(f"the {h}x{w} validation image is too small for a border of {border}")
+    a, b = (quantize(t.to(hr.device))[..., border:h - border, border:w - border]
+            for t in (sr, hr))
+    mse = (a - b).square().mean(dim=(1, 2, 3))
+    return torch.where(mse == 0, torch.inf, 10.0 * torch.log10(255.0 ** 2 / mse)).cpu()
+
+
 def ssim_y(sr: torch.Tensor, hr: torch.Tensor, border: int) -> torch.Tensor:
     """Per-image SSIM on Y, shape (N,), float64 on the CPU."""
     h, w = hr.shape[-2:]
@@ -122,7 +141,8 @@ def _grid(tiles: list[np.ndarray]) -> np.ndarray:
 
 def save_grid(path, lr: torch.Tensor, bic: torch.Tensor, sr: torch.Tensor,
               hr: torch.Tensor, max_rows: int = 4) -> Path:
-    """A PNG at ``path``: a row per image (up to ``max_rows``), LR | bicubic | SR | HR."""
+    """A PNG at ``path``: a row per image (up to ``max_rows``), LR | bicubic | SR | HR,
+    tiles enlarged by nearest neighbour to at least MIN_TILE px."""
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     for name, t in (("lr", lr), ("bic", bic), ("sr", sr), ("hr", hr)):
@@ -134,7 +154,11 @@ def save_grid(path, lr: torch.Tensor, bic: torch.Tensor, sr: torch.Tensor,
             raise ValueError(f"{name} is {tuple(t.shape[-2:])}, hr is {size}: tiles must match")
     # Nearest keeps LR's pixels visible as blocks, so the columns line up pixel for pixel.
     lr_up = F.interpolate(lr[:n].float(), size=size, mode="nearest")
-    grid = _grid([_to_uint8_hwc(t[:n]) for t in (lr_up, bic, sr, hr)])
+    zoom = -(-MIN_TILE // min(size))  # whole pixels: nearest keeps every pixel a square
+    tiles = [_to_uint8_hwc(t[:n]) for t in (lr_up, bic, sr, hr)]
+    if zoom > 1:
+        tiles = [t.repeat(zoom, axis=1).repeat(zoom, axis=2) for t in tiles]
+    grid = _grid(tiles)
     ok, buf = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
     if not ok:
         raise ValueError(f"OpenCV could not encode the {grid.shape} sample grid as PNG")

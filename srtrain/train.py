@@ -13,11 +13,12 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 import srdata
@@ -44,11 +45,28 @@ class Stepper:
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                      weight_decay=cfg.weight_decay,
                                      fused=device.type == "cuda")
+        self.schedule, self.lr = cfg.schedule, cfg.lr
         self.sched = make_scheduler(self.opt, cfg.schedule, cfg.lr, total_steps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-        self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema))
-                    if cfg.ema else None)
+        self.ema_max, self.ema_updates = cfg.ema, 0
+        self.ema = (AveragedModel(model, multi_avg_fn=self._ema_update) if cfg.ema else None)
         self.micro = 0
+
+    def _ema_update(self, ema_params, params, _n_averaged) -> None:
+        # the decay counted on the host: reading n_averaged would sync with the GPU
+        decay = ema_decay(self.ema_max, self.ema_updates)
+        torch._foreach_lerp_(ema_params, params, 1 - decay)
+
+    def replan(self, total_steps: int, done: int) -> None:
+        """Re-plan the LR schedule over ``total_steps`` as if the run had been started with
+        them, and continue it at step ``done``: the LR becomes the new plan's LR there."""
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr  # fresh schedulers start from the initial LR
+        self.sched = make_scheduler(self.opt, self.schedule, self.lr, total_steps)
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()"
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(done):  # 1M steps take ~2 s; closed forms differ per scheduler
+                self.sched.step()
 
     def __call__(self, lr: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Train on one batch; (its loss, still on the device; whether a step was taken)."""
@@ -69,6 +87,7 @@ class Stepper:
         self.sched.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
+            self.ema_updates += 1
         return loss.detach(), True
 
     def state_dict(self) -> dict:
@@ -82,16 +101,46 @@ class Stepper:
         self.scaler.load_state_dict(s["scaler"])
         if self.ema is not None and s.get("ema") is not None:
             self.ema.load_state_dict(s["ema"])
+            self.ema_updates = int(self.ema.n_averaged)
+
+
+def ema_decay(decay: float, updates: int) -> float:
+    """The EMA decay for the update after ``updates`` earlier ones: ``decay`` once
+    (1 + n) / (10 + n) exceeds it (n ~ 9000 for 0.999), less before, so a short run's EMA
+    is not mostly its random initial weights (TensorFlow's ExponentialMovingAverage rule)."""
+    return min(decay, (1 + updates) / (10 + updates))
+
+
+# BasicSR's train_RRDBNet_PSNR_x4: CosineAnnealingRestartLR, periods [250k] * 4 of its 1M
+# iterations, restart weights 1, eta_min 1e-7
+RESTARTS, ETA_MIN = 4, 1e-7
+
+
+def cosine_restarts(step: int, total_steps: int, lr: float) -> float:
+    """LR factor at ``step``: RESTARTS equal cosine periods from lr down to ETA_MIN, each
+    starting again at lr (a period's last step reaches ETA_MIN, as in BasicSR)."""
+    period = total_steps / RESTARTS
+    i = min(RESTARTS - 1, max(0, math.ceil(step / period) - 1))
+    floor = min(ETA_MIN / lr, 1.0)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - i * period) / period))
 
 
 def make_scheduler(opt, schedule: str, lr: float, total_steps: int):
     if schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps)
+        # cycle_momentum off: Adam's betas stay 0.9/0.99 as in the reference recipes
+        # (OneCycleLR would otherwise swing beta1 between 0.85 and 0.95)
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps,
+                                                   cycle_momentum=False)
     if schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
     if schedule == "constant":
         return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
-    raise ValueError(f"got schedule={schedule!r}, expected onecycle, cosine or constant")
+    if schedule == "cosine_restarts":
+        # a closed form of the step: the scheduler's saved state is just its step count
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: cosine_restarts(step, total_steps, lr))
+    raise ValueError(f"got schedule={schedule!r}, expected onecycle, cosine, constant or "
+                     "cosine_restarts")
 
 
 class DataTimer:
@@ -126,13 +175,34 @@ class DataTimer:
 class Logger:
     """metrics.jsonl (one JSON object a line), written by the main process only."""
 
-    def __init__(self, out: Path, main: bool):
+    def __init__(self, out: Path, main: bool, tensorboard: bool = False):
         self.path, self.main = out / "metrics.jsonl", main
+        self.tb = None
+        if main and tensorboard:
+            from .tboard import TensorBoard
+            self.tb = TensorBoard(out)
 
     def __call__(self, record: dict) -> None:
         if self.main:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tb is not None:
+                self.tb.record(record)
+
+    def image(self, tag: str, png: Path, step: int) -> None:
+        if self.tb is not None:
+            self.tb.image(tag, png, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def data_identities(cfg: TrainConfig, db) -> dict:
+    """The identities of the run's databases (see checkpoint.database_identity)."""
+    return {"db": checkpoint.database_identity(db),
+            "val_db": checkpoint.database_identity(open_db(cfg.val_db)) if cfg.val_db else None,
+            "lr_db": checkpoint.database_identity(open_db(cfg.lr_db)) if cfg.lr_db else None}
 
 
 def loader_workers(asked: int | None) -> int:
@@ -188,6 +258,9 @@ class Trainer:
             device=device, dtype=AMP_DTYPES[self.amp], channels_last=cfg.channels_last,
             workers=loader_workers(cfg.workers), ids=train_ids, lr_db=cfg.lr_db)
         self.val = None
+        self.data_ids = data_identities(cfg, db)
+        if state is not None:
+            self._check_data(state)  # before any image is read
         if d.main and (cfg.val_db or len(val_ids)):
             vdb = open_db(cfg.val_db) if cfg.val_db else db
             ids = range(len(vdb)) if cfg.val_db else val_ids
@@ -209,13 +282,14 @@ class Trainer:
         if cfg.compile:
             net = torch.compile(net)
         self.model = model
-        self.step_fn = Stepper(cfg, model, net, device, self.amp,
-                               self.steps_per_epoch * cfg.epochs)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.step_fn = Stepper(cfg, model, net, device, self.amp, self.total_steps)
         self.step, self.best, self.stale = 0, -math.inf, 0
         self.in_epoch, self.step_batch = False, 0  # the loader position of the last step
-        self.log = Logger(self.out, d.main)
+        self.log = Logger(self.out, d.main, cfg.tensorboard)
         if state is not None:
             self._load(state)
+            self._replan(TrainConfig.from_dict(state["config"]).epochs)
 
     # -- checkpoints ---------------------------------------------------------------------
     def _resume_state(self) -> dict | None:
@@ -230,6 +304,37 @@ class Trainer:
             raise ValueError("--resume needs the checkpoint's settings; these differ: "
                              + "; ".join(conflicts))
         return state
+
+    def _check_data(self, state: dict) -> None:
+        """--resume on the run's own databases, wherever they are now: compared by identity,
+        so a moved or differently spelled path passes and a repacked database does not."""
+        saved = state.get("data")
+        if saved is None:  # a checkpoint from before identities: what its paths hold now
+            old = TrainConfig.from_dict(state["config"])
+            saved = data_identities(old, open_db(old.db)) if Path(old.db).exists() else {}
+        for flag, key in (("--db", "db"), ("--val-db", "val_db"), ("--lr-db", "lr_db")):
+            if saved.get(key) != self.data_ids[key]:
+                raise ValueError(
+                    f"--resume needs the run's own databases: {flag} "
+                    f"{getattr(self.cfg, key)} is not the database the checkpoint was "
+                    f"trained on (identity {self.data_ids[key]}, checkpoint "
+                    f"{saved.get(key)}); give that database, or start a new run in another "
+                    "--out")
+
+    def _replan(self, saved_epochs: int) -> None:
+        """--resume with another --epochs: the LR schedule is planned again over the new
+        total, as if the run had started with it, and continues at the current step."""
+        if self.cfg.epochs == saved_epochs:
+            return
+        loader = self.loader
+        done = loader.epoch + (1 if loader.batch else 0)  # epochs begun
+        if self.cfg.epochs < done:
+            raise ValueError(f"--epochs {self.cfg.epochs}: the run has already trained "
+                             f"{done} epoch(s); give --epochs {done} or more")
+        self.step_fn.replan(self.total_steps, self.step)
+        self.log({"event": "replan", "step": self.step, "epochs_before": saved_epochs,
+                  "epochs": self.cfg.epochs, "total_steps": self.total_steps,
+                  "lr": self.step_fn.sched.get_last_lr()[0]})
 
     def _load(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -251,7 +356,7 @@ class Trainer:
         state = {"model": checkpoint.unwrap(self.model).state_dict(), **self.step_fn.state_dict(),
                  "loader": loader, "step": self.step, "best_psnr": self.best,
                  "stale": self.stale, "config": self.cfg.to_dict(),
-                 "rng": torch.get_rng_state()}
+                 "rng": torch.get_rng_state(), "data": self.data_ids}
         checkpoint.save(self.out / name, state)
 
     # -- the loop ------------------------------------------------------------------------
@@ -276,6 +381,8 @@ class Trainer:
             self._save("last.pt")
             self.log({"event": "interrupted", "step": self.step})
             raise
+        finally:
+            self.log.close()
         return {"step": self.step, "epoch": self.loader.epoch, "best_psnr": self.best,
                 **result}
 
@@ -347,8 +454,10 @@ class Trainer:
         if self.val is None or (epoch + 1) % cfg.val_every and epoch + 1 != cfg.epochs:
             return {}
         model = self.step_fn.ema.module if self.step_fn.ema is not None else self.model
+        grid = self.out / "samples" / f"epoch{epoch:04d}.png"
         scores = evaluate(model, self.val, cfg.batch_size, self.device, AMP_DTYPES[self.amp],
-                          cfg.channels_last, self.out / "samples" / f"epoch{epoch:04d}.png")
+                          cfg.channels_last, grid)
+        self.log.image("val/grid_lr_bicubic_sr_hr", grid, self.step)
         improved = scores["psnr"] > self.best
         self.best, self.stale = (scores["psnr"], 0) if improved else (self.best, self.stale + 1)
         if improved:

@@ -11,6 +11,11 @@ receptive field, the tiled result equals the whole-image one.
 memory; each tile contributes its central ``tile - 2 * overlap`` pixels. For x2 models the
 image is padded to even sizes and cuts snap to a 2 px grid (up to 1 px more per side),
 because x2 RRDBNets pixel-unshuffle their input.
+
+Alpha is kept: the model sees the RGB (as OpenCV decodes it, colour values unchanged under
+transparent pixels), the alpha channel is upscaled bicubically, and the result is written
+as RGBA (folders always give .png). Grey images are upscaled as RGB (grey in all three
+channels) and written as 3-channel RGB; 16-bit images as 8-bit.
 """
 from __future__ import annotations
 
@@ -116,9 +121,37 @@ def read_rgb(path: Path) -> np.ndarray | None:
     return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+# formats whose files may carry an alpha channel (and that we write with one)
+ALPHA_EXTS = (".png", ".webp", ".tif", ".tiff")
+
+
+def read_alpha(path: Path) -> np.ndarray | None:
+    """The HxW uint8 alpha channel of the image, or None when it has none."""
+    if path.suffix.lower() not in ALPHA_EXTS:
+        return None  # JPEG and BMP carry no alpha: no second decode for them
+    try:
+        img = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+    except (OSError, cv2.error):
+        return None
+    if img is None or img.ndim != 3 or img.shape[2] not in (2, 4):
+        return None
+    alpha = img[:, :, -1]
+    if alpha.dtype == np.uint16:
+        return (alpha >> 8).astype(np.uint8)  # as IMREAD_COLOR maps 16-bit colour to 8
+    return alpha if alpha.dtype == np.uint8 else None
+
+
+def upscale_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
+    """The alpha channel upscaled bicubically: it is a mask, not a photo, for the model."""
+    h, w = alpha.shape
+    return cv2.resize(alpha, (w * scale, h * scale), interpolation=cv2.INTER_CUBIC)
+
+
 def write_rgb(path: Path, rgb: np.ndarray) -> None:
-    """Encode by extension and write atomically: a crash never leaves a truncated image."""
-    ok, buf = cv2.imencode(path.suffix.lower(), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    """Encode by extension and write atomically: a crash never leaves a truncated image.
+    An HxWx4 array is written as RGBA."""
+    code = cv2.COLOR_RGBA2BGRA if rgb.shape[2] == 4 else cv2.COLOR_RGB2BGR
+    ok, buf = cv2.imencode(path.suffix.lower(), cv2.cvtColor(rgb, code))
     if not ok:
         raise ValueError(f"OpenCV could not encode {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,6 +225,13 @@ def upscale_path(model, src, dst, tile: int = 256, overlap: int = 16,
             skipped.append({"path": str(inp), "reason": "cannot be read or decoded"})
             warnings.warn(f"skipping {inp}: cannot be read or decoded", stacklevel=2)
             continue
-        write_rgb(out, upscale_image(model, rgb, tile, overlap, device, half))
+        sr = upscale_image(model, rgb, tile, overlap, device, half)
+        alpha = read_alpha(inp)
+        if alpha is not None and out.suffix.lower() in ALPHA_EXTS:
+            sr = np.dstack([sr, upscale_alpha(alpha, sr.shape[0] // rgb.shape[0])])
+        elif alpha is not None:
+            warnings.warn(f"{out}: {out.suffix} has no alpha channel, so the alpha of {inp} "
+                          "is dropped; write .png to keep it", stacklevel=2)
+        write_rgb(out, sr)
         written.append(str(out))
     return {"written": written, "skipped": skipped, "seconds": time.perf_counter() - start}

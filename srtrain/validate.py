@@ -1,5 +1,8 @@
 """Validation: fixed (LR, HR) pairs, PSNR and SSIM on Y against the bicubic baseline.
 
+``psnr``/``ssim`` are on Y (as papers report); ``psnr_rgb`` is over R, G, B, as BasicSR's
+training logs report it; each has its ``_bicubic`` baseline.
+
 The pairs are centre crops of held-out images (``--val-split``) or of ``--val-db``, with LR
 made by the same nearest-neighbour rule as training, so the scores measure what the model
 learnt (with a paired ``--lr-db``: that database's crops, on the LR grid). Metrics follow
@@ -57,7 +60,8 @@ class ValSet:
         bic = metrics.bicubic(self.lr.float() / 255, scale)
         hr = self.hr.float() / 255
         self.baseline = {"psnr_bicubic": float(metrics.psnr_y(bic, hr, scale).mean()),
-                         "ssim_bicubic": float(metrics.ssim_y(bic, hr, scale).mean())}
+                         "ssim_bicubic": float(metrics.ssim_y(bic, hr, scale).mean()),
+                         "psnr_rgb_bicubic": float(metrics.psnr_rgb(bic, hr, scale).mean())}
 
     def __len__(self) -> int:
         return len(self.hr)
@@ -78,7 +82,8 @@ def evaluate(model, val: ValSet, batch_size: int, device: torch.device, amp_dtyp
     model.train(was_training)
     sr, hr = torch.cat(srs), val.hr.float() / 255
     result = {"psnr": float(metrics.psnr_y(sr, hr, val.scale).mean()),
-              "ssim": float(metrics.ssim_y(sr, hr, val.scale).mean()), **val.baseline}
+              "ssim": float(metrics.ssim_y(sr, hr, val.scale).mean()),
+              "psnr_rgb": float(metrics.psnr_rgb(sr, hr, val.scale).mean()), **val.baseline}
     if grid is not None:
         lr = val.lr.float() / 255
         metrics.save_grid(grid, lr, metrics.bicubic(lr, val.scale), sr, hr)

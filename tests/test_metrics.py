@@ -174,25 +174,29 @@ def test_save_grid_layout_and_pixels(tmp_path):
     assert metrics.save_grid(path, lr, bic, sr, hr, max_rows=3) == path
     assert [p.name for p in path.parent.iterdir()] == ["grid.png"]  # no temporary left over
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    gap, rows = 4, 3
-    assert img.shape == (rows * h + (rows - 1) * gap, 4 * w + 3 * gap, 3)
+    gap, rows, zoom = 4, 3, 16  # 12 px tiles enlarged to 192, the smallest legible size
+    th, tw = h * zoom, w * zoom
+    assert img.shape == (rows * th + (rows - 1) * gap, 4 * tw + 3 * gap, 3)
     rgb = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
     def tile(r, c):
-        y, x = r * (h + gap), c * (w + gap)
-        return rgb[y:y + h, x:x + w]
+        y, x = r * (th + gap), c * (tw + gap)
+        return rgb[y:y + th, x:x + tw]
+
+    def big(a):
+        return a.repeat(zoom, 0).repeat(zoom, 1)
 
     for r in range(rows):
-        np.testing.assert_array_equal(tile(r, 2), sr8[r])
+        np.testing.assert_array_equal(tile(r, 2), big(sr8[r]))
         hr8 = (hr[r].permute(1, 2, 0) * 255).round().byte().numpy()
-        np.testing.assert_array_equal(tile(r, 3), hr8)
+        np.testing.assert_array_equal(tile(r, 3), big(hr8))
         lr8 = (lr[r].permute(1, 2, 0) * 255).round().byte().numpy()
-        np.testing.assert_array_equal(tile(r, 0), lr8.repeat(scale, 0).repeat(scale, 1))
-    assert (rgb[h:h + gap] == 255).all() and (rgb[:, w:w + gap] == 255).all()
+        np.testing.assert_array_equal(tile(r, 0), big(lr8.repeat(scale, 0).repeat(scale, 1)))
+    assert (rgb[th:th + gap] == 255).all() and (rgb[:, tw:tw + gap] == 255).all()
 
 
 def test_save_grid_fewer_images_than_rows(tmp_path):
     hr = torch.rand(1, 3, 8, 8)
     lr = hr[..., ::2, ::2]
     path = metrics.save_grid(tmp_path / "g.png", lr, metrics.bicubic(lr, 2), hr, hr)
-    assert cv2.imread(str(path)).shape == (8, 4 * 8 + 3 * 4, 3)
+    assert cv2.imread(str(path)).shape == (192, 4 * 192 + 3 * 4, 3)

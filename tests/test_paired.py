@@ -223,7 +223,7 @@ def test_srtrain_with_lr_db_trains_and_validates_on_the_real_lr(paired, tmp_path
     assert np.isclose(psnr, val.baseline["psnr_bicubic"])
     # resume needs the same LR database; --val-db has no LR to pair with
     r = CliRunner().invoke(main, args[:2] + args[4:] + ["--resume", "--epochs", "2"])
-    assert r.exit_code != 0 and "--lr-db: checkpoint" in r.output
+    assert r.exit_code != 0 and "own databases: --lr-db None is not" in r.output
     r = CliRunner().invoke(main, args + ["--out", str(tmp_path / "v"), "--val-db",
                                          str(hr_path)])
     assert r.exit_code != 0 and "--val-db has no LR pairs" in r.output
