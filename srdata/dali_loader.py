@@ -7,10 +7,14 @@ tests), slice, flips, transpose and the nearest-neighbour downscale.
 """
 from __future__ import annotations
 
+import os
+import threading
+
 import numpy as np
 import torch
 
 from . import format as fmt
+from ._proc import die_with_parent
 from .loader import Loader
 from .sampler import HFLIP, ID, TRANSPOSE, X, Y, crop_and_flip
 
@@ -36,8 +40,14 @@ class PatchSource:
         self.db, self.sampler = db, sampler
         self.first_epoch, self.skip, self.padded_len = first_epoch, skip, padded_len
         self._epoch, self._rows = None, None
+        # DALI starts the worker processes from the thread that builds the pipeline: this one
+        self._parent, self._pid = os.getpid(), os.getpid()
+        self._by_main_thread = threading.current_thread() is threading.main_thread()
 
     def __call__(self, info):
+        if self._pid != os.getpid():  # first call in a worker process
+            self._pid = os.getpid()
+            die_with_parent(self._parent, self._by_main_thread)
         epoch = self.first_epoch + info.epoch_idx
         j = info.idx_in_epoch + (self.skip if info.epoch_idx == 0 else 0)
         if j >= self.padded_len:

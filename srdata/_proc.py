@@ -1,0 +1,50 @@
+"""Worker processes that end with the process that started them.
+
+A worker blocked on a queue never notices that its parent was killed (SIGKILL, the OOM
+killer): it sleeps on for minutes, holding its memory. Linux can signal it instead
+(``PR_SET_PDEATHSIG``), but that signal fires when the *thread* that started the worker
+exits, not the process; so a worker started from any other thread than the main one
+watches its parent's pid from a thread of its own.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int, started_by_main_thread: bool = True,
+                    poll_seconds: float = 1.0) -> None:
+    """End this process as soon as process ``parent`` dies, even by SIGKILL.
+
+    Call once, early, in the worker. ``started_by_main_thread``: whether ``parent`` started
+    this process from its main thread (else the parent-death signal would come too early,
+    when that thread ends, and the pid is polled every ``poll_seconds`` instead)."""
+    if sys.platform != "linux":
+        return
+    if started_by_main_thread and _set_pdeathsig(signal.SIGKILL):
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+        return
+    threading.Thread(target=_watch, args=(parent, poll_seconds), daemon=True,
+                     name="die-with-parent").start()
+
+
+def _set_pdeathsig(sig: int) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch(parent: int, poll_seconds: float) -> None:
+    # an orphan is re-parented (to init or a subreaper), so its parent pid changes
+    while os.getppid() == parent:
+        time.sleep(poll_seconds)
+    os._exit(1)
