@@ -41,6 +41,15 @@ def load(path: Path) -> dict:
     return state
 
 
+def nonfinite(state_dict: dict) -> list[str]:
+    """The names of the floating-point tensors in ``state_dict`` holding NaN or inf."""
+    names = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if not names:
+        return []
+    bad = torch.stack([~torch.isfinite(state_dict[k]).all() for k in names]).tolist()  # one sync
+    return [k for k, b in zip(names, bad) if b]
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain model under DistributedDataParallel and torch.compile wrappers."""
     while True:
@@ -69,5 +78,11 @@ def load_model(path: Path, ema: bool = True) -> torch.nn.Module:
     state = load(path)
     cfg = TrainConfig.from_dict(state["config"])
     model = build_model(cfg.model, cfg.scale, cfg.num_feat, cfg.num_block, cfg.num_grow_ch)
-    model.load_state_dict(model_weights(state, ema)[0])
+    weights, kind = model_weights(state, ema)
+    bad = nonfinite(weights)
+    if bad:  # it would upscale every image to black
+        raise ValueError(f"{path} holds non-finite {'EMA ' if kind == 'ema' else ''}weights "
+                         f"(NaN or inf in {bad[0]}{' and more' if len(bad) > 1 else ''}): "
+                         "training had diverged when it was saved; use an earlier checkpoint")
+    model.load_state_dict(weights)
     return model.eval()

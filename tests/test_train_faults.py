@@ -1,0 +1,83 @@
+"""srtrain under faults: divergence, disk full, unwritable folders, killed processes."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from srtrain import checkpoint
+from srtrain.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+# SRCNN on 32 px patches: a CPU step takes milliseconds; the faults, not the model, are tested.
+FAST = ["--model", "srcnn", "--patch", "32", "--batch-size", "2", "--loader", "torch",
+        "--workers", "0", "--device", "cpu", "--val-split", "0.2", "--val-images", "2", "-q"]
+
+
+def train(db, out, *args):
+    return CliRunner().invoke(main, ["--db", str(db), "--out", str(out), *FAST,
+                                     *map(str, args)])
+
+
+def srtrain_cmd(db, out, *args):
+    return [sys.executable, "-m", "srtrain", "--db", str(db), "--out", str(out), *FAST,
+            *map(str, args)]
+
+
+def one_error_line(r):
+    """The CLI's output is one ``Error: ...`` line and no traceback."""
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert "Traceback" not in r.output and len(lines) == 1 and lines[0].startswith("Error: "), \
+        r.output
+    return lines[0]
+
+
+def test_non_finite_weights_are_never_saved_or_used(packed, tmp_path, monkeypatch, image_dir):
+    from srtrain import train as train_mod
+    db, out = packed("png"), tmp_path / "run"
+    real = train_mod.Stepper.__call__
+
+    def diverge_after_step_3(self, lr, hr):
+        loss, stepped = real(self, lr, hr)
+        if self.sched.last_epoch == 3:  # optimizer steps taken
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.fill_(float("nan"))
+        return loss, stepped
+    monkeypatch.setattr(train_mod.Stepper, "__call__", diverge_after_step_3)
+    # the loss is read every 100 steps: only the guard stands between NaN and last.pt
+    r = train(db, out, "--epochs", 2, "--save-every", 2, "--log-every", 100, "--ema", 0.5)
+    assert r.exit_code == 1
+    line = one_error_line(r)
+    assert "non-finite" in line and f"{out / 'last.pt'} (step 2) holds the last good" in line
+    state = checkpoint.load(out / "last.pt")
+    assert state["step"] == 2 and not checkpoint.nonfinite(state["model"])
+    assert not checkpoint.nonfinite(state["ema"])
+    assert not list(out.glob(".*tmp*"))
+
+    # diverged before any save: the message says so and names no file
+    r = train(db, tmp_path / "early", "--epochs", 1, "--save-every", 4, "--log-every", 100)
+    assert r.exit_code == 1 and "no checkpoint was saved" in one_error_line(r)
+    assert not (tmp_path / "early" / "last.pt").exists()
+
+    # a checkpoint with NaN weights (an older srtrain wrote them): refused, not a black image
+    state["model"] = {k: torch.full_like(v, float("nan")) for k, v in state["model"].items()}
+    state["ema"] = None
+    checkpoint.save(tmp_path / "nan.pt", state)
+    big = tmp_path / "big.png"
+    r = CliRunner().invoke(main, ["upscale", "--ckpt", str(tmp_path / "nan.pt"),
+                                  str(image_dir / "b" / "im000.png"), str(big), "-q"])
+    assert r.exit_code == 1 and "non-finite weights" in one_error_line(r)
+    assert not big.exists()
+    checkpoint.save(out / "last.pt", state)
+    r = train(db, out, "--epochs", 2, "--save-every", 2, "--log-every", 100, "--ema", 0.5,
+              "--resume")
+    assert r.exit_code == 1 and "cannot be resumed" in one_error_line(r)
