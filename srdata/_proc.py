@@ -48,3 +48,23 @@ def _watch(parent: int, poll_seconds: float) -> None:
     while os.getppid() == parent:
         time.sleep(poll_seconds)
     os._exit(1)
+
+
+def main_script_problem() -> str | None:
+    """Why spawned processes could not re-import the main script, or None when they can.
+
+    A spawned process (a DataLoader or DALI worker) first runs the parent's main script
+    again from its file, before it can unpickle anything; a script fed on standard input
+    (``python - < train.py``) has no file, and every worker would die without saying why."""
+    import multiprocessing.process
+    main = sys.modules.get("__main__")
+    if getattr(main, "__spec__", None) is not None:  # python -m: re-imported by name
+        return None
+    path = getattr(main, "__file__", None)
+    if path is None:  # an interactive session or -c: workers do not run the main script
+        return None
+    if os.path.basename(path) == "<stdin>":
+        return "it came from standard input (python - < script.py)"
+    if not os.path.isabs(path) and multiprocessing.process.ORIGINAL_DIR is not None:
+        path = os.path.join(multiprocessing.process.ORIGINAL_DIR, path)
+    return None if os.path.isfile(path) else f"its file {path} is gone"

@@ -81,3 +81,27 @@ def test_non_finite_weights_are_never_saved_or_used(packed, tmp_path, monkeypatc
     r = train(db, out, "--epochs", 2, "--save-every", 2, "--log-every", 100, "--ema", 0.5,
               "--resume")
     assert r.exit_code == 1 and "cannot be resumed" in one_error_line(r)
+
+
+STDIN_SCRIPT = """
+import sys, srdata
+for loader, workers in (("torch", 1), ("dali", 0), ("torch", 0)):
+    try:
+        lr, hr = next(iter(srdata.make_loader(sys.argv[1], loader, 2, 32, 4, device="cpu",
+                                              workers=workers)))
+        print("batch", loader, workers, tuple(hr.shape))
+    except ValueError as e:
+        print("refused", loader, workers, e)
+"""
+
+
+def test_a_script_on_standard_input_is_told_to_save_itself(packed):
+    r = subprocess.run([sys.executable, "-", str(packed("png"))], input=STDIN_SCRIPT,
+                       capture_output=True, text=True, timeout=120,
+                       env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("refused torch 1") and "standard input" in lines[0]
+    assert "save the script to a file" in lines[0] and "workers=0" in lines[0]
+    assert lines[1].startswith("refused dali 0") and "loader='torch', workers=0" in lines[1]
+    assert lines[2] == "batch torch 0 (2, 3, 32, 32)"  # no workers: nothing to re-import
