@@ -10,9 +10,13 @@ from environment variables of those names, as in the scripts users already run.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import re
 import sys
+from pathlib import Path
 
 import click
 import torch
@@ -96,11 +100,21 @@ def main(ctx, db, compile_, quiet, scale, **opts):
         raise click.UsageError("--db is required to train (or name a sub-command: upscale, demo)")
     cfg = TrainConfig(db=db, compile=compile_, progress=not quiet, scale=int(scale), **opts)
     _check(cfg)
+    _check_out(cfg.out)
     from .train import TrainingError, train
     try:
         result = train(cfg)
     except (ValueError, DBError, TrainingError, ImportError) as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(_os_error(e, cfg.out)) from None
+    except RuntimeError as e:
+        if not _worker_died(e):
+            raise  # a bug: keep its traceback
+        raise click.ClickException(
+            f"a data loader worker process died ({_first_line(e)}); the system may have run "
+            "out of memory (see `dmesg`): lower --workers or --batch-size, then continue "
+            "with --resume") from None
     except torch.OutOfMemoryError:
         raise click.ClickException(
             f"the GPU ran out of memory with --batch-size {cfg.batch_size} --patch "
@@ -131,6 +145,43 @@ def _check(cfg: TrainConfig) -> None:
                                  f"{cfg.db} ({short} px short side); use --patch "
                                  f"{short - short % cfg.scale} or less, or pack with "
                                  f"--min-size {cfg.patch}", param_hint="--patch")
+
+
+def _check_out(out: str) -> None:
+    """--out must be a folder we can write, or one we can make."""
+    p = Path(out).absolute()
+    while not p.exists():  # also False for a path under a file
+        p = p.parent
+    if not p.is_dir():
+        raise click.BadParameter(f"{p} is a file, so {out} cannot be a folder; choose "
+                                 "another --out", param_hint="--out")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"cannot write in {p} (read-only or not permitted); "
+                                 "choose another --out", param_hint="--out")
+
+
+def _os_error(e: OSError, out: str) -> str:
+    """One line for a failed read or write during training."""
+    where = e.filename or out
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        then = ("continue with --resume" if (Path(out) / "last.pt").exists()
+                else "start again")
+        return f"no space left on the device to write {where}; free some space, then {then}"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write {where}: {e.strerror}; choose another --out"
+    return f"{where}: {e.strerror or e}"
+
+
+def _worker_died(e: RuntimeError) -> bool:
+    # torch: "DataLoader worker (pid(s) N) exited unexpectedly" or "... is killed by signal";
+    # DALI's pool: "Worker data receiving interrupted" when one of its processes is gone
+    text = str(e)
+    return bool(re.search(r"DataLoader worker \(pid.*(exited unexpectedly|killed by signal)",
+                          text) or "Worker data receiving interrupted" in text)
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0].rstrip(".")
 
 
 @main.command("upscale")

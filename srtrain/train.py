@@ -131,8 +131,27 @@ class Logger:
 
     def __call__(self, record: dict) -> None:
         if self.main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.path, json.dumps(record))
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append ``line`` whole or not at all: after a failed write (a full disk) the file is
+    cut back, so no partial line is left for the next run's lines to follow."""
+    data = memoryview((line + "\n").encode())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError as e:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise OSError(e.errno, e.strerror, str(path)) from e
+    finally:
+        os.close(fd)
 
 
 def loader_workers(asked: int | None) -> int:

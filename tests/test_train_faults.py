@@ -105,3 +105,73 @@ def test_a_script_on_standard_input_is_told_to_save_itself(packed):
     assert "save the script to a file" in lines[0] and "workers=0" in lines[0]
     assert lines[1].startswith("refused dali 0") and "loader='torch', workers=0" in lines[1]
     assert lines[2] == "batch torch 0 (2, 3, 32, 32)"  # no workers: nothing to re-import
+
+
+def full_disk_at(path):
+    """Make the next write to ``path`` fail as on a full disk: ENOSPC from the kernel."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux)")
+    path.symlink_to("/dev/full")
+
+
+def test_a_full_disk_gets_a_message_and_leaves_the_last_checkpoint(packed, tmp_path,
+                                                                    monkeypatch):
+    db, out = packed("png"), tmp_path / "run"
+    real, saves = checkpoint.save, []
+
+    def save(path, state):  # the second save (step 4) finds the disk full
+        saves.append(path.name)
+        if len(saves) == 2:
+            full_disk_at(path.with_name(f".{path.name}.tmp-{os.getpid()}"))
+        return real(path, state)
+    monkeypatch.setattr(checkpoint, "save", save)
+    r = train(db, out, "--epochs", 2, "--save-every", 2, "--val-every", 5)
+    assert r.exit_code == 1 and saves == ["last.pt"] * 2
+    line = one_error_line(r)
+    assert f"no space left on the device to write {out / 'last.pt'}" in line
+    assert "--resume" in line
+    assert checkpoint.load(out / "last.pt")["step"] == 2  # the old one, whole
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file
+
+    # metrics.jsonl: the message, and no partial line left behind for the next run
+    out = tmp_path / "run2"
+    out.mkdir()
+    real_write = os.write
+
+    def write(fd, data):
+        if bytes(data).startswith(b'{"event": "train", "step": 3'):
+            real_write(fd, bytes(data)[:10])  # a part goes out, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+    monkeypatch.setattr(checkpoint, "save", real)
+    monkeypatch.setattr(os, "write", write)
+    r = train(db, out, "--epochs", 1, "--log-every", 1)
+    monkeypatch.setattr(os, "write", real_write)
+    assert r.exit_code == 1
+    line = one_error_line(r)
+    assert f"no space left on the device to write {out / 'metrics.jsonl'}" in line
+    assert "start again" in line  # no last.pt to resume from
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_an_unwritable_out_is_named_before_any_work(packed, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    r = train(packed("png"), tmp_path / "file" / "run", "--epochs", 1)
+    assert r.exit_code == 2 and "file is a file, so" in r.output and "--out" in r.output
+    assert "Traceback" not in r.output
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() == 0:  # root writes through permissions, not into an immutable folder
+        if subprocess.run(["chattr", "+i", str(ro)], capture_output=True).returncode:
+            pytest.skip("root, and chattr cannot make a read-only folder here")
+        undo = ["chattr", "-i", str(ro)]
+    else:
+        ro.chmod(0o555)
+        undo = ["chmod", "755", str(ro)]
+    try:
+        r = train(packed("png"), ro / "run", "--epochs", 1)
+    finally:
+        subprocess.run(undo, check=True)
+    assert r.exit_code == 2 and f"cannot write in {ro}" in r.output, r.output
+    assert "Traceback" not in r.output and not (ro / "run").exists()
