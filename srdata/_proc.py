@@ -68,3 +68,40 @@ def main_script_problem() -> str | None:
     if not os.path.isabs(path) and multiprocessing.process.ORIGINAL_DIR is not None:
         path = os.path.join(multiprocessing.process.ORIGINAL_DIR, path)
     return None if os.path.isfile(path) else f"its file {path} is gone"
+
+
+class WorkerDied(RuntimeError):
+    """A worker process this one was waiting on has died (killed, or crashed)."""
+
+
+def raise_when_a_worker_dies(check) -> None:
+    """On SIGCHLD, raise ``WorkerDied(check())`` in the main thread when ``check()`` returns
+    a message (a worker of ours has died); once, then ``check`` is no longer asked.
+
+    A main thread blocked on a dead worker may never wake (DALI's task queue waits forever
+    for a killed worker to take a task); the signal interrupts that wait, and the handler's
+    exception ends it. Only the main thread can install handlers: elsewhere this does
+    nothing. An earlier handler (e.g. PyTorch's DataLoader's) is still called."""
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
+        return
+    previous, fired = signal.getsignal(signal.SIGCHLD), []
+
+    def handler(signum, frame):
+        if callable(previous):
+            previous(signum, frame)
+        message = None if fired else check()
+        if message:
+            fired.append(message)
+            raise WorkerDied(message)
+    signal.signal(signal.SIGCHLD, handler)
+
+
+def killed(exitcode: int | None) -> str | None:
+    """How a process with this ``multiprocessing`` exit code was ended by a signal, or None
+    (still running, exited, or told to stop: SIGTERM is how pools end their workers)."""
+    if exitcode is None or exitcode >= 0 or exitcode == -signal.SIGTERM:
+        return None
+    try:
+        return f"killed by {signal.Signals(-exitcode).name}"
+    except ValueError:
+        return f"killed by signal {-exitcode}"

@@ -7,14 +7,16 @@ tests), slice, flips, transpose and the nearest-neighbour downscale.
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
+import weakref
 
 import numpy as np
 import torch
 
 from . import format as fmt
-from ._proc import die_with_parent
+from ._proc import die_with_parent, killed, raise_when_a_worker_dies
 from .loader import Loader
 from .sampler import HFLIP, ID, TRANSPOSE, X, Y, crop_and_flip
 
@@ -100,6 +102,7 @@ class DaliLoader(Loader):
         super().__init__(db, sampler, scale, device, dtype, channels_last)
         self.workers, self.roi_decode = max(1, workers), roi_decode
         self._pipe, self._pipe_at = None, None  # the pipeline and the (epoch, batch) it is at
+        self._watching = False
 
     def _build(self, epoch: int, start: int):
         s = self.sampler
@@ -113,6 +116,9 @@ class DaliLoader(Loader):
                      seed=s.seed)
         pipe.build()
         self._pipe = pipe
+        if not self._watching:
+            raise_when_a_worker_dies(functools.partial(_dead_worker, weakref.ref(self)))
+            self._watching = True
 
     def _batches(self, epoch, start):
         if self._pipe is None or self._pipe_at != (epoch, start):
@@ -157,3 +163,15 @@ class DaliLoader(Loader):
                                    "record")
         return RuntimeError(f"DALI pipeline failed on batch {b} of epoch {epoch} of "
                             f"{self.db.path}: {err}")
+
+
+def _dead_worker(loader_ref) -> str | None:
+    """A message when a source worker of the loader's current pipeline was killed (DALI
+    keeps them in its pool's processes; another DALI version may not: then no message)."""
+    pipe = getattr(loader_ref(), "_pipe", None)
+    pool = getattr(getattr(pipe, "_py_pool", None), "pool", None)
+    for proc in getattr(pool, "_processes", ()):
+        how = killed(proc.exitcode)
+        if how:
+            return f"DALI worker process {proc.pid} was {how}"
+    return None

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -106,20 +107,20 @@ def main(ctx, db, compile_, quiet, scale, **opts):
         result = train(cfg)
     except (ValueError, DBError, TrainingError, ImportError) as e:
         raise click.ClickException(str(e)) from None
-    except OSError as e:
-        raise click.ClickException(_os_error(e, cfg.out)) from None
-    except RuntimeError as e:
-        if not _worker_died(e):
-            raise  # a bug: keep its traceback
-        raise click.ClickException(
-            f"a data loader worker process died ({_first_line(e)}); the system may have run "
-            "out of memory (see `dmesg`): lower --workers or --batch-size, then continue "
-            "with --resume") from None
     except torch.OutOfMemoryError:
         raise click.ClickException(
             f"the GPU ran out of memory with --batch-size {cfg.batch_size} --patch "
             f"{cfg.patch}; try --batch-size {max(1, cfg.batch_size // 2)} --accum "
             f"{cfg.accum * 2} (the same effective batch) or a smaller --patch") from None
+    except (OSError, RuntimeError) as e:
+        # the loader's other workers may be dying too: their SIGCHLD handlers (PyTorch's,
+        # the DALI loader's) must not interrupt the message with another traceback
+        if hasattr(signal, "SIGCHLD"):
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        message = _failure(e, cfg.out)
+        if message is None:
+            raise  # a bug: keep its traceback
+        raise click.ClickException(message) from None
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: saved {cfg.out}/last.pt; continue with --resume", err=True)
         sys.exit(130)
@@ -160,28 +161,39 @@ def _check_out(out: str) -> None:
                                  "choose another --out", param_hint="--out")
 
 
-def _os_error(e: OSError, out: str) -> str:
-    """One line for a failed read or write during training."""
-    where = e.filename or out
+def _failure(e: Exception, out: str) -> str | None:
+    """One line for a failed read or write, or a dead loader worker; None for anything else
+    (a bug, whose traceback is wanted)."""
+    if _worker_died(e):
+        return (f"a data loader worker process died ({_first_line(e)}); the system may have "
+                "run out of memory (see `dmesg`): lower --workers or --batch-size, then "
+                "continue with --resume")
+    if not isinstance(e, OSError):
+        return None
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         then = ("continue with --resume" if (Path(out) / "last.pt").exists()
                 else "start again")
-        return f"no space left on the device to write {where}; free some space, then {then}"
+        return (f"no space left on the device to write {e.filename or out}; free some space, "
+                f"then {then}")
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return f"cannot write {where}: {e.strerror}; choose another --out"
-    return f"{where}: {e.strerror or e}"
+        return f"cannot write {e.filename or out}: {e.strerror}; choose another --out"
+    return f"{e.filename}: {e.strerror}" if e.filename else str(e)
 
 
-def _worker_died(e: RuntimeError) -> bool:
+def _worker_died(e: Exception) -> bool:
+    from srdata._proc import WorkerDied
+    if isinstance(e, (WorkerDied, ConnectionError)) or isinstance(e.__cause__, WorkerDied):
+        return True  # ConnectionError: the pipe to a worker broke (the only sockets we use)
     # torch: "DataLoader worker (pid(s) N) exited unexpectedly" or "... is killed by signal";
     # DALI's pool: "Worker data receiving interrupted" when one of its processes is gone
-    text = str(e)
-    return bool(re.search(r"DataLoader worker \(pid.*(exited unexpectedly|killed by signal)",
-                          text) or "Worker data receiving interrupted" in text)
+    return isinstance(e, RuntimeError) and bool(
+        re.search(r"DataLoader worker \(pid.*(exited unexpectedly|killed by signal)", str(e))
+        or "Worker data receiving interrupted" in str(e))
 
 
 def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0].rstrip(".")
+    lines = str(e).strip().splitlines()
+    return (lines[0].rstrip(".") if lines else "") or type(e).__name__
 
 
 @main.command("upscale")

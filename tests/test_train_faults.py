@@ -175,3 +175,70 @@ def test_an_unwritable_out_is_named_before_any_work(packed, tmp_path):
         subprocess.run(undo, check=True)
     assert r.exit_code == 2 and f"cannot write in {ro}" in r.output, r.output
     assert "Traceback" not in r.output and not (ro / "run").exists()
+
+
+def spawned_children(pid):
+    """Pids of the spawned worker processes (multiprocessing's spawn_main) of ``pid``."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and \
+                    b"spawn_main" in (d / "cmdline").read_bytes():
+                found.append(int(d.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def alive(pid):
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def start_training(db, out, loader):
+    """srtrain in a subprocess with one loader worker, once it is training: (process, workers)."""
+    p = subprocess.Popen(srtrain_cmd(db, out, "--loader", loader, "--workers", 1, "--epochs",
+                                     1000, "--log-every", 1),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    workers = spawned_children(p.pid)
+    if p.poll() is not None or len(workers) != 1:
+        p.kill()
+        pytest.fail(f"training did not start with a worker: {p.communicate()[1][-2000:]}")
+    return p, workers
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_a_killed_loader_worker_gets_a_message(packed, tmp_path, loader):
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    p, workers = start_training(packed("jpeg"), tmp_path / "run", loader)
+    os.kill(workers[0], signal.SIGKILL)
+    try:
+        _, err = p.communicate(timeout=60)  # DALI's task queue used to wait on it forever
+    finally:
+        p.kill()
+    assert p.returncode == 1 and "Traceback" not in err, err[-3000:]
+    lines = [x for x in err.splitlines() if x.startswith("Error: ")]
+    assert len(lines) == 1 and "worker process died" in lines[0] and "--resume" in lines[0], \
+        err[-3000:]
+
+
+def test_dali_workers_die_with_a_killed_trainer(packed, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    p, workers = start_training(packed("jpeg"), tmp_path / "run", "dali")
+    p.kill()
+    p.wait(timeout=30)
+    deadline = time.time() + 10
+    while any(map(alive, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    left = [w for w in workers if alive(w)]
+    for w in left:  # leave nothing running, even when the test fails
+        os.kill(w, signal.SIGKILL)
+    assert not left, "DALI workers outlived their killed parent"
