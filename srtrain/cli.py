@@ -180,6 +180,15 @@ def _failure(e: Exception, out: str) -> str | None:
     return f"{e.filename}: {e.strerror}" if e.filename else str(e)
 
 
+def _write_failure(e: OSError, dst: str) -> str:
+    where = e.filename or dst
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):  # making a folder where a file is
+        return f"cannot make the folder {where}: a file is in the way; choose another OUTPUT"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device to write {where}"
+    return f"cannot write {where}: {e.strerror or e}"
+
+
 def _worker_died(e: Exception) -> bool:
     from srdata._proc import WorkerDied
     if isinstance(e, (WorkerDied, ConnectionError)) or isinstance(e.__cause__, WorkerDied):
@@ -218,6 +227,8 @@ def upscale_cmd(ckpt, src, dst, tile, overlap, device, ema, quiet):
                                  progress=not quiet)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # images written before it are whole (written atomically)
+        raise click.ClickException(_write_failure(e, dst)) from None
     for s in r["skipped"]:
         click.echo(f"skipped {s['path']}: {s['reason']}", err=True)
     click.echo(f"wrote {len(r['written'])} image(s) to {dst} in {r['seconds']:.1f} s")

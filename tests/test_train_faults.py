@@ -68,6 +68,12 @@ def test_non_finite_weights_are_never_saved_or_used(packed, tmp_path, monkeypatc
     assert r.exit_code == 1 and "no checkpoint was saved" in one_error_line(r)
     assert not (tmp_path / "early" / "last.pt").exists()
 
+    # a good checkpoint, an output under a file: a message
+    (tmp_path / "file").write_text("not a folder")
+    r = CliRunner().invoke(main, ["upscale", "--ckpt", str(out / "last.pt"),
+                                  str(image_dir / "b"), str(tmp_path / "file" / "big"), "-q"])
+    assert r.exit_code == 1 and "a file is in the way" in one_error_line(r)
+
     # a checkpoint with NaN weights (an older srtrain wrote them): refused, not a black image
     state["model"] = {k: torch.full_like(v, float("nan")) for k, v in state["model"].items()}
     state["ema"] = None
