@@ -220,7 +220,7 @@ def start_training(db, out, loader):
     return p, workers
 
 
-@pytest.mark.parametrize("loader", ["torch", "dali"])
+@pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=pytest.mark.dali)])
 def test_a_killed_loader_worker_gets_a_message(packed, tmp_path, loader):
     if loader == "dali":
         pytest.importorskip("nvidia.dali")
@@ -236,6 +236,7 @@ def test_a_killed_loader_worker_gets_a_message(packed, tmp_path, loader):
         err[-3000:]
 
 
+@pytest.mark.dali
 def test_dali_workers_die_with_a_killed_trainer(packed, tmp_path):
     pytest.importorskip("nvidia.dali")
     p, workers = start_training(packed("jpeg"), tmp_path / "run", "dali")
