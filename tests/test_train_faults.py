@@ -249,3 +249,46 @@ def test_dali_workers_die_with_a_killed_trainer(packed, tmp_path):
     for w in left:  # leave nothing running, even when the test fails
         os.kill(w, signal.SIGKILL)
     assert not left, "DALI workers outlived their killed parent"
+
+
+PARENT_SCRIPT = """
+import os, subprocess, sys, threading, time
+child = '''
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("_proc", sys.argv[1])
+proc = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(proc)
+proc.die_with_parent(int(sys.argv[2]), started_by_main_thread=False, poll_seconds=0.1)
+print("ready", flush=True)
+time.sleep(120)
+'''
+started = []
+def start():  # from a helper thread that ends once the worker is up
+    started.append(subprocess.Popen([sys.executable, "-c", child, sys.argv[1],
+                                     str(os.getpid())], stdout=subprocess.PIPE, text=True))
+    assert started[0].stdout.readline() == "ready\\n"
+t = threading.Thread(target=start)
+t.start()
+t.join()
+kid = started[0]
+time.sleep(0.5)
+print(kid.pid, kid.poll() is None, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_worker_started_from_a_thread_lives_until_its_parent_dies():
+    p = subprocess.Popen([sys.executable, "-c", PARENT_SCRIPT, str(ROOT / "srdata" / "_proc.py")],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        pid, alive_after_thread = p.stdout.readline().split()
+    finally:
+        p.kill()
+        p.wait()
+    assert alive_after_thread == "True"  # PR_SET_PDEATHSIG would have fired at thread exit
+    deadline = time.time() + 10
+    while alive(int(pid)) and time.time() < deadline:
+        time.sleep(0.05)
+    if alive(int(pid)):
+        os.kill(int(pid), signal.SIGKILL)
+        pytest.fail("the worker outlived its killed parent")
