@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 
 PR_SET_PDEATHSIG = 1
 
@@ -74,26 +75,49 @@ class WorkerDied(RuntimeError):
     """A worker process this one was waiting on has died (killed, or crashed)."""
 
 
-def raise_when_a_worker_dies(check) -> None:
-    """On SIGCHLD, raise ``WorkerDied(check())`` in the main thread when ``check()`` returns
-    a message (a worker of ours has died); once, then ``check`` is no longer asked.
+def raise_when_a_worker_dies(owner, check) -> None:
+    """While ``owner`` lives, on SIGCHLD, raise ``WorkerDied(check(owner))`` in the main
+    thread when ``check`` returns a message (a worker of ``owner`` has died); once.
 
     A main thread blocked on a dead worker may never wake (DALI's task queue waits forever
     for a killed worker to take a task); the signal interrupts that wait, and the handler's
     exception ends it. Only the main thread can install handlers: elsewhere this does
-    nothing. An earlier handler (e.g. PyTorch's DataLoader's) is still called."""
+    nothing. One handler serves every owner; an earlier one (e.g. PyTorch's DataLoader's)
+    is still called."""
     if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
         return
-    previous, fired = signal.getsignal(signal.SIGCHLD), []
+    installed = signal.getsignal(signal.SIGCHLD)
+    if not hasattr(installed, "watched"):
+        previous = installed
 
-    def handler(signum, frame):
-        if callable(previous):
-            previous(signum, frame)
-        message = None if fired else check()
-        if message:
-            fired.append(message)
-            raise WorkerDied(message)
-    signal.signal(signal.SIGCHLD, handler)
+        def installed(signum, frame):
+            if callable(previous):
+                previous(signum, frame)
+            for entry in list(installed.watched):
+                owner_now = entry[0]()
+                message = entry[1](owner_now) if owner_now is not None else None
+                if owner_now is None or message:
+                    installed.watched.remove(entry)
+                if message:
+                    raise WorkerDied(message)
+        installed.watched = []
+        signal.signal(signal.SIGCHLD, installed)
+        threading.Thread(target=_nudge, args=(installed.watched,), daemon=True,
+                         name="srpipe-worker-deaths").start()
+    installed.watched.append((weakref.ref(owner), check))
+
+
+def _nudge(watched: list, seconds: float = 0.5) -> None:
+    """The kernel hands SIGCHLD to any one thread; when that is not the main thread, a main
+    thread blocked in an uninterruptible wait never runs the handler. Signal it directly."""
+    main = threading.main_thread()
+    while main.is_alive():
+        time.sleep(seconds)
+        for ref, check in list(watched):
+            owner = ref()
+            if owner is not None and check(owner):
+                signal.pthread_kill(main.ident, signal.SIGCHLD)
+                break
 
 
 def killed(exitcode: int | None) -> str | None:

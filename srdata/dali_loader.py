@@ -7,10 +7,8 @@ tests), slice, flips, transpose and the nearest-neighbour downscale.
 """
 from __future__ import annotations
 
-import functools
 import os
 import threading
-import weakref
 
 import numpy as np
 import torch
@@ -117,7 +115,7 @@ class DaliLoader(Loader):
         pipe.build()
         self._pipe = pipe
         if not self._watching:
-            raise_when_a_worker_dies(functools.partial(_dead_worker, weakref.ref(self)))
+            raise_when_a_worker_dies(self, _dead_worker)
             self._watching = True
 
     def _batches(self, epoch, start):
@@ -165,10 +163,10 @@ class DaliLoader(Loader):
                             f"{self.db.path}: {err}")
 
 
-def _dead_worker(loader_ref) -> str | None:
+def _dead_worker(loader: DaliLoader) -> str | None:
     """A message when a source worker of the loader's current pipeline was killed (DALI
     keeps them in its pool's processes; another DALI version may not: then no message)."""
-    pipe = getattr(loader_ref(), "_pipe", None)
+    pipe = loader._pipe
     pool = getattr(getattr(pipe, "_py_pool", None), "pool", None)
     for proc in getattr(pool, "_processes", ()):
         how = killed(proc.exitcode)
