@@ -8,10 +8,14 @@ database the source hands over both records and the graph decodes and cuts both,
 """
 from __future__ import annotations
 
+import os
+import threading
+
 import numpy as np
 import torch
 
 from . import format as fmt
+from ._proc import die_with_parent, killed, raise_when_a_worker_dies
 from .loader import Loader
 from .sampler import HFLIP, ID, TRANSPOSE, X, Y, crop_and_flip, lr_row
 
@@ -37,8 +41,14 @@ class PatchSource:
         self.db, self.sampler = db, sampler
         self.first_epoch, self.skip, self.padded_len = first_epoch, skip, padded_len
         self._epoch, self._rows = None, None
+        # DALI starts the worker processes from the thread that builds the pipeline: this one
+        self._parent, self._pid = os.getpid(), os.getpid()
+        self._by_main_thread = threading.current_thread() is threading.main_thread()
 
     def __call__(self, info):
+        if self._pid != os.getpid():  # first call in a worker process
+            self._pid = os.getpid()
+            die_with_parent(self._parent, self._by_main_thread)
         epoch = self.first_epoch + info.epoch_idx
         j = info.idx_in_epoch + (self.skip if info.epoch_idx == 0 else 0)
         if j >= self.padded_len:
@@ -173,6 +183,7 @@ class DaliLoader(Loader):
         self.lr = lr
         self.workers, self.roi_decode = max(1, workers), roi_decode
         self._pipe, self._pipe_at = None, None  # the pipeline and the (epoch, batch) it is at
+        self._watching = False
 
     def _build(self, epoch: int, start: int):
         if self.lr is not None:
@@ -188,6 +199,9 @@ class DaliLoader(Loader):
                      seed=s.seed)
         pipe.build()
         self._pipe = pipe
+        if not self._watching:
+            raise_when_a_worker_dies(self, _dead_worker)
+            self._watching = True
 
     def _build_paired(self, epoch: int, start: int):
         s, gpu = self.sampler, self.device.type == "cuda"
@@ -245,3 +259,15 @@ class DaliLoader(Loader):
                                    "record")
         return RuntimeError(f"DALI pipeline failed on batch {b} of epoch {epoch} of "
                             f"{self.db.path}: {err}")
+
+
+def _dead_worker(loader: DaliLoader) -> str | None:
+    """A message when a source worker of the loader's current pipeline was killed (DALI
+    keeps them in its pool's processes; another DALI version may not: then no message)."""
+    pipe = loader._pipe
+    pool = getattr(getattr(pipe, "_py_pool", None), "pool", None)
+    for proc in getattr(pool, "_processes", ()):
+        how = killed(proc.exitcode)
+        if how:
+            return f"DALI worker process {proc.pid} was {how}"
+    return None

@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from ._proc import main_script_problem
 from .sampler import Sampler
 
 LOADERS = ("dali", "torch")
@@ -103,6 +104,12 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
     from .reader import open_db
     if loader not in LOADERS:
         raise ValueError(f"got loader={loader!r}, expected one of {', '.join(LOADERS)}")
+    problem = main_script_problem() if loader == "dali" or workers != 0 else None
+    if problem:
+        raise ValueError("the loader's worker processes are spawned and re-import the main "
+                         f"script from its file, but {problem}: save the script to a file and "
+                         "run `python script.py`, or pass "
+                         + ("workers=0" if loader == "torch" else "loader='torch', workers=0"))
     if scale not in (2, 3, 4):
         raise ValueError(f"got scale={scale}, expected 2, 3 or 4")
     if patch_size % scale:

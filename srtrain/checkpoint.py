@@ -27,6 +27,8 @@ def save(path: Path, state: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk: name the checkpoint, not our temporary file
+        raise OSError(e.errno, e.strerror, str(path)) from e
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -42,6 +44,18 @@ def load(path: Path) -> dict:
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise ValueError(f"{path} is not an srtrain checkpoint (no model or config in it)")
     return state
+
+
+def nonfinite(state_dict: dict) -> list[str]:
+    """The names of the floating-point tensors in ``state_dict`` holding NaN or inf."""
+    names = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if not names:
+        return []
+    # NaN and inf propagate into a sum: summing is the cheap screen (one host sync, 8x less
+    # than isfinite on every element); a sum of finite values that overflowed is told apart
+    finite = torch.stack([state_dict[k].sum(dtype=torch.float32) for k in names]).isfinite()
+    return [k for k, ok in zip(names, finite.tolist())
+            if not ok and not torch.isfinite(state_dict[k]).all()]
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -72,7 +86,13 @@ def load_model(path: Path, ema: bool = True) -> torch.nn.Module:
     state = load(path)
     cfg = TrainConfig.from_dict(state["config"])
     model = build_model(cfg.model, cfg.scale, cfg.num_feat, cfg.num_block, cfg.num_grow_ch)
-    model.load_state_dict(model_weights(state, ema)[0])
+    weights, kind = model_weights(state, ema)
+    bad = nonfinite(weights)
+    if bad:  # it would upscale every image to black
+        raise ValueError(f"{path} holds non-finite {'EMA ' if kind == 'ema' else ''}weights "
+                         f"(NaN or inf in {bad[0]}{' and more' if len(bad) > 1 else ''}): "
+                         "training had diverged when it was saved; use an earlier checkpoint")
+    model.load_state_dict(weights)
     return model.eval()
 
 

@@ -11,9 +11,14 @@ from environment variables of those names, as in the scripts users already run.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import re
+import signal
 import sys
+from pathlib import Path
 
 import click
 import torch
@@ -112,6 +117,7 @@ def main(ctx, db, compile_, quiet, scale, **opts):
                                "export, demo)")
     cfg = TrainConfig(db=db, compile=compile_, progress=not quiet, scale=int(scale), **opts)
     _check(cfg)
+    _check_out(cfg.out)
     from .train import TrainingError, train
     try:
         result = train(cfg)
@@ -122,6 +128,15 @@ def main(ctx, db, compile_, quiet, scale, **opts):
             f"the GPU ran out of memory with --batch-size {cfg.batch_size} --patch "
             f"{cfg.patch}; try --batch-size {max(1, cfg.batch_size // 2)} --accum "
             f"{cfg.accum * 2} (the same effective batch) or a smaller --patch") from None
+    except (OSError, RuntimeError) as e:
+        # the loader's other workers may be dying too: their SIGCHLD handlers (PyTorch's,
+        # the DALI loader's) must not interrupt the message with another traceback
+        if hasattr(signal, "SIGCHLD"):
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        message = _failure(e, cfg.out)
+        if message is None:
+            raise  # a bug: keep its traceback
+        raise click.ClickException(message) from None
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: saved {cfg.out}/last.pt; continue with --resume", err=True)
         sys.exit(130)
@@ -149,6 +164,63 @@ def _check(cfg: TrainConfig) -> None:
                                  f"--min-size {cfg.patch}", param_hint="--patch")
 
 
+def _check_out(out: str) -> None:
+    """--out must be a folder we can write, or one we can make."""
+    p = Path(out).absolute()
+    while not p.exists():  # also False for a path under a file
+        p = p.parent
+    if not p.is_dir():
+        raise click.BadParameter(f"{p} is a file, so {out} cannot be a folder; choose "
+                                 "another --out", param_hint="--out")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"cannot write in {p} (read-only or not permitted); "
+                                 "choose another --out", param_hint="--out")
+
+
+def _failure(e: Exception, out: str) -> str | None:
+    """One line for a failed read or write, or a dead loader worker; None for anything else
+    (a bug, whose traceback is wanted)."""
+    if _worker_died(e):
+        return (f"a data loader worker process died ({_first_line(e)}); the system may have "
+                "run out of memory (see `dmesg`): lower --workers or --batch-size, then "
+                "continue with --resume")
+    if not isinstance(e, OSError):
+        return None
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        then = ("continue with --resume" if (Path(out) / "last.pt").exists()
+                else "start again")
+        return (f"no space left on the device to write {e.filename or out}; free some space, "
+                f"then {then}")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write {e.filename or out}: {e.strerror}; choose another --out"
+    return f"{e.filename}: {e.strerror}" if e.filename else str(e)
+
+
+def _write_failure(e: OSError, dst: str) -> str:
+    where = e.filename or dst
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):  # making a folder where a file is
+        return f"cannot make the folder {where}: a file is in the way; choose another OUTPUT"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device to write {where}"
+    return f"cannot write {where}: {e.strerror or e}"
+
+
+def _worker_died(e: Exception) -> bool:
+    from srdata._proc import WorkerDied
+    if isinstance(e, (WorkerDied, ConnectionError)) or isinstance(e.__cause__, WorkerDied):
+        return True  # ConnectionError: the pipe to a worker broke (the only sockets we use)
+    # torch: "DataLoader worker (pid(s) N) exited unexpectedly" or "... is killed by signal";
+    # DALI's pool: "Worker data receiving interrupted" when one of its processes is gone
+    return isinstance(e, RuntimeError) and bool(
+        re.search(r"DataLoader worker \(pid.*(exited unexpectedly|killed by signal)", str(e))
+        or "Worker data receiving interrupted" in str(e))
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0].rstrip(".") if lines else "") or type(e).__name__
+
+
 @main.command("upscale")
 @click.option("--ckpt", required=True, type=click.Path(exists=True, dir_okay=False),
               help="A checkpoint written by srtrain (last.pt or best.pt).")
@@ -171,6 +243,8 @@ def upscale_cmd(ckpt, src, dst, tile, overlap, device, ema, quiet):
                                  progress=not quiet)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # images written before it are whole (written atomically)
+        raise click.ClickException(_write_failure(e, dst)) from None
     for s in r["skipped"]:
         click.echo(f"skipped {s['path']}: {s['reason']}", err=True)
     click.echo(f"wrote {len(r['written'])} image(s) to {dst} in {r['seconds']:.1f} s")

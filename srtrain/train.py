@@ -184,8 +184,7 @@ class Logger:
 
     def __call__(self, record: dict) -> None:
         if self.main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.path, json.dumps(record))
             if self.tb is not None:
                 self.tb.record(record)
 
@@ -196,6 +195,26 @@ class Logger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append ``line`` whole or not at all: after a failed write (a full disk) the file is
+    cut back, so no partial line is left for the next run's lines to follow."""
+    data = memoryview((line + "\n").encode())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError as e:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise OSError(e.errno, e.strerror, str(path)) from e
+    finally:
+        os.close(fd)
 
 
 def data_identities(cfg: TrainConfig, db) -> dict:
@@ -286,6 +305,7 @@ class Trainer:
         self.step_fn = Stepper(cfg, model, net, device, self.amp, self.total_steps)
         self.step, self.best, self.stale = 0, -math.inf, 0
         self.in_epoch, self.step_batch = False, 0  # the loader position of the last step
+        self.saved = {}  # checkpoint name -> the step it holds; every one has finite weights
         self.log = Logger(self.out, d.main, cfg.tensorboard)
         if state is not None:
             self._load(state)
@@ -303,6 +323,9 @@ class Trainer:
         if conflicts:
             raise ValueError("--resume needs the checkpoint's settings; these differ: "
                              + "; ".join(conflicts))
+        if checkpoint.nonfinite(state["model"]):  # written by an srtrain without the guard
+            raise ValueError(f"{self.out / 'last.pt'} holds non-finite weights (training had "
+                             "diverged when it was saved); it cannot be resumed")
         return state
 
     def _check_data(self, state: dict) -> None:
@@ -341,6 +364,7 @@ class Trainer:
         self.step_fn.load_state_dict(state)
         self.loader.load_state_dict(state["loader"])
         self.step, self.best, self.stale = state["step"], state["best_psnr"], state["stale"]
+        self.saved["last.pt"] = self.step
         torch.set_rng_state(state["rng"])
         self.log({"event": "resume", "step": self.step, "epoch": self.loader.epoch,
                   "batch": self.loader.batch})
@@ -357,7 +381,22 @@ class Trainer:
                  "loader": loader, "step": self.step, "best_psnr": self.best,
                  "stale": self.stale, "config": self.cfg.to_dict(),
                  "rng": torch.get_rng_state(), "data": self.data_ids}
+        bad = checkpoint.nonfinite(state["model"]) + checkpoint.nonfinite(state["ema"] or {})
+        if bad:  # never replace a good checkpoint with weights that upscale to black
+            raise TrainingError(
+                f"the weights became non-finite (NaN or inf in {bad[0]}) by step {self.step}, "
+                f"so {name} was not written; {self._good_state()}. Lower --lr, or try --amp "
+                "bf16 or --amp off")
         checkpoint.save(self.out / name, state)
+        self.saved[name] = self.step
+
+    def _good_state(self) -> str:
+        """Where the last good state is, in words: the newest checkpoint this run saved or
+        resumed from (each one's weights were checked finite)."""
+        if not self.saved:
+            return "no checkpoint was saved"
+        name = max(self.saved, key=lambda n: (self.saved[n], n == "last.pt"))
+        return f"{self.out / name} (step {self.saved[name]}) holds the last good state"
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> dict:
@@ -434,8 +473,8 @@ class Trainer:
         wait = timer.collect()
         if not math.isfinite(loss):
             raise TrainingError(
-                f"the loss became {loss} by step {self.step}; {self.out / 'last.pt'} holds "
-                "the last good state. Lower --lr, or try --amp bf16 or --amp off")
+                f"the loss became {loss} by step {self.step}; {self._good_state()}. Lower "
+                "--lr, or try --amp bf16 or --amp off")
         record = {"event": "train", "step": self.step, "epoch": epoch, "loss": loss,
                   "lr": self.step_fn.sched.get_last_lr()[0],
                   "img_per_s": window["images"] * self.d.world_size / seconds,

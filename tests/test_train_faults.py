@@ -1,0 +1,294 @@
+"""srtrain under faults: divergence, disk full, unwritable folders, killed processes."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from srtrain import checkpoint
+from srtrain.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+# SRCNN on 32 px patches: a CPU step takes milliseconds; the faults, not the model, are tested.
+FAST = ["--model", "srcnn", "--patch", "32", "--batch-size", "2", "--loader", "torch",
+        "--workers", "0", "--device", "cpu", "--val-split", "0.2", "--val-images", "2", "-q"]
+
+
+def train(db, out, *args):
+    return CliRunner().invoke(main, ["--db", str(db), "--out", str(out), *FAST,
+                                     *map(str, args)])
+
+
+def srtrain_cmd(db, out, *args):
+    return [sys.executable, "-m", "srtrain", "--db", str(db), "--out", str(out), *FAST,
+            *map(str, args)]
+
+
+def one_error_line(r):
+    """The CLI's output is one ``Error: ...`` line and no traceback."""
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert "Traceback" not in r.output and len(lines) == 1 and lines[0].startswith("Error: "), \
+        r.output
+    return lines[0]
+
+
+def test_non_finite_weights_are_never_saved_or_used(packed, tmp_path, monkeypatch, image_dir):
+    from srtrain import train as train_mod
+    db, out = packed("png"), tmp_path / "run"
+    real = train_mod.Stepper.__call__
+
+    def diverge_after_step_3(self, lr, hr):
+        loss, stepped = real(self, lr, hr)
+        if self.sched.last_epoch == 3:  # optimizer steps taken
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.fill_(float("nan"))
+        return loss, stepped
+    monkeypatch.setattr(train_mod.Stepper, "__call__", diverge_after_step_3)
+    # the loss is read every 100 steps: only the guard stands between NaN and last.pt
+    r = train(db, out, "--epochs", 2, "--save-every", 2, "--log-every", 100, "--ema", 0.5)
+    assert r.exit_code == 1
+    line = one_error_line(r)
+    assert "non-finite" in line and f"{out / 'last.pt'} (step 2) holds the last good" in line
+    state = checkpoint.load(out / "last.pt")
+    assert state["step"] == 2 and not checkpoint.nonfinite(state["model"])
+    assert not checkpoint.nonfinite(state["ema"])
+    assert not list(out.glob(".*tmp*"))
+
+    # diverged before any save: the message says so and names no file
+    r = train(db, tmp_path / "early", "--epochs", 1, "--save-every", 4, "--log-every", 100)
+    assert r.exit_code == 1 and "no checkpoint was saved" in one_error_line(r)
+    assert not (tmp_path / "early" / "last.pt").exists()
+
+    # a good checkpoint, an output under a file: a message
+    (tmp_path / "file").write_text("not a folder")
+    r = CliRunner().invoke(main, ["upscale", "--ckpt", str(out / "last.pt"),
+                                  str(image_dir / "b"), str(tmp_path / "file" / "big"), "-q"])
+    assert r.exit_code == 1 and "a file is in the way" in one_error_line(r)
+
+    # a checkpoint with NaN weights (an older srtrain wrote them): refused, not a black image
+    state["model"] = {k: torch.full_like(v, float("nan")) for k, v in state["model"].items()}
+    state["ema"] = None
+    checkpoint.save(tmp_path / "nan.pt", state)
+    big = tmp_path / "big.png"
+    r = CliRunner().invoke(main, ["upscale", "--ckpt", str(tmp_path / "nan.pt"),
+                                  str(image_dir / "b" / "im000.png"), str(big), "-q"])
+    assert r.exit_code == 1 and "non-finite weights" in one_error_line(r)
+    assert not big.exists()
+    checkpoint.save(out / "last.pt", state)
+    r = train(db, out, "--epochs", 2, "--save-every", 2, "--log-every", 100, "--ema", 0.5,
+              "--resume")
+    assert r.exit_code == 1 and "cannot be resumed" in one_error_line(r)
+
+
+STDIN_SCRIPT = """
+import sys, srdata
+for loader, workers in (("torch", 1), ("dali", 0), ("torch", 0)):
+    try:
+        lr, hr = next(iter(srdata.make_loader(sys.argv[1], loader, 2, 32, 4, device="cpu",
+                                              workers=workers)))
+        print("batch", loader, workers, tuple(hr.shape))
+    except ValueError as e:
+        print("refused", loader, workers, e)
+"""
+
+
+def test_a_script_on_standard_input_is_told_to_save_itself(packed):
+    r = subprocess.run([sys.executable, "-", str(packed("png"))], input=STDIN_SCRIPT,
+                       capture_output=True, text=True, timeout=120,
+                       env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("refused torch 1") and "standard input" in lines[0]
+    assert "save the script to a file" in lines[0] and "workers=0" in lines[0]
+    assert lines[1].startswith("refused dali 0") and "loader='torch', workers=0" in lines[1]
+    assert lines[2] == "batch torch 0 (2, 3, 32, 32)"  # no workers: nothing to re-import
+
+
+def full_disk_at(path):
+    """Make the next write to ``path`` fail as on a full disk: ENOSPC from the kernel."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux)")
+    path.symlink_to("/dev/full")
+
+
+def test_a_full_disk_gets_a_message_and_leaves_the_last_checkpoint(packed, tmp_path,
+                                                                    monkeypatch):
+    db, out = packed("png"), tmp_path / "run"
+    real, saves = checkpoint.save, []
+
+    def save(path, state):  # the second save (step 4) finds the disk full
+        saves.append(path.name)
+        if len(saves) == 2:
+            full_disk_at(path.with_name(f".{path.name}.tmp-{os.getpid()}"))
+        return real(path, state)
+    monkeypatch.setattr(checkpoint, "save", save)
+    r = train(db, out, "--epochs", 2, "--save-every", 2, "--val-every", 5)
+    assert r.exit_code == 1 and saves == ["last.pt"] * 2
+    line = one_error_line(r)
+    assert f"no space left on the device to write {out / 'last.pt'}" in line
+    assert "--resume" in line
+    assert checkpoint.load(out / "last.pt")["step"] == 2  # the old one, whole
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file
+
+    # metrics.jsonl: the message, and no partial line left behind for the next run
+    out = tmp_path / "run2"
+    out.mkdir()
+    real_write = os.write
+
+    def write(fd, data):
+        if bytes(data).startswith(b'{"event": "train", "step": 3'):
+            real_write(fd, bytes(data)[:10])  # a part goes out, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+    monkeypatch.setattr(checkpoint, "save", real)
+    monkeypatch.setattr(os, "write", write)
+    r = train(db, out, "--epochs", 1, "--log-every", 1)
+    monkeypatch.setattr(os, "write", real_write)
+    assert r.exit_code == 1
+    line = one_error_line(r)
+    assert f"no space left on the device to write {out / 'metrics.jsonl'}" in line
+    assert "start again" in line  # no last.pt to resume from
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_an_unwritable_out_is_named_before_any_work(packed, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    r = train(packed("png"), tmp_path / "file" / "run", "--epochs", 1)
+    assert r.exit_code == 2 and "file is a file, so" in r.output and "--out" in r.output
+    assert "Traceback" not in r.output
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() == 0:  # root writes through permissions, not into an immutable folder
+        if subprocess.run(["chattr", "+i", str(ro)], capture_output=True).returncode:
+            pytest.skip("root, and chattr cannot make a read-only folder here")
+        undo = ["chattr", "-i", str(ro)]
+    else:
+        ro.chmod(0o555)
+        undo = ["chmod", "755", str(ro)]
+    try:
+        r = train(packed("png"), ro / "run", "--epochs", 1)
+    finally:
+        subprocess.run(undo, check=True)
+    assert r.exit_code == 2 and f"cannot write in {ro}" in r.output, r.output
+    assert "Traceback" not in r.output and not (ro / "run").exists()
+
+
+def spawned_children(pid):
+    """Pids of the spawned worker processes (multiprocessing's spawn_main) of ``pid``."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and \
+                    b"spawn_main" in (d / "cmdline").read_bytes():
+                found.append(int(d.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def alive(pid):
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def start_training(db, out, loader):
+    """srtrain in a subprocess with one loader worker, once it is training: (process, workers)."""
+    p = subprocess.Popen(srtrain_cmd(db, out, "--loader", loader, "--workers", 1, "--epochs",
+                                     1000, "--log-every", 1),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    workers = spawned_children(p.pid)
+    if p.poll() is not None or len(workers) != 1:
+        p.kill()
+        pytest.fail(f"training did not start with a worker: {p.communicate()[1][-2000:]}")
+    return p, workers
+
+
+@pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=pytest.mark.dali)])
+def test_a_killed_loader_worker_gets_a_message(packed, tmp_path, loader):
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    p, workers = start_training(packed("jpeg"), tmp_path / "run", loader)
+    os.kill(workers[0], signal.SIGKILL)
+    try:
+        _, err = p.communicate(timeout=60)  # DALI's task queue used to wait on it forever
+    finally:
+        p.kill()
+    assert p.returncode == 1 and "Traceback" not in err, err[-3000:]
+    lines = [x for x in err.splitlines() if x.startswith("Error: ")]
+    assert len(lines) == 1 and "worker process died" in lines[0] and "--resume" in lines[0], \
+        err[-3000:]
+
+
+@pytest.mark.dali
+def test_dali_workers_die_with_a_killed_trainer(packed, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    p, workers = start_training(packed("jpeg"), tmp_path / "run", "dali")
+    p.kill()
+    p.wait(timeout=30)
+    deadline = time.time() + 10
+    while any(map(alive, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    left = [w for w in workers if alive(w)]
+    for w in left:  # leave nothing running, even when the test fails
+        os.kill(w, signal.SIGKILL)
+    assert not left, "DALI workers outlived their killed parent"
+
+
+PARENT_SCRIPT = """
+import os, subprocess, sys, threading, time
+child = '''
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("_proc", sys.argv[1])
+proc = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(proc)
+proc.die_with_parent(int(sys.argv[2]), started_by_main_thread=False, poll_seconds=0.1)
+print("ready", flush=True)
+time.sleep(120)
+'''
+started = []
+def start():  # from a helper thread that ends once the worker is up
+    started.append(subprocess.Popen([sys.executable, "-c", child, sys.argv[1],
+                                     str(os.getpid())], stdout=subprocess.PIPE, text=True))
+    assert started[0].stdout.readline() == "ready\\n"
+t = threading.Thread(target=start)
+t.start()
+t.join()
+kid = started[0]
+time.sleep(0.5)
+print(kid.pid, kid.poll() is None, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_worker_started_from_a_thread_lives_until_its_parent_dies():
+    p = subprocess.Popen([sys.executable, "-c", PARENT_SCRIPT, str(ROOT / "srdata" / "_proc.py")],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        pid, alive_after_thread = p.stdout.readline().split()
+    finally:
+        p.kill()
+        p.wait()
+    assert alive_after_thread == "True"  # PR_SET_PDEATHSIG would have fired at thread exit
+    deadline = time.time() + 10
+    while alive(int(pid)) and time.time() < deadline:
+        time.sleep(0.05)
+    if alive(int(pid)):
+        os.kill(int(pid), signal.SIGKILL)
+        pytest.fail("the worker outlived its killed parent")
