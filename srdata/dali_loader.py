@@ -90,9 +90,11 @@ class DaliLoader(Loader):
         super().__init__(db, sampler, scale, device, dtype, channels_last)
         self.workers, self.roi_decode = max(1, workers), roi_decode
         self._pipe, self._pipe_at = None, None  # the pipeline and the (epoch, batch) it is at
+        self._pipe_sampler = None  # the sampler (patch, batch size) the pipeline was built for
 
     def _build(self, epoch: int, start: int):
         s = self.sampler
+        self._pipe = None  # a stage switch: let the old pipeline and its workers go first
         source = PatchSource(self.db, s, epoch, start * s.batch_size,
                              len(s) * s.batch_size)
         gpu = self.device.type == "cuda"
@@ -102,11 +104,13 @@ class DaliLoader(Loader):
                      device_id=self.device.index if gpu else None, prefetch_queue_depth=2,
                      seed=s.seed)
         pipe.build()
-        self._pipe = pipe
+        self._pipe, self._pipe_sampler = pipe, s
 
     def _batches(self, epoch, start):
-        if self._pipe is None or self._pipe_at != (epoch, start):
-            self._build(epoch, start)  # first use, or a jump (resume, set_epoch, break)
+        if (self._pipe is None or self._pipe_at != (epoch, start)
+                or self._pipe_sampler is not self.sampler):
+            # first use, a jump (resume, set_epoch, break), or a new patch schedule stage
+            self._build(epoch, start)
         self._pipe_at = None  # mid-epoch until the epoch is drained
         s, pipe = self.sampler, self._pipe
         for b in range(start, len(s)):

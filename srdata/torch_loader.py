@@ -17,15 +17,21 @@ from . import format as fmt
 from .loader import Loader
 from .sampler import ID, crop_and_flip, nn_downscale
 
+PATCH = 6  # the column _RowBatches appends to a sampler row
+
 
 class PatchDataset(Dataset):
-    """Indexed by a sampler row, not an integer: the row says which image and how to cut."""
+    """Indexed by a sampler row, not an integer: the row says which image and how to cut.
+
+    The batch sampler appends the patch side to each row (``row[PATCH]``): the persistent
+    workers hold copies of this dataset, and a patch schedule changes the side per epoch."""
 
     def __init__(self, db, patch: int):
         self.db, self.patch = db, patch
 
     def __getitem__(self, row):
-        return crop_and_flip(self.db.image(int(row[ID])), row, self.patch)
+        patch = row[PATCH] if len(row) > PATCH else self.patch
+        return crop_and_flip(self.db.image(int(row[ID])), row, patch)
 
 
 class _RowBatches:
@@ -39,10 +45,10 @@ class _RowBatches:
 
     def __iter__(self):
         lo = self._loader()
-        batches = lo.sampler.batches(lo.epoch, lo.batch)
+        batches, patch = lo.sampler.batches(lo.epoch, lo.batch), lo.sampler.patch
         del lo  # this generator lives in the DataLoader's iterator: it must not hold the loader
         for rows in batches:
-            yield [tuple(r) for r in rows.tolist()]
+            yield [(*r, patch) for r in rows.tolist()]
 
     def __len__(self):
         return len(self._loader().sampler)
