@@ -12,7 +12,9 @@ Writes ``benchmarks/results/<gpu>-<date>/`` (``cpu<N>-<date>`` without a GPU):
    ``batch``: one model's img/s and peak memory over a range of batch sizes;
 4. ``codecs``: jpeg q90/q95/q100, png, raw: bytes and PSNR, and DALI and torch img/s;
 5. ``quality``: each model preset's validation PSNR over bicubic after the demo's training;
-6. ``headline``: seconds per epoch of the users' 10K images with the full esrgan model.
+6. ``headline``: seconds per epoch of the users' 10K images with the full esrgan model;
+7. ``ttq``: time to quality, validation PSNR against wall time for a fixed patch, a
+   progressive patch schedule and ``--sample-ratio 0.3`` (esrgan on a GPU).
 
 Each part runs as its own process and writes JSON lines; a part that fails is recorded in
 ``suite.jsonl`` with its error and the others still run. ``render_results.py`` then turns
@@ -40,7 +42,8 @@ USERS_EPOCH, USERS_SECONDS = 10_000, 7200  # the starting point: 2 h per epoch o
 # each part and the result files it writes (besides its .md, .png and logs/PART.log)
 PARTS = {"loaders": ["loader_throughput.jsonl"], "train": ["train_throughput.jsonl"],
          "batch": ["batch_sizes.jsonl"], "codecs": ["codec_compare.jsonl", "codec_loaders.jsonl"],
-         "quality": ["model_quality.jsonl"], "headline": ["headline.jsonl"]}
+         "quality": ["model_quality.jsonl"], "headline": ["headline.jsonl"],
+         "ttq": ["time_to_quality.jsonl"]}
 CODECS = [("jpeg", 90), ("jpeg", 95), ("jpeg", 100), ("png", 95), ("raw", 95)]
 PRESETS = {
     # the users' setting: 10K 512² JPEGs, 256² patches, esrgan at batch 32
@@ -62,6 +65,18 @@ PRESETS = {
               "models": "esrgan,srcnn", "workers": "1", "timeout": 300,
               "batch_model": "srcnn", "batch_sizes": "1,2", "codecs": [("jpeg", 95), ("raw", 95)],
               "quality_models": "srcnn", "quality_epochs": 1},
+}
+
+
+# time_to_quality.py's arguments per preset: the demo's 160 px crops; on a GPU esrgan with
+# 128² final patches, on a CPU the demo's model (~8 minutes on 2 cores), quick: a test
+TIME_TO_QUALITY = {
+    "full": ["--model", "esrgan", "--images", 800, "--epochs", 20, "--patch", 128,
+             "--schedule", "64:0,96:7,128:14", "--batch-size", 16],
+    "cpu": ["--model", "demo", "--images", 160, "--epochs", 24, "--patch", 64,
+            "--schedule", "32:0,48:8,64:16", "--batch-size", 8],
+    "quick": ["--model", "demo", "--images", 16, "--epochs", 2, "--patch", 32,
+              "--schedule", "16:0,32:1", "--batch-size", 4],
 }
 
 
@@ -143,6 +158,10 @@ def run_suite(out: Path, work: Path, p: dict, parts: list[str]) -> None:
               "--md", out / "model_quality.md")
     if "headline" in parts:
         headline(out)
+    if "ttq" in parts:
+        s.run("ttq", py, "time_to_quality.py", *p["time_to_quality"],
+              "--out", out / "time_to_quality.jsonl", "--md", out / "time_to_quality.md",
+              "--plot", out / "time_to_quality.png")
 
 
 def headline(out: Path) -> None:
@@ -168,7 +187,7 @@ def forget(out: Path, parts: list[str]) -> None:
     for part in parts:
         for name in PARTS[part]:
             (out / name).unlink(missing_ok=True)
-    builds = {"db"} if set(parts) - {"quality", "headline"} else set()  # the parts that pack
+    builds = {"db"} if set(parts) - {"quality", "headline", "ttq"} else set()  # the parts that pack
     kept = [r for r in _common.read_lines(out / "suite.jsonl")
             if r["part"] not in builds | set(parts)]
     (out / "suite.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -198,6 +217,7 @@ def main(preset, quick, results, out, count, parts):
     p = dict(PRESETS[preset])
     if count:
         p["count"] = count
+    p["time_to_quality"] = TIME_TO_QUALITY[preset]
     env = _common.environment() | _common.accelerator_environment()
     out = (out or results_dir(results, env)).resolve()  # the parts run in benchmarks/
     out.mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,7 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
     steps = [json.loads(x) for x in (out / "suite.jsonl").read_text().splitlines()]
     assert steps and all(s["ok"] for s in steps), steps
     assert {s["part"] for s in steps} == {"db", "loaders", "train", "batch", "codecs",
-                                          "quality"}
+                                          "quality", "ttq"}
     md = (out / "results.md").read_text()
     for section in ("## Headline", "## Loader throughput", "## Training throughput",
                     "## Batch size", "## Codecs", "## Model presets: quality", "quick mode",
@@ -80,13 +80,15 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
         assert section in md
     assert "| esrgan | dali | 2 |" in md and "the users' 10,000 images" in md
     assert "| srcnn | dali | 2 |" in md  # the batch-size sweep
-    for png in ("loader_throughput.png", "train_throughput.png", "batch_sizes.png", "codecs.png"):
+    assert "| progressive | 16:0,32:1 |" in (out / "time_to_quality.md").read_text()
+    for png in ("loader_throughput.png", "train_throughput.png", "batch_sizes.png", "codecs.png",
+                "time_to_quality.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     # a part run again replaces its own results only
     bench("gpu_suite.py", "--quick", "--parts", "headline", "--out", out, cwd=tmp_path)
     assert "## Training throughput" in (out / "results.md").read_text()
     assert {s["part"] for s in map(json.loads, (out / "suite.jsonl").read_text().splitlines())
-            } == {"db", "loaders", "train", "batch", "codecs", "quality"}
+            } == {"db", "loaders", "train", "batch", "codecs", "quality", "ttq"}
     assert len((out / "headline.jsonl").read_text().splitlines()) == 2
 
 
