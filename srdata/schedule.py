@@ -35,8 +35,8 @@ class PatchSchedule:
     def __post_init__(self):
         epochs = [e for e, _ in self.stages]
         if not self.stages or epochs[0] != 0:
-            raise ValueError(f"got stages starting at epoch {epochs[:1] or 'none'}, expected "
-                             f"the first stage at epoch 0, e.g. {EXAMPLE}")
+            raise ValueError(f"got stages starting at epoch {epochs[0] if epochs else 'none'}, "
+                             f"expected the first stage at epoch 0, e.g. {EXAMPLE}")
         if any(b <= a for a, b in zip(epochs, epochs[1:])):
             raise ValueError(f"got stage epochs {epochs}, expected them strictly increasing")
         if min(p for _, p in self.stages) < 1 or self.batch_size < 1:
