@@ -115,10 +115,13 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
         label = r["run"] + (f" ({r['patch_schedule']})" if r["patch_schedule"] else "")
         a.plot([x["minutes"] for x in p], [x["psnr"] for x in p], marker=".", label=label)
         b.plot([x["images_seen"] for x in p], [x["psnr"] for x in p], marker=".", label=label)
+    bicubic = runs[0]["points"][-1]["psnr_bicubic"]
+    top = max(x["psnr"] for r in runs for x in r["points"])
     for ax in (a, b):
-        ax.axhline(runs[0]["points"][-1]["psnr_bicubic"], color="grey", ls=":", lw=1,
-                   label="bicubic")
+        ax.axhline(bicubic, color="grey", ls=":", lw=1, label="bicubic")
         ax.grid(alpha=0.3)
+    if top > bicubic - 2:  # the first epochs' low scores would squash the range that matters
+        a.set_ylim(bicubic - 2, top + 0.2)
     a.set_xlabel("wall minutes (validation included)")
     b.set_xlabel("training images seen")
     a.set_ylabel("validation PSNR (Y) dB")
