@@ -133,6 +133,24 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def rerender(path: Path, md: Path | None, plot_path: Path | None) -> None:
+    records = _common.read_lines(path)
+    rows = [r for r in records if r.get("summary")]
+    runs = [{**r, "points": [p for p in records if p.get("run") == r["run"]
+                             and not p.get("summary")]} for r in rows]
+    if md:
+        md.write_text(table(rows))
+    if plot_path:
+        s, env = rows[0]["settings"], rows[0]["env"]
+        plot(runs, plot_path, _title(s, runs[0]["points"][-1]["images_seen"]
+                                     // max(1, len(runs[0]["points"])), env))
+
+
+def _title(s: dict, images: int, env: dict) -> str:
+    return (f"time to quality: {s['model']} x{s['scale']}, {images} crops, {s['epochs']} "
+            f"epochs, batch {s['batch_size']} ({env.get('gpu') or 'CPU'})")
+
+
 @click.command()
 @click.option("--model", default="demo", show_default=True,
               help="demo (the demo's RRDBNet 32/2/16) or an srtrain --model preset.")
@@ -152,8 +170,12 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--md", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--render", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Train nothing: write --md and --plot from this earlier --out file.")
 def main(model, images, epochs, patch, schedule, sample_ratio, batch_size, lr, loader, runs,
-         targets, out, md, plot_path):
+         targets, out, md, plot_path, render):
+    if render:
+        return rerender(render, md, plot_path)
     from srtrain import demo
     env = _common.environment() | _common.accelerator_environment()
     loader = demo.resolve_loader(loader)
@@ -181,8 +203,7 @@ def main(model, images, epochs, patch, schedule, sample_ratio, batch_size, lr, l
         md.parent.mkdir(parents=True, exist_ok=True)
         md.write_text(table(rows))
     if plot_path:
-        plot(done, plot_path, f"time to quality: {base['model']} x{base['scale']}, "
-             f"{images} crops, {epochs} epochs, batch {batch_size} ({env.get('gpu') or 'CPU'})")
+        plot(done, plot_path, _title(base, images, env))
 
 
 if __name__ == "__main__":  # spawned loader workers import this module as __mp_main__
