@@ -13,11 +13,13 @@ srtrain's own ``train``:
 - ``sample-ratio``: ``--patch`` on a fresh ``--sample-ratio`` of the images each epoch.
 
 One JSON line per validation (run, epoch, minutes since the run started — model build,
-loader start and the validations included, the same for every run —, images trained on,
-PSNR) and one per run (final PSNR, minutes to reach each target). Targets: ``--targets``
-in dB, or by default the fixed run's final PSNR minus 0.3 and minus 0.1 dB. The chart plots
-PSNR against minutes and against images seen. Wall times on a shared machine are noisy: the
-record holds the CPU load seen before the start.
+loader start and the validations included, the same for every run —, images and HR
+megapixels trained on, PSNR) and one per run (final PSNR, minutes and megapixels to reach
+each target). Megapixels (images x patch area) measure the compute spent whatever the load:
+a step's cost grows with them. Targets: ``--targets`` in dB, or by default the fixed run's
+final PSNR minus 0.3 and minus 0.1 dB. The chart plots PSNR against minutes and against
+megapixels. Wall times on a shared machine are noisy: the record holds the CPU load seen
+before the start.
 """
 from __future__ import annotations
 
@@ -32,14 +34,22 @@ import _common
 
 
 def images_per_epoch(db: str, batch_size: int, patch: int, sample_ratio: float,
-                     schedule: str | None, epochs: int) -> list[int]:
-    """Images trained on in each epoch (one rank, whole batches): what the trainer's loader
-    takes, counted by the same sampler without reading an image."""
+                     schedule: str | None, epochs: int) -> list[tuple[int, int]]:
+    """(images, HR patch side) of each epoch (one rank, whole batches): what the trainer's
+    loader takes, counted by the same sampler without reading an image."""
     import srdata
     lo = srdata.make_loader(db, "torch", batch_size, patch, 4, sample_ratio=sample_ratio,
                             device="cpu", workers=0, patch_schedule=schedule)
-    return [lo.batches_in(e) * (lo.schedule(e)[1] if lo.schedule else batch_size)
-            for e in range(epochs)]
+    stage = lo.schedule or (lambda e: (patch, batch_size))
+    return [(lo.batches_in(e) * stage(e)[1], stage(e)[0]) for e in range(epochs)]
+
+
+def seen(per_epoch: list[tuple[int, int]], epoch: int) -> dict:
+    """Images and HR megapixels trained on by the end of ``epoch``: the pixels are the
+    load-independent measure of the compute spent (a step's cost grows with them)."""
+    done = per_epoch[:epoch + 1]
+    return {"images_seen": sum(n for n, _ in done),
+            "megapixels_seen": round(sum(n * p * p for n, p in done) / 1e6, 3)}
 
 
 def run_one(name: str, tmp: Path, settings: dict, val: int, env: dict, out: Path | None):
@@ -57,7 +67,7 @@ def run_one(name: str, tmp: Path, settings: dict, val: int, env: dict, out: Path
     for e in (e for e in events if e["event"] == "val"):
         points.append({"benchmark": "time_to_quality", "run": name, "epoch": e["epoch"],
                        "minutes": round((e["time"] - t0) / 60, 3),
-                       "images_seen": sum(per_epoch[:e["epoch"] + 1]),
+                       **seen(per_epoch, e["epoch"]),
                        "psnr": round(e["psnr"], 4), "psnr_bicubic": round(e["psnr_bicubic"], 4)})
         _common.emit(points[-1], out)
     return {"run": name, "minutes": round((time.time() - t0) / 60, 3),
@@ -65,8 +75,9 @@ def run_one(name: str, tmp: Path, settings: dict, val: int, env: dict, out: Path
             "points": points, "settings": settings, "env": env}
 
 
-def minutes_to(points: list[dict], target: float) -> float | None:
-    return next((p["minutes"] for p in points if p["psnr"] >= target), None)
+def first_at(points: list[dict], target: float, key: str = "minutes") -> float | None:
+    """``key`` (minutes, megapixels_seen) of the first validation at ``target`` dB or more."""
+    return next((p[key] for p in points if p["psnr"] >= target), None)
 
 
 def summarize(runs: list[dict], targets: list[float]) -> list[dict]:
@@ -78,23 +89,28 @@ def summarize(runs: list[dict], targets: list[float]) -> list[dict]:
                      "final_psnr": p[-1]["psnr"], "best_psnr": max(x["psnr"] for x in p),
                      "psnr_bicubic": p[-1]["psnr_bicubic"], "minutes": r["minutes"],
                      "images_seen": p[-1]["images_seen"],
-                     "minutes_to": {f"{t:.2f}": minutes_to(p, t) for t in targets},
+                     "megapixels_seen": p[-1]["megapixels_seen"],
+                     "minutes_to": {f"{t:.2f}": first_at(p, t) for t in targets},
+                     "megapixels_to": {f"{t:.2f}": first_at(p, t, "megapixels_seen")
+                                       for t in targets},
                      "settings": r["settings"], "env": r["env"]})
     return rows
 
 
 def table(rows: list[dict]) -> str:
     targets = list(rows[0]["minutes_to"])
-    head = ["run", "schedule", "final PSNR dB", "best PSNR dB", "images seen", "minutes",
-            *[f"min to {t} dB" for t in targets]]
+    head = ["run", "schedule", "final PSNR dB", "best PSNR dB", "images seen", "HR Mpx",
+            "minutes", *[f"min to {t} dB" for t in targets], *[f"Mpx to {t} dB" for t in targets]]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for r in rows:
         sched = r["patch_schedule"] or f"{r['settings']['patch']} fixed"
         if r["sample_ratio"] < 1:
             sched += f", sample ratio {r['sample_ratio']:g}"
         cells = [r["run"], sched, f"{r['final_psnr']:.2f}", f"{r['best_psnr']:.2f}",
-                 f"{r['images_seen']:,}", f"{r['minutes']:.1f}",
-                 *["not reached" if m is None else f"{m:.1f}" for m in r["minutes_to"].values()]]
+                 f"{r['images_seen']:,}", f"{r['megapixels_seen']:.1f}", f"{r['minutes']:.1f}",
+                 *["not reached" if m is None else f"{m:.1f}" for m in r["minutes_to"].values()],
+                 *["not reached" if m is None else f"{m:.1f}"
+                   for m in r["megapixels_to"].values()]]
         lines.append("| " + " | ".join(cells) + " |")
     r, env, s = rows[0], rows[0]["env"], rows[0]["settings"]
     lines.append(
@@ -114,7 +130,8 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
         p = r["points"]
         label = r["run"] + (f" ({r['patch_schedule']})" if r["patch_schedule"] else "")
         a.plot([x["minutes"] for x in p], [x["psnr"] for x in p], marker=".", label=label)
-        b.plot([x["images_seen"] for x in p], [x["psnr"] for x in p], marker=".", label=label)
+        b.plot([x["megapixels_seen"] for x in p], [x["psnr"] for x in p], marker=".",
+               label=label)
     bicubic = runs[0]["points"][-1]["psnr_bicubic"]
     top = max(x["psnr"] for r in runs for x in r["points"])
     for ax in (a, b):
@@ -123,7 +140,7 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     if top > bicubic - 2:  # the first epochs' low scores would squash the range that matters
         a.set_ylim(bicubic - 2, top + 0.2)
     a.set_xlabel("wall minutes (validation included)")
-    b.set_xlabel("training images seen")
+    b.set_xlabel("HR megapixels trained on (images x patch area)")
     a.set_ylabel("validation PSNR (Y) dB")
     a.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
