@@ -13,8 +13,10 @@ most valuable first, so that a budget that runs out loses the least:
 3. ``train``: the kernel switches on/off for esrgan (cudnn.benchmark, TF32 at fp32,
    torch.compile: they decide srtrain's defaults), then the other presets with each loader;
 4. ``batch``: one model's img/s and peak memory over a range of batch sizes;
-5. ``codecs``: jpeg q90/q95/q100, png, raw: bytes and PSNR, and DALI and torch img/s;
-6. ``quality``: each model preset's validation PSNR over bicubic after the demo's training.
+5. ``ttq``: time to quality, validation PSNR against wall time for a fixed patch, a
+   progressive patch schedule and ``--sample-ratio 0.3`` (esrgan on a GPU);
+6. ``codecs``: jpeg q90/q95/q100, png, raw: bytes and PSNR, and DALI and torch img/s;
+7. ``quality``: each model preset's validation PSNR over bicubic after the demo's training.
 
 The GPU default (``--preset full``) leaves out codecs (CPU-side) and quality (presets
 already ranked); ``--parts codecs,quality`` runs them. Every part uses one database, packed
@@ -53,11 +55,10 @@ PARTS = {"headline": ["train_esrgan.jsonl", "headline.jsonl"],
          "loaders": ["loader_throughput.jsonl"],
          "train": ["kernels.jsonl", "train_throughput.jsonl"],
          "batch": ["batch_sizes.jsonl"],
-         # progressive training / time to quality: its part goes here (after batch: it
-         # needs the GPU; before codecs and quality, which do not)
+         "ttq": ["time_to_quality.jsonl"],
          "codecs": ["codec_compare.jsonl", "codec_loaders.jsonl"],
          "quality": ["model_quality.jsonl"]}
-GPU_PARTS = "headline,loaders,train,batch"  # codecs: CPU-side; quality: presets ranked already
+GPU_PARTS = "headline,loaders,train,batch,ttq"  # codecs: CPU-side; quality: presets ranked already
 STEP_TIMEOUT = 240  # s: a hung step costs at most this much of a GPU session
 CODECS = [("jpeg", 90), ("jpeg", 95), ("jpeg", 100), ("png", 95), ("raw", 95)]
 PRESETS = {
@@ -73,7 +74,7 @@ PRESETS = {
              "batch_model": "esrgan", "batch_sizes": "8,16,32,64", "codecs": CODECS,
              "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
              "est": {"db": 40, "headline": 90, "loaders": 90, "kernels": 45, "compile": 150,
-                     "train": 60, "batch": 90, "codecs": 60, "quality": 200}},
+                     "train": 60, "batch": 90, "ttq": 150, "codecs": 60, "quality": 200}},
     # the same images and patches on a few CPU cores, where esrgan trains at ~0.5 img/s:
     # few steps and small batches: ~11 minutes on 2 cores, and ~25 more for quality
     "cpu": {"count": 2000, "size": 512, "patch": 256, "batch": 32, "train_batch": 4,
@@ -83,7 +84,8 @@ PRESETS = {
             "batch_model": "fast", "batch_sizes": "1,2,4,8", "codecs": CODECS,
             "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
             "est": {"db": 120, "headline": 200, "loaders": 200, "kernels": 0, "compile": 0,
-                    "train": 150, "batch": 100, "codecs": 150, "quality": 1500}},
+                    "train": 150, "batch": 100, "ttq": 900, "codecs": 150,
+                    "quality": 1500}},
     # tiny sizes: the suite end to end in a test, not a measurement
     "quick": {"count": 48, "size": 96, "patch": 48, "batch": 4, "train_batch": 2, "steps": 2,
               "warmup": 1, "batches": 3, "codec_count": 12, "photos": 4,
@@ -92,9 +94,20 @@ PRESETS = {
               "batch_model": "srcnn", "batch_sizes": "1,2", "codecs": [("jpeg", 95), ("raw", 95)],
               "quality_models": "srcnn", "quality_epochs": 1,
               "est": {"db": 5, "headline": 15, "loaders": 15, "kernels": 10, "compile": 0,
-                      "train": 10, "batch": 10, "codecs": 10, "quality": 15}},
+                      "train": 10, "batch": 10, "ttq": 20, "codecs": 10, "quality": 15}},
 }
 RESERVE = 10  # s of a budget kept for the last results.md
+# time_to_quality.py's arguments per preset: the demo's 160 px crops; on a GPU esrgan with
+# 128² final patches (sized to finish within one step's timeout), on a CPU the demo's model
+# (~8 minutes on 2 cores), quick: a test
+TIME_TO_QUALITY = {
+    "full": ["--model", "esrgan", "--images", 480, "--epochs", 12, "--patch", 128,
+             "--schedule", "64:0,96:4,128:8", "--batch-size", 16],
+    "cpu": ["--model", "demo", "--images", 160, "--epochs", 24, "--patch", 64,
+            "--schedule", "32:0,48:8,64:16", "--batch-size", 8],
+    "quick": ["--model", "demo", "--images", 16, "--epochs", 2, "--patch", 32,
+              "--schedule", "16:0,32:1", "--batch-size", 4],
+}
 
 
 def results_dir(root: Path, env: dict) -> Path:
@@ -210,6 +223,10 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
                   "--loaders", "dali", "--batch-sizes", p["batch_sizes"], *train,
                   *train_workers, "--out", out / "batch_sizes.jsonl",
                   "--md", out / "batch_sizes.md")
+        if part == "ttq":
+            s.run("ttq", py, "time_to_quality.py", *p["time_to_quality"],
+                  "--out", out / "time_to_quality.jsonl", "--md", out / "time_to_quality.md",
+                  "--plot", out / "time_to_quality.png")
         if part == "codecs":
             s.run("codecs", py, "codec_compare.py", "--count", p["photos"], "--size", p["size"],
                   "--repeats", 3, "--out", out / "codec_compare.jsonl")
@@ -277,7 +294,7 @@ def forget(out: Path, parts: list[str]) -> None:
     for part in parts:
         for name in PARTS[part]:
             (out / name).unlink(missing_ok=True)
-    builds = {"db"} if set(parts) - {"quality"} else set()  # the parts that pack
+    builds = {"db"} if set(parts) - {"quality", "ttq"} else set()  # the parts that pack
     kept = [r for r in _common.read_lines(out / "suite.jsonl")
             if r["part"] not in builds | set(parts)]
     (out / "suite.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -318,6 +335,7 @@ def main(preset, quick, results, out, count, parts, budget, workers, work):
     p = dict(PRESETS[preset])
     if count:
         p["count"] = count
+    p["time_to_quality"] = TIME_TO_QUALITY[preset]
     parts = parts or p["parts"].split(",")
     env = _common.environment() | _common.accelerator_environment()
     out = (out or results_dir(results, env)).resolve()  # the parts run in benchmarks/

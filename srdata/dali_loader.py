@@ -45,7 +45,8 @@ class PatchSource:
         self._parent, self._pid = os.getpid(), os.getpid()
         self._by_main_thread = threading.current_thread() is threading.main_thread()
 
-    def __call__(self, info):
+    def _row(self, info) -> np.ndarray:
+        """The sampler's row for this sample (StopIteration past the epoch's end)."""
         if self._pid != os.getpid():  # first call in a worker process
             self._pid = os.getpid()
             die_with_parent(self._parent, self._by_main_thread)
@@ -55,7 +56,10 @@ class PatchSource:
             raise StopIteration
         if self._epoch != epoch:
             self._epoch, self._rows = epoch, self.sampler.plan(epoch)
-        row = self._rows[min(j, len(self._rows) - 1)]  # a short last batch is padded
+        return self._rows[min(j, len(self._rows) - 1)]  # a short last batch is padded
+
+    def __call__(self, info):
+        row = self._row(info)
         flags = row[HFLIP:TRANSPOSE + 1].astype(np.int32)
         if self.db.codec == "raw":
             return crop_and_flip(self.db.image(int(row[ID])), row, self.sampler.patch)
@@ -87,13 +91,7 @@ class PairedSource(PatchSource):
         self.lr, self.scale = lr, scale
 
     def __call__(self, info):
-        epoch = self.first_epoch + info.epoch_idx
-        j = info.idx_in_epoch + (self.skip if info.epoch_idx == 0 else 0)
-        if j >= self.padded_len:
-            raise StopIteration
-        if self._epoch != epoch:
-            self._epoch, self._rows = epoch, self.sampler.plan(epoch)
-        row = self._rows[min(j, len(self._rows) - 1)]  # a short last batch is padded
+        row = self._row(info)
         i, patch = int(row[ID]), self.sampler.patch
         out = []
         for db, k, r, size in ((self.db, i, row, patch),
@@ -184,39 +182,34 @@ class DaliLoader(Loader):
         self.workers, self.roi_decode = max(1, workers), roi_decode
         self._pipe, self._pipe_at = None, None  # the pipeline and the (epoch, batch) it is at
         self._watching = False
+        self._pipe_sampler = None  # the sampler (patch, batch size) the pipeline was built for
 
     def _build(self, epoch: int, start: int):
-        if self.lr is not None:
-            return self._build_paired(epoch, start)
-        s = self.sampler
-        source = PatchSource(self.db, s, epoch, start * s.batch_size,
-                             len(s) * s.batch_size)
-        gpu = self.device.type == "cuda"
-        build = _sr_pipeline(source, self.db.codec == "raw", s.patch, self.scale, gpu,
-                             self.roi_decode, self.workers)
+        s, gpu = self.sampler, self.device.type == "cuda"
+        self._pipe = None  # a stage switch: let the old pipeline and its workers go first
+        skip, padded = start * s.batch_size, len(s) * s.batch_size
+        if self.lr is None:
+            source = PatchSource(self.db, s, epoch, skip, padded)
+            build = _sr_pipeline(source, self.db.codec == "raw", s.patch, self.scale, gpu,
+                                 self.roi_decode, self.workers)
+        else:
+            source = PairedSource(self.db, self.lr, s, self.scale, epoch, skip, padded)
+            build = _paired_pipeline(source, self.db.codec == "raw", self.lr.codec == "raw",
+                                     s.patch, self.scale, gpu, self.roi_decode, self.workers)
         pipe = build(batch_size=s.batch_size, num_threads=self.workers,
                      device_id=self.device.index if gpu else None, prefetch_queue_depth=2,
                      seed=s.seed)
         pipe.build()
-        self._pipe = pipe
+        self._pipe, self._pipe_sampler = pipe, s
         if not self._watching:
             raise_when_a_worker_dies(self, _dead_worker)
             self._watching = True
 
-    def _build_paired(self, epoch: int, start: int):
-        s, gpu = self.sampler, self.device.type == "cuda"
-        source = PairedSource(self.db, self.lr, s, self.scale, epoch, start * s.batch_size,
-                              len(s) * s.batch_size)
-        build = _paired_pipeline(source, self.db.codec == "raw", self.lr.codec == "raw",
-                                 s.patch, self.scale, gpu, self.roi_decode, self.workers)
-        self._pipe = build(batch_size=s.batch_size, num_threads=self.workers,
-                           device_id=self.device.index if gpu else None,
-                           prefetch_queue_depth=2, seed=s.seed)
-        self._pipe.build()
-
     def _batches(self, epoch, start):
-        if self._pipe is None or self._pipe_at != (epoch, start):
-            self._build(epoch, start)  # first use, or a jump (resume, set_epoch, break)
+        if (self._pipe is None or self._pipe_at != (epoch, start)
+                or self._pipe_sampler is not self.sampler):
+            # first use, a jump (resume, set_epoch, break), or a new patch schedule stage
+            self._build(epoch, start)
         self._pipe_at = None  # mid-epoch until the epoch is drained
         s, pipe = self.sampler, self._pipe
         for b in range(start, len(s)):

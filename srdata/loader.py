@@ -9,6 +9,11 @@ With a paired LR database (``lr_db``) ``lr`` is instead that database's crop.
 Progress is counted in batches handed to the caller: ``state_dict()`` taken after k batches
 of epoch e resumes, through ``load_state_dict()``, at batch k of epoch e, and after a full
 epoch at batch 0 of epoch e + 1.
+
+The patch side (and batch size) may change at an epoch boundary: by a ``patch_schedule``
+(``srdata.schedule.PatchSchedule``) the loader follows on its own, or by hand with
+``set_epoch(e, patch_size=..., batch_size=...)``. A loader switched by hand resumes by
+switching to the saved epoch's patch before ``load_state_dict()``.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import torch
 
 from ._proc import main_script_problem
 from .sampler import Sampler
+from .schedule import PatchSchedule
 
 LOADERS = ("dali", "torch")
 
@@ -31,22 +37,54 @@ class Loader:
         self.device, self.dtype, self.channels_last = device, dtype, channels_last
         self.epoch, self.batch = 0, 0
         self.lr = None  # paired data: the LR database (srdata.paired.LRSource)
+        self.schedule = None  # epoch -> (patch, batch size); None: as last set by hand
 
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` at its first batch (a no-op for the epoch already under way)."""
+    def set_epoch(self, epoch: int, patch_size: int | None = None,
+                  batch_size: int | None = None) -> None:
+        """Start ``epoch`` at its first batch (a no-op for the epoch already under way).
+
+        ``patch_size``/``batch_size``: train on these from ``epoch`` on (a loader made with
+        a ``patch_schedule`` takes them from it instead)."""
         if epoch != self.epoch:
             self.epoch, self.batch = epoch, 0
+        self._switch(epoch, patch_size, batch_size)
+
+    def batches_in(self, epoch: int) -> int:
+        """Batches per rank in ``epoch``, which a patch schedule may change per stage."""
+        if self.schedule is None:
+            return len(self.sampler)
+        return len(self.sampler.resized(*self.schedule(epoch)))
+
+    def _switch(self, epoch: int, patch_size=None, batch_size=None) -> None:
+        """Point the sampler at ``epoch``'s patch and batch size (an epoch boundary only)."""
+        s = self.sampler
+        if self.schedule is not None:
+            if patch_size is not None or batch_size is not None:
+                raise ValueError("this loader follows its patch_schedule; set_epoch takes no "
+                                 "patch_size or batch_size")
+            patch_size, batch_size = self.schedule(epoch)
+        patch_size, batch_size = patch_size or s.patch, batch_size or s.batch_size
+        if (patch_size, batch_size) == (s.patch, s.batch_size):
+            return
+        if self.batch:
+            raise ValueError(f"epoch {self.epoch} is under way (batch {self.batch}); change "
+                             "the patch or batch size at an epoch boundary")
+        _check_patch(patch_size, self.scale)
+        self.sampler = s.resized(patch_size, batch_size)
 
     def state_dict(self) -> dict:
         s = self.sampler
         return {"epoch": self.epoch, "batch": self.batch, "seed": s.seed,
                 "batch_size": s.batch_size, "world_size": s.world_size, "rank": s.rank,
-                "draw": s.draw}
+                "draw": s.draw, "patch": s.patch}
 
     def load_state_dict(self, state: dict) -> None:
+        if self.schedule is not None:  # the saved epoch's stage
+            self.batch = 0
+            self._switch(int(state["epoch"]))
         s = self.sampler
         mine = {"seed": s.seed, "batch_size": s.batch_size, "world_size": s.world_size,
                 "draw": s.draw}
@@ -54,6 +92,10 @@ class Loader:
         if theirs != mine:
             raise ValueError(f"loader state was saved with {theirs}, this loader has {mine}; "
                              "resume with the same seed, batch size, sample ratio and GPUs")
+        if state.get("patch", s.patch) != s.patch:
+            raise ValueError(f"loader state was saved at patch {state['patch']}, this loader "
+                             f"has patch {s.patch} in epoch {state['epoch']}; resume with the "
+                             "same patch (schedule)")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
     def __iter__(self):
@@ -62,6 +104,7 @@ class Loader:
             self.batch += 1
             yield pair
         self.epoch, self.batch = self.epoch + 1, 0
+        self._switch(self.epoch)
 
     def _batches(self, epoch: int, start: int):
         raise NotImplementedError
@@ -88,7 +131,7 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
                 world_size: int = 1, device=None, dtype: torch.dtype = torch.float32,
                 channels_last: bool = True, augment: bool = True, drop_last: bool = True,
                 workers: int | None = None, roi_decode: bool | None = None,
-                ids=None, lr_db=None) -> Loader:
+                ids=None, lr_db=None, patch_schedule=None) -> Loader:
     """An iterable of ``(lr, hr)`` batches from the database ``db`` (a path or an open one).
 
     ``workers``: CPU processes reading the database (torch: DataLoader workers; dali:
@@ -100,6 +143,9 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
     ``lr_db``: paired training (a path or an open database): ``lr`` is the crop of this
     database's image of the same name (see ``srdata.paired``) instead of a downscale of
     ``hr``; crops start on multiples of ``scale``, flips apply to both.
+    ``patch_schedule``: progressive patch sizes, a ``PatchSchedule`` or its text
+    (``"128:0,256:10"``: 128 px patches from epoch 0, 256 from epoch 10, in batches of
+    ``batch_size``); it replaces ``patch_size``. See ``srdata.schedule``.
     """
     from .reader import open_db
     if loader not in LOADERS:
@@ -112,9 +158,12 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
                          + ("workers=0" if loader == "torch" else "loader='torch', workers=0"))
     if scale not in (2, 3, 4):
         raise ValueError(f"got scale={scale}, expected 2, 3 or 4")
-    if patch_size % scale:
-        raise ValueError(f"patch size {patch_size} is not divisible by scale {scale}; use "
-                         f"{patch_size - patch_size % scale} or {patch_size + scale - patch_size % scale}")
+    if patch_schedule is not None:
+        if not isinstance(patch_schedule, PatchSchedule):
+            patch_schedule = PatchSchedule.parse(patch_schedule, batch_size)
+        patch_schedule.check(scale)
+        patch_size, batch_size = patch_schedule(0)
+    _check_patch(patch_size, scale)
     if dtype not in (torch.uint8, torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"got dtype={dtype}, expected uint8, float32, float16 or bfloat16")
     db = open_db(db) if isinstance(db, (str, os.PathLike)) else db
@@ -127,14 +176,26 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
                       sample_ratio=sample_ratio, rank=rank, world_size=world_size,
                       augment=augment, drop_last=drop_last, ids=ids,
                       align=1 if lr is None else scale)
+    if patch_schedule is not None:  # every stage's sampler, so a bad stage fails now
+        for e, _ in patch_schedule.stages:
+            sampler.resized(*patch_schedule(e))
     device = resolve_device(device)
     if workers is None:
         workers = max(1, len(os.sched_getaffinity(0)) - 1)
     if loader == "torch":
         from .torch_loader import TorchLoader
-        return TorchLoader(db, sampler, scale, device, dtype, channels_last, workers, lr=lr)
-    from .dali_loader import DaliLoader
-    if roi_decode is None:
-        roi_decode = device.type != "cuda"
-    return DaliLoader(db, sampler, scale, device, dtype, channels_last, workers, roi_decode,
-                      lr=lr)
+        lo = TorchLoader(db, sampler, scale, device, dtype, channels_last, workers, lr=lr)
+    else:
+        from .dali_loader import DaliLoader
+        if roi_decode is None:
+            roi_decode = device.type != "cuda"
+        lo = DaliLoader(db, sampler, scale, device, dtype, channels_last, workers, roi_decode,
+                        lr=lr)
+    lo.schedule = patch_schedule
+    return lo
+
+
+def _check_patch(patch_size: int, scale: int) -> None:
+    if patch_size % scale:
+        raise ValueError(f"patch size {patch_size} is not divisible by scale {scale}; use "
+                         f"{patch_size - patch_size % scale} or {patch_size + scale - patch_size % scale}")

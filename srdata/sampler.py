@@ -67,6 +67,7 @@ class Sampler:
         self.align = align
         self.rank, self.world_size = rank, world_size
         self.augment, self.drop_last = augment, drop_last
+        self.sample_ratio = sample_ratio
         self.draw = max(1, round(sample_ratio * n))
         if drop_last:
             self.per_rank = self.draw // world_size // batch_size * batch_size
@@ -99,6 +100,17 @@ class Sampler:
         total = self.per_rank * self.world_size
         rows = np.resize(rows, (total, 6)) if total > self.draw else rows[:total]
         return rows[self.rank::self.world_size]
+
+    def resized(self, patch: int, batch_size: int) -> "Sampler":
+        """This sampler for another stage of a patch schedule: the same seed, images, ranks
+        and draws per epoch, cropped to ``patch`` in batches of ``batch_size``. Each
+        epoch's rows still depend only on (seed, epoch, rank) and that epoch's stage."""
+        if (patch, batch_size) == (self.patch, self.batch_size):
+            return self
+        return Sampler(self.heights, self.widths, batch_size, patch, seed=self.seed,
+                       sample_ratio=self.sample_ratio, rank=self.rank,
+                       world_size=self.world_size, augment=self.augment,
+                       drop_last=self.drop_last, ids=self.ids, align=self.align)
 
     def batches(self, epoch: int, start: int = 0):
         """Yield this rank's batches of rows for ``epoch``, from batch ``start`` on."""

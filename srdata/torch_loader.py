@@ -18,15 +18,21 @@ from . import format as fmt
 from .loader import Loader
 from .sampler import ID, crop_and_flip, lr_row, nn_downscale
 
+PATCH = 6  # the column _RowBatches appends to a sampler row
+
 
 class PatchDataset(Dataset):
-    """Indexed by a sampler row, not an integer: the row says which image and how to cut."""
+    """Indexed by a sampler row, not an integer: the row says which image and how to cut.
+
+    The batch sampler appends the patch side to each row (``row[PATCH]``): the persistent
+    workers hold copies of this dataset, and a patch schedule changes the side per epoch."""
 
     def __init__(self, db, patch: int):
         self.db, self.patch = db, patch
 
     def __getitem__(self, row):
-        return crop_and_flip(self.db.image(int(row[ID])), row, self.patch)
+        patch = row[PATCH] if len(row) > PATCH else self.patch
+        return crop_and_flip(self.db.image(int(row[ID])), row, patch)
 
 
 class PairedPatchDataset(Dataset):
@@ -36,9 +42,9 @@ class PairedPatchDataset(Dataset):
         self.db, self.lr, self.patch, self.scale = db, lr, patch, scale
 
     def __getitem__(self, row):
-        i = int(row[ID])
-        hr = crop_and_flip(self.db.image(i), row, self.patch)
-        lr = crop_and_flip(self.lr.image(i), lr_row(row, self.scale), self.patch // self.scale)
+        i, patch = int(row[ID]), row[PATCH] if len(row) > PATCH else self.patch
+        hr = crop_and_flip(self.db.image(i), row, patch)
+        lr = crop_and_flip(self.lr.image(i), lr_row(row, self.scale), patch // self.scale)
         return lr, hr
 
 
@@ -53,10 +59,10 @@ class _RowBatches:
 
     def __iter__(self):
         lo = self._loader()
-        batches = lo.sampler.batches(lo.epoch, lo.batch)
+        batches, patch = lo.sampler.batches(lo.epoch, lo.batch), lo.sampler.patch
         del lo  # this generator lives in the DataLoader's iterator: it must not hold the loader
         for rows in batches:
-            yield [tuple(r) for r in rows.tolist()]
+            yield [(*r, patch) for r in rows.tolist()]
 
     def __len__(self):
         return len(self._loader().sampler)

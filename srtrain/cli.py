@@ -24,6 +24,7 @@ import click
 import torch
 
 from srdata import DBError
+from srdata.schedule import BATCH_SCHEDULES, MAX_BATCH_GROWTH, PatchSchedule
 
 from .config import AMPS, SCHEDULES, TrainConfig
 from .demo import EPOCHS as DEMO_EPOCHS, IMAGES as DEMO_IMAGES
@@ -48,6 +49,13 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
               show_envvar=True, help="Per GPU.")
 @click.option("--patch", default=256, type=click.IntRange(min=8), envvar="TARGET_SIZE",
               show_envvar=True, help="HR patch side; divisible by --scale.")
+@click.option("--patch-schedule", metavar="PATCH:EPOCH,...",
+              help="Progressive patches, e.g. 128:0,192:10,256:20 (128 px from epoch 0, 192 "
+                   "from 10, 256 from 20); validation uses the last. Replaces --patch.")
+@click.option("--batch-schedule", default="keep", type=click.Choice(BATCH_SCHEDULES),
+              help="With --patch-schedule: keep the images per step, or keep the pixels "
+                   "(--batch-size at the last patch, x (last/patch)^2 for smaller ones, at "
+                   f"most x{MAX_BATCH_GROWTH}).")
 @click.option("--epochs", default=30, type=click.IntRange(min=1), envvar="NUM_EPOCHS",
               show_envvar=True)
 @click.option("--sample-ratio", default=1.0, type=click.FloatRange(0, 1, min_open=True),
@@ -115,6 +123,7 @@ def main(ctx, db, compile_, quiet, scale, **opts):
     if db is None:
         raise click.UsageError("--db is required to train (or name a sub-command: upscale, "
                                "export, demo)")
+    _patch_schedule(ctx, opts)
     cfg = TrainConfig(db=db, compile=compile_, progress=not quiet, scale=int(scale), **opts)
     _check(cfg)
     _check_out(cfg.out)
@@ -143,10 +152,38 @@ def main(ctx, db, compile_, quiet, scale, **opts):
     click.echo(json.dumps(result))
 
 
+def _patch_schedule(ctx, opts: dict) -> None:
+    """--patch-schedule in its canonical form, and --patch its final patch."""
+    if opts["patch_schedule"] is None:
+        return
+    try:
+        sched = PatchSchedule.parse(opts["patch_schedule"], opts["batch_size"],
+                                    opts["batch_schedule"])
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--patch-schedule") from None
+    given = ctx.get_parameter_source("patch") != click.core.ParameterSource.DEFAULT
+    if given and opts["patch"] != sched.final:
+        raise click.BadParameter(f"got --patch {opts['patch']} with a --patch-schedule ending "
+                                 f"at {sched.final}; leave --patch out (the schedule's last "
+                                 "patch is the validation size)", param_hint="--patch")
+    opts["patch"], opts["patch_schedule"] = sched.final, sched.text
+
+
+def _check_schedule(cfg: TrainConfig, shortest: int | None = None) -> None:
+    if cfg.patch_schedule is None:
+        return
+    try:
+        PatchSchedule.parse(cfg.patch_schedule, cfg.batch_size).check(cfg.scale, shortest,
+                                                                      cfg.epochs)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--patch-schedule") from None
+
+
 def _check(cfg: TrainConfig) -> None:
     """The mistakes we can name before any work starts."""
     from srdata.reader import open_db
     from .models import build_model
+    _check_schedule(cfg)
     if cfg.patch % cfg.scale:
         lo = cfg.patch - cfg.patch % cfg.scale
         raise click.BadParameter(f"{cfg.patch} is not divisible by --scale {cfg.scale}; "
@@ -157,6 +194,7 @@ def _check(cfg: TrainConfig) -> None:
     except ValueError as e:  # DBError is a ValueError
         raise click.UsageError(str(e)) from None
     short = min(min(h, w) for h, w in zip(db.heights, db.widths))
+    _check_schedule(cfg, short)
     if short < cfg.patch:
         raise click.BadParameter(f"{cfg.patch} is larger than the smallest image of "
                                  f"{cfg.db} ({short} px short side); use --patch "

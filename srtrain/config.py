@@ -61,6 +61,10 @@ class TrainConfig:
     cudnn_benchmark: bool = True
     tf32: bool = True
     tensorboard: bool = False
+    # progressive patches (srdata.schedule): "PATCH:EPOCH,..."; patch is then its final
+    # patch, the validation size. batch_schedule: keep the images or the pixels per step.
+    patch_schedule: str | None = None
+    batch_schedule: str = "keep"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

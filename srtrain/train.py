@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import srdata
 from srdata.reader import open_db
+from srdata.schedule import PatchSchedule
 
 from . import checkpoint, ddp
 from .config import AMP_DTYPES, TrainConfig, resolve_amp
@@ -123,6 +124,21 @@ def cosine_restarts(step: int, total_steps: int, lr: float) -> float:
     i = min(RESTARTS - 1, max(0, math.ceil(step / period) - 1))
     floor = min(ETA_MIN / lr, 1.0)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - i * period) / period))
+
+
+def patch_schedule(cfg: TrainConfig) -> PatchSchedule | None:
+    """``--patch-schedule`` as the loader takes it; None for one fixed ``--patch``."""
+    if cfg.patch_schedule is None:
+        return None
+    return PatchSchedule.parse(cfg.patch_schedule, cfg.batch_size, cfg.batch_schedule)
+
+
+def total_steps(epochs: int, accum: int, batches_in) -> int:
+    """Optimizer steps of epochs 0 to ``epochs - 1``: the span of the OneCycle and cosine
+    schedules. ``batches_in(epoch)``: the loader's batches that epoch. With a patch schedule
+    and ``--batch-schedule pixels`` an epoch's steps change per stage; the LR schedule spans
+    their sum, so it warms up and anneals once over the whole run, not once per stage."""
+    return sum(batches_in(e) // accum for e in range(epochs))
 
 
 def make_scheduler(opt, schedule: str, lr: float, total_steps: int):
@@ -271,11 +287,13 @@ class Trainer:
                              "--val-split of the paired databases; drop --val-db")
         train_ids, val_ids = split_ids(len(db), 0.0 if cfg.val_db else cfg.val_split,
                                        cfg.seed)
+        self.schedule = patch_schedule(cfg)
         self.loader = srdata.make_loader(
             db, cfg.loader, cfg.batch_size, cfg.patch, cfg.scale, seed=cfg.seed,
             sample_ratio=cfg.sample_ratio, rank=d.rank, world_size=d.world_size,
             device=device, dtype=AMP_DTYPES[self.amp], channels_last=cfg.channels_last,
-            workers=loader_workers(cfg.workers), ids=train_ids, lr_db=cfg.lr_db)
+            workers=loader_workers(cfg.workers), ids=train_ids, lr_db=cfg.lr_db,
+            patch_schedule=self.schedule)
         self.val = None
         self.data_ids = data_identities(cfg, db)
         if state is not None:
@@ -283,11 +301,14 @@ class Trainer:
         if d.main and (cfg.val_db or len(val_ids)):
             vdb = open_db(cfg.val_db) if cfg.val_db else db
             ids = range(len(vdb)) if cfg.val_db else val_ids
-            self.val = ValSet(vdb, ids, cfg.patch, cfg.scale, cfg.val_images,
+            # one size in every stage (the final patch), so scores compare across stages
+            val_patch = self.schedule.final if self.schedule else cfg.patch
+            self.val = ValSet(vdb, ids, val_patch, cfg.scale, cfg.val_images,
                               lr=self.loader.lr)
-        self.steps_per_epoch = len(self.loader) // cfg.accum
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"--accum {cfg.accum} is more than the {len(self.loader)} "
+        starts = [e for e, _ in self.schedule.stages] if self.schedule else [0]
+        fewest = min(self.loader.batches_in(e) for e in starts)
+        if fewest < cfg.accum:
+            raise ValueError(f"--accum {cfg.accum} is more than the {fewest} "
                              "batches of an epoch; lower --accum or --batch-size")
         model = build_model(cfg.model, cfg.scale, cfg.num_feat, cfg.num_block, cfg.num_grow_ch)
         if cfg.init_weights and state is None:
@@ -301,7 +322,7 @@ class Trainer:
         if cfg.compile:
             net = torch.compile(net)
         self.model = model
-        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.total_steps = total_steps(cfg.epochs, cfg.accum, self.loader.batches_in)
         self.step_fn = Stepper(cfg, model, net, device, self.amp, self.total_steps)
         self.step, self.best, self.stale = 0, -math.inf, 0
         self.in_epoch, self.step_batch = False, 0  # the loader position of the last step
@@ -406,10 +427,12 @@ class Trainer:
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         if cfg.profile_loader:
             self.log({"event": "profile", **self.profile()})
+        self.loader_start = self.loader.epoch
         result = {}
         try:
             for epoch in range(self.loader.epoch, cfg.epochs):
                 self.loader.set_epoch(epoch)
+                self.log_stage(epoch)
                 self.train_epoch(epoch)
                 result = self.validate(epoch)
                 # after validation: the best score and patience count belong to the state
@@ -424,6 +447,15 @@ class Trainer:
             self.log.close()
         return {"step": self.step, "epoch": self.loader.epoch, "best_psnr": self.best,
                 **result}
+
+    def log_stage(self, epoch: int) -> None:
+        """A patch schedule's stage begins (or a run resumes in one): its patch and batch."""
+        if self.schedule is None:
+            return
+        s = self.loader.sampler
+        if epoch == self.loader_start or epoch in dict(self.schedule.stages):
+            self.log({"event": "stage", "epoch": epoch, "patch": s.patch,
+                      "batch_size": s.batch_size, "batches": len(self.loader)})
 
     def train_epoch(self, epoch: int) -> None:
         cfg, timer = self.cfg, DataTimer(self.device)
@@ -501,7 +533,8 @@ class Trainer:
         self.best, self.stale = (scores["psnr"], 0) if improved else (self.best, self.stale + 1)
         if improved:
             self._save("best.pt")
-        self.log({"event": "val", "step": self.step, "epoch": epoch, **scores})
+        self.log({"event": "val", "step": self.step, "epoch": epoch, **scores,
+                  "time": time.time()})
         return scores
 
     def stop_early(self) -> bool:

@@ -75,7 +75,7 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
     assert steps and all(s["ok"] and not s.get("skipped") for s in steps), steps
     # the GPU default, most valuable first; the kernel switches are rows of the train part
     assert list(dict.fromkeys(s["part"] for s in steps)) == ["db", "headline", "loaders",
-                                                             "train", "batch"]
+                                                             "train", "batch", "ttq"]
     md = (out / "results.md").read_text()
     for section in ("## Headline", "## Loader throughput", "## Training throughput",
                     "## Kernel switches", "## Batch size", "quick mode", "--preset quick"):
@@ -86,7 +86,9 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
     kernels = [json.loads(x) for x in (out / "kernels.jsonl").read_text().splitlines()]
     assert [(k["amp"], k["cudnn_benchmark"], k["tf32"]) for k in kernels] == [
         ("off", True, True), ("off", False, True), ("off", True, True), ("off", True, False)]
-    for png in ("loader_throughput.png", "train_throughput.png", "batch_sizes.png"):
+    assert "| progressive | 16:0,32:1 |" in (out / "time_to_quality.md").read_text()
+    for png in ("loader_throughput.png", "train_throughput.png", "batch_sizes.png",
+                "time_to_quality.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     # the parts left out of the GPU default run on request and keep the others' results
     bench("gpu_suite.py", "--quick", "--parts", "quality,codecs", "--out", out, cwd=tmp_path,
