@@ -227,3 +227,20 @@ def test_srtrain_with_lr_db_trains_and_validates_on_the_real_lr(paired, tmp_path
     r = CliRunner().invoke(main, args + ["--out", str(tmp_path / "v"), "--val-db",
                                          str(hr_path)])
     assert r.exit_code != 0 and "--val-db has no LR pairs" in r.output
+
+
+@pytest.mark.dali
+def test_a_patch_schedule_switches_both_sides_in_both_loaders(paired):
+    hr_path, lr_path = paired("png", "raw")
+    kw = KW | {"patch_schedule": "24:0,48:1"}
+    got = {}
+    for name in ("torch", "dali"):
+        lo = srdata.make_loader(hr_path, name, lr_db=lr_path, **kw)
+        got[name] = [run(lo), run(lo)]  # epoch 0 at 24 px, epoch 1 at 48 px
+        assert (lo.sampler.plan(1)[:, [Y, X]] % 4 == 0).all()
+    for name in ("torch", "dali"):
+        for epoch, side in ((0, 24), (1, 48)):
+            for (lr, hr), (rlr, rhr) in zip(got[name][epoch], got["torch"][epoch]):
+                assert hr.shape[1:] == (side, side, 3) and lr.shape[1:] == (side // 4,) * 2 + (3,)
+                assert np.array_equal(hr, rhr) and np.array_equal(lr, rlr)
+                assert all(np.array_equal(a, area(b, 4)) for a, b in zip(lr, hr))
