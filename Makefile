@@ -13,7 +13,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dali,dev,bench]"
+	$(BIN)/python -m pip install -q -e ".[dali,dev,bench,tensorboard]"
 	touch $@
 
 # The main job, end to end: sample photos -> pack -> train -> validate -> report (~2 min, CPU).
