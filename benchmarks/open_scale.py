@@ -18,6 +18,7 @@ per format.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import resource
 import statistics
@@ -114,7 +115,9 @@ def measure(db: Path, repeats: int) -> dict:
               help="Comma-separated: srpipe (this version's index), srpipe-v1, basicsr.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also append the JSON lines to this file.")
-def main(count, repeats, formats, out):
+@click.option("--label", default="", help="Recorded as is, e.g. which code was measured "
+              "(PYTHONPATH may point the opening processes at another checkout).")
+def main(count, repeats, formats, out, label):
     env = _common.environment()
     with tempfile.TemporaryDirectory(prefix="srpipe-open-") as tmp:
         for name in formats.split(","):
@@ -125,8 +128,11 @@ def main(count, repeats, formats, out):
                 db = build_packed(Path(tmp), count, 1 if name == "srpipe-v1" else
                                   fmt.FORMAT_VERSION)
             built = time.perf_counter() - t0
-            record = {"benchmark": "open_scale", "format": name, "records": count,
-                      "build_s": round(built, 1)} | measure(db, repeats) | {"env": env}
+            load = os.getloadavg()[0]  # other jobs on a shared machine inflate the seconds
+            record = {"benchmark": "open_scale", "format": name, "label": label,
+                      "records": count, "build_s": round(built, 1)} | measure(db, repeats) \
+                | {"load_avg_1m_before": round(load, 2),
+                   "load_avg_1m_after": round(os.getloadavg()[0], 2), "env": env}
             _common.emit(record, out)
 
 
