@@ -34,6 +34,7 @@ import lmdb
 import numpy as np
 
 import _common
+import srdata
 from srdata import format as fmt
 
 MiB = 1 << 20
@@ -95,9 +96,12 @@ print(seconds, len(blob), pickle_s, time.perf_counter() - t0,
 
 def measure(db: Path, repeats: int) -> dict:
     runs = []
+    # the srdata this process imported, not whatever `python -c` finds first in its cwd
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(
+        [str(Path(srdata.__file__).resolve().parents[1])] + sys.path[1:])}
     for _ in range(repeats):  # a fresh process each time: nothing cached but the files
         out = subprocess.run([sys.executable, "-c", OPEN, str(db)], capture_output=True,
-                             text=True, check=True)
+                             text=True, check=True, cwd=db.parent, env=env)
         runs.append([float(v) for v in out.stdout.split()])
     opens = [r[0] for r in runs]
     return {"open_s": round(statistics.median(opens), 3), "open_s_all": [round(v, 3)
@@ -116,7 +120,7 @@ def measure(db: Path, repeats: int) -> dict:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also append the JSON lines to this file.")
 @click.option("--label", default="", help="Recorded as is, e.g. which code was measured "
-              "(PYTHONPATH may point the opening processes at another checkout).")
+              "(PYTHONPATH=OTHER_CHECKOUT measures that checkout's srdata).")
 def main(count, repeats, formats, out, label):
     env = _common.environment()
     with tempfile.TemporaryDirectory(prefix="srpipe-open-") as tmp:
