@@ -375,8 +375,8 @@ def write_index(db: Path, rows: list, shards: list) -> str:
 
 def index_from_bin(data: bytes, manifest: dict) -> Index:
     """Check and unpack a version-2 index.bin (see the module's docstring)."""
-    if data[:8] != INDEX_MAGIC:
-        raise ValueError(f"it does not start with {INDEX_MAGIC!r}")
+    if len(data) < 16 or data[:8] != INDEX_MAGIC:
+        raise ValueError(f"it does not start with {INDEX_MAGIC!r} and a count")
     n = struct.unpack_from("<Q", data, 8)[0]
     if n != manifest["count"]:
         raise ValueError(f"it lists {n} images, the manifest says {manifest['count']}")

@@ -254,6 +254,7 @@ def test_binary_index_is_checksummed_and_checked(packed, tmp_path):
         return str(e.value)
     assert "ends inside the width column" in damaged(original[:16 + 8 * 10 + 4 * 25])
     assert "does not start with" in damaged(b"\0" * 8 + original[8:])
+    assert "does not start with" in damaged(original[:12])
     height0 = original[:16 + 12 * 10 + 8] + bytes(4) + original[16 + 12 * 10 + 12:]
     assert "image 2 has height 0, expected 1..2147483648" in damaged(height0)
     assert "expected 10" in damaged(original + b"\0extra.png")
