@@ -159,7 +159,7 @@ class Strings:
 
     @classmethod
     def from_blob(cls, blob: bytes, n: int) -> "Strings":
-        """``n`` strings already NUL-joined as UTF-8 (surrogatepass), as index.bin holds them."""
+        """``n`` strings NUL-joined as UTF-8 (surrogatepass), as index.bin holds them."""
         if blob.count(0) != max(0, n - 1):
             raise ValueError(f"the paths hold {blob.count(0) + 1 if blob else 0} "
                              f"NUL-separated strings, expected {n}")
