@@ -5,8 +5,9 @@
 Real-ESRGAN users train on DF2K+OST sub-image LMDBs of a few hundred thousand records, and
 every loader worker receives the opened database by pickle. This builds, for COUNT records:
 
-- an srpipe database's manifest and index.json (real rows, as ``srdata pack`` writes them;
-  the shards hold nothing, as opening never reads them);
+- an srpipe database's manifest and index (real rows, as ``srdata pack`` writes them: the
+  format version's index.bin, or with ``--formats srpipe-v1`` a version-1 index.json; the
+  shards hold nothing, as opening never reads them);
 - a BasicSR LMDB (``meta_info.txt`` and a data.mdb of one tiny PNG per key, so the PNG
   header read at open, one page per record, is real),
 
@@ -17,6 +18,7 @@ per format.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import resource
 import statistics
@@ -32,28 +34,32 @@ import lmdb
 import numpy as np
 
 import _common
+import srdata
 from srdata import format as fmt
 
 MiB = 1 << 20
 
 
-def build_packed(root: Path, count: int) -> Path:
-    db = root / "packed"
+def build_packed(root: Path, count: int, version: int = fmt.FORMAT_VERSION) -> Path:
+    db = root / f"packed-v{version}"
     per_shard = 10_000
-    shards = -(-count // per_shard)
-    for k in range(shards):
-        (db / fmt.shard_name(k)).mkdir(parents=True)
+    shards = [{"name": fmt.shard_name(k), "count": min(per_shard, count - k * per_shard),
+               "bytes": 0, "sha256": ""} for k in range(-(-count // per_shard))]
+    for shard in shards:
+        (db / shard["name"]).mkdir(parents=True)
     rows = [[i // per_shard, fmt.record_key(i).decode(), 480, 480, 3, 118_000 + i % 9000,
              (i * 2654435761) & 0xFFFFFFFF, f"DF2K_HR_sub/{i // 100:06d}_s{i % 100:03d}.png"]
             for i in range(count)]
-    fmt.write_json_atomic(db / fmt.INDEX, {"format_version": fmt.FORMAT_VERSION,
-                                          "columns": list(fmt.INDEX_COLUMNS), "rows": rows})
-    manifest = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION,
-                "count": count, "codec": "png", "index": fmt.INDEX, "id": "0" * 32,
-                "index_sha256": fmt.sha256_file(db / fmt.INDEX), "source_root": str(root),
-                "skipped": [], "params": {},
-                "shards": [{"name": fmt.shard_name(k), "count": per_shard, "bytes": 0,
-                            "sha256": ""} for k in range(shards)]}
+    if version == 1:  # what users' databases packed before version 2 hold
+        index = fmt.INDEX
+        fmt.write_json_atomic(db / index, {"format_version": 1, "rows": rows,
+                                           "columns": list(fmt.INDEX_COLUMNS)})
+    else:
+        index = fmt.write_index(db, rows, shards)
+    manifest = {"format": fmt.FORMAT_NAME, "format_version": version,
+                "count": count, "codec": "png", "index": index, "id": "0" * 32,
+                "index_sha256": fmt.sha256_file(db / index), "source_root": str(root),
+                "skipped": [], "params": {}, "shards": shards}
     fmt.write_json_atomic(db / fmt.MANIFEST, manifest)
     return db
 
@@ -90,9 +96,12 @@ print(seconds, len(blob), pickle_s, time.perf_counter() - t0,
 
 def measure(db: Path, repeats: int) -> dict:
     runs = []
+    # the srdata this process imported, not whatever `python -c` finds first in its cwd
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(
+        [str(Path(srdata.__file__).resolve().parents[1])] + sys.path[1:])}
     for _ in range(repeats):  # a fresh process each time: nothing cached but the files
         out = subprocess.run([sys.executable, "-c", OPEN, str(db)], capture_output=True,
-                             text=True, check=True)
+                             text=True, check=True, cwd=db.parent, env=env)
         runs.append([float(v) for v in out.stdout.split()])
     opens = [r[0] for r in runs]
     return {"open_s": round(statistics.median(opens), 3), "open_s_all": [round(v, 3)
@@ -106,18 +115,28 @@ def measure(db: Path, repeats: int) -> dict:
 @click.command()
 @click.option("--count", default=1_000_000, show_default=True, help="Records per database.")
 @click.option("--repeats", default=3, show_default=True)
-@click.option("--formats", default="srpipe,basicsr", show_default=True)
+@click.option("--formats", default="srpipe,basicsr", show_default=True,
+              help="Comma-separated: srpipe (this version's index), srpipe-v1, basicsr.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also append the JSON lines to this file.")
-def main(count, repeats, formats, out):
+@click.option("--label", default="", help="Recorded as is, e.g. which code was measured "
+              "(PYTHONPATH=OTHER_CHECKOUT measures that checkout's srdata).")
+def main(count, repeats, formats, out, label):
     env = _common.environment()
     with tempfile.TemporaryDirectory(prefix="srpipe-open-") as tmp:
         for name in formats.split(","):
             t0 = time.perf_counter()
-            db = (build_packed if name == "srpipe" else build_basicsr)(Path(tmp), count)
+            if name == "basicsr":
+                db = build_basicsr(Path(tmp), count)
+            else:
+                db = build_packed(Path(tmp), count, 1 if name == "srpipe-v1" else
+                                  fmt.FORMAT_VERSION)
             built = time.perf_counter() - t0
-            record = {"benchmark": "open_scale", "format": name, "records": count,
-                      "build_s": round(built, 1)} | measure(db, repeats) | {"env": env}
+            load = os.getloadavg()[0]  # other jobs on a shared machine inflate the seconds
+            record = {"benchmark": "open_scale", "format": name, "label": label,
+                      "records": count, "build_s": round(built, 1)} | measure(db, repeats) \
+                | {"load_avg_1m_before": round(load, 2),
+                   "load_avg_1m_after": round(os.getloadavg()[0], 2), "env": env}
             _common.emit(record, out)
 
 

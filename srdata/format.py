@@ -4,9 +4,9 @@ A database is a directory::
 
     DB/
       manifest.json      format version, creation parameters, count, codec, shards, skipped
-      index.json         one row per image; the row number is the image's global id
+      index.bin          every image's metadata as binary columns (version 1: index.json)
       shard-00000/       an LMDB environment (data.mdb) holding images 0 .. n0-1
-      shard-00001/       images n0 .. n0+n1-1, and so on
+      shard-00001/       images n0 .. n0+n1-1, and so on (n_k: the manifest's shard count)
 
 Record key: the global id as 8 ASCII digits (``b"00000042"``).
 Record value: the image, 8-bit RGB, HWC, encoded by the database's codec:
@@ -17,16 +17,28 @@ Record value: the image, 8-bit RGB, HWC, encoded by the database's codec:
 - ``png``: lossless PNG;
 - ``raw``: the bare ``height * width * 3`` uint8 bytes, row-major HWC; no decode at all.
 
-Index row: ``[shard, key, height, width, channels, nbytes, crc32, path]``; ``crc32`` is
-zlib.crc32 of the stored value, ``path`` the source file relative to the source root.
-Everything is JSON, never pickle. A reader refuses any ``format_version`` but its own.
-Bump ``FORMAT_VERSION`` on any change a version-1 reader would misread.
+Index, version 2 (``index.bin``; binary, so a million records open in well under a
+second): a 16-byte header, the magic ``INDEX_MAGIC`` and ``count`` as little-endian uint64;
+then the ``INDEX_BIN_COLUMNS``, each ``count`` little-endian values in id order; then every
+image's ``path`` as UTF-8 (surrogatepass), joined by NUL, to the end of the file. The key
+and shard columns are not stored: a record's key is its id (above), its shard follows from
+the manifest's shard counts, and ``channels`` is always 3.
+
+Index, version 1 (``index.json``, still read): ``{"format_version": 1, "columns": [...],
+"rows": [...]}``, one row per image ``[shard, key, height, width, channels, nbytes, crc32,
+path]``; parsing a million rows takes seconds.
+
+In both, ``crc32`` is zlib.crc32 of the stored value and ``path`` the source file relative
+to the source root. Metadata is JSON or plain little-endian arrays, never pickle. A reader
+refuses any ``format_version`` not in ``READ_VERSIONS``; bump ``FORMAT_VERSION`` on any
+change an older reader would misread.
 
 Integrity, all checked by the reader: every value's crc32 on every read; ``index.json``
 against the manifest's ``index_sha256``; each ``data.mdb``'s size against the LMDB's last
 used page when a process opens it; and the manifest's ``id`` (a uuid4 hex, new for every
 pack) when a process opens a shard, so a database re-packed under a running reader is
-refused, not mixed. ``index_sha256`` and ``id`` are optional: older databases lack them.
+refused, not mixed. ``index_sha256`` (of whichever file holds the index) is required from
+version 2 on; in version 1, it and ``id`` are optional: older databases lack them.
 """
 from __future__ import annotations
 
@@ -44,9 +56,14 @@ import cv2
 import numpy as np
 
 FORMAT_NAME = "srpipe-lmdb"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
-INDEX = "index.json"
+INDEX = "index.json"  # version 1
+INDEX_BIN = "index.bin"  # version 2
+INDEX_MAGIC = b"SRPIDX\x00\x02"
+# the 8-byte column first: every column then starts aligned to its item size
+INDEX_BIN_COLUMNS = (("nbytes", "<u8"), ("crc32", "<u4"), ("height", "<u4"), ("width", "<u4"))
 CODECS = ("jpeg", "png", "raw")
 INDEX_COLUMNS = ("shard", "key", "height", "width", "channels", "nbytes", "crc32", "path")
 CHANNELS = 3
@@ -139,6 +156,16 @@ class Strings:
         if self._blob.count(0) != max(0, self._n - 1):
             raise ValueError("a string holds a NUL character")
         self._packed = self._bounds = None
+
+    @classmethod
+    def from_blob(cls, blob: bytes, n: int) -> "Strings":
+        """``n`` strings NUL-joined as UTF-8 (surrogatepass), as index.bin holds them."""
+        if blob.count(0) != max(0, n - 1):
+            raise ValueError(f"the paths hold {blob.count(0) + 1 if blob else 0} "
+                             f"NUL-separated strings, expected {n}")
+        strings = cls([])
+        strings._n, strings._blob = n, bytes(blob)
+        return strings
 
     def __len__(self) -> int:
         return self._n
@@ -237,11 +264,12 @@ def read_manifest(db: str | os.PathLike) -> dict:
                       f"{path} is not an srpipe manifest")
     version = manifest.get("format_version")
     if type(version) is not int:  # "1" or 1.0 would pass a plain != and mislead below
-        raise _bad_manifest(path, f"format_version is {version!r}, expected the integer "
-                                  f"{FORMAT_VERSION}")
-    if version != FORMAT_VERSION:
-        raise DBError(f"{db} has format version {version}, this srpipe reads version "
-                      f"{FORMAT_VERSION}; repack it with this version's `srdata pack`")
+        raise _bad_manifest(path, f"format_version is {version!r}, expected an integer "
+                                  f"({', '.join(map(str, READ_VERSIONS))})")
+    if version not in READ_VERSIONS:
+        raise DBError(f"{db} has format version {version}, this srpipe reads versions "
+                      f"{', '.join(map(str, READ_VERSIONS))}; repack it with this version's "
+                      "`srdata pack`")
     count, shards = manifest.get("count"), manifest.get("shards")
     if type(count) is not int or count < 1:
         raise _bad_manifest(path, f"count is {count!r}, expected a positive integer")
@@ -306,14 +334,83 @@ class _NoGC:
             gc.enable()
 
 
+def record_keys(n: int) -> np.ndarray:
+    """``record_key(i)`` of ids 0 .. n-1 as a fixed-width bytes array, vectorised."""
+    if n > 10 ** 8:  # keys beyond 8 digits grow: no fixed width
+        return np.array([record_key(i) for i in range(n)], np.bytes_)
+    ids, digits = np.arange(n, dtype=np.int64), np.empty((n, 8), np.uint8)
+    for d in range(8):
+        digits[:, 7 - d] = ids // 10 ** d % 10 + ord("0")
+    return digits.view("S8").ravel()
+
+
+def shard_column(shards: list, count: int) -> np.ndarray:
+    """Each id's shard number: shard k holds the manifest's ``count`` of k ids, in order."""
+    counts = [s.get("count") for s in shards]
+    if not all(type(c) is int and c >= 0 for c in counts) or sum(counts) != count:
+        raise ValueError(f"the shards' counts {counts[:8]!r:.80} do not add up to the "
+                         f"manifest's count {count}")
+    return np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+
+
+def write_index(db: Path, rows: list, shards: list) -> str:
+    """Write ``db/index.bin`` (version 2) from pack's rows, one per id ``[shard, key,
+    height, width, channels, nbytes, crc32, path]``; returns the file name."""
+    shard, keys, height, width, channels, nbytes, crc, paths = zip(*rows)
+    assert np.array_equal(shard, shard_column(shards, len(rows))), "shards out of id order"
+    assert set(channels) == {CHANNELS} and keys == tuple(
+        record_keys(len(rows)).astype(str)), "keys are not the ids"
+    columns = {"nbytes": nbytes, "crc32": crc, "height": height, "width": width}
+    tmp = db / (INDEX_BIN + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(INDEX_MAGIC + struct.pack("<Q", len(rows)))
+        for name, dtype in INDEX_BIN_COLUMNS:
+            f.write(np.asarray(columns[name], dtype).tobytes())
+        f.write("\0".join(paths).encode("utf-8", "surrogatepass"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, db / INDEX_BIN)
+    return INDEX_BIN
+
+
+def index_from_bin(data: bytes, manifest: dict) -> Index:
+    """Check and unpack a version-2 index.bin (see the module's docstring)."""
+    if len(data) < 16 or data[:8] != INDEX_MAGIC:
+        raise ValueError(f"it does not start with {INDEX_MAGIC!r} and a count")
+    n = struct.unpack_from("<Q", data, 8)[0]
+    if n != manifest["count"]:
+        raise ValueError(f"it lists {n} images, the manifest says {manifest['count']}")
+    columns, offset = {}, 16
+    for name, dtype in INDEX_BIN_COLUMNS:
+        size = np.dtype(dtype).itemsize * n
+        if offset + size > len(data):
+            raise ValueError(f"it ends inside the {name} column ({len(data)} bytes)")
+        # astype copies: no column keeps the whole file alive
+        columns[name] = np.frombuffer(data, dtype, n, offset).astype(
+            np.uint32 if name == "crc32" else np.int64)
+        offset += size
+    for name, lo, hi in (("height", 1, 1 << 31), ("width", 1, 1 << 31),
+                         ("nbytes", 1, 1 << 40)):
+        bad = np.flatnonzero((columns[name] < lo) | (columns[name] > hi))
+        if bad.size:
+            raise ValueError(f"image {bad[0]} has {name} {columns[name][bad[0]]}, expected "
+                             f"{lo}..{hi}")
+    return Index(shard_column(manifest["shards"], n), record_keys(n), columns["height"],
+                 columns["width"], np.full(n, CHANNELS, np.uint8), columns["nbytes"],
+                 columns["crc32"], Strings.from_blob(data[offset:], n))
+
+
 def read_index(db: str | os.PathLike, manifest: dict) -> Index:
-    path = Path(db) / manifest.get("index", INDEX)
+    version = manifest["format_version"]
+    path = Path(db) / manifest.get("index", INDEX if version == 1 else INDEX_BIN)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise DBError(f"index {path} is missing or unreadable ({e}); pack the database "
                       "again") from e
     expected = manifest.get("index_sha256")  # absent in databases packed before it existed
+    if version != 1:
+        return _read_index_bin(path, data, manifest, expected)
     with ThreadPoolExecutor(1) as pool:  # hashlib releases the GIL: hash while JSON parses
         digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())
         try:
@@ -335,6 +432,19 @@ def read_index(db: str | os.PathLike, manifest: dict) -> Index:
         raise DBError(f"index {path} lists {len(records)} images, the manifest says "
                       f"{manifest['count']}; pack the database again")
     return records
+
+
+def _read_index_bin(path: Path, data: bytes, manifest: dict, expected) -> Index:
+    if not isinstance(expected, str):  # required from version 2 on: every pack writes it
+        raise _bad_manifest(path.parent / MANIFEST, f"index_sha256 is {expected!r}, "
+                                                   "expected the index's sha256")
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise DBError(f"index {path} was modified after packing (its sha256 differs from the "
+                      "manifest's index_sha256); pack the database again")
+    try:
+        return index_from_bin(data, manifest)
+    except ValueError as e:
+        raise DBError(f"index {path} is malformed: {e}; pack the database again") from None
 
 
 _PNG = b"\x89PNG\r\n\x1a\n"

@@ -308,17 +308,16 @@ def _pack_into(src: Path, files: list[bytes], tmp: Path, cfg: PackConfig,
         "count": len(rows),
         "codec": cfg.codec,
         "bytes": total_bytes,
-        "index": fmt.INDEX,
+        "index": fmt.INDEX_BIN,
         "shards": shards,
         "skipped": skipped,
         "pack_stats": {"seconds": round(seconds, 3), "workers": workers,
                        "images_per_s": round((len(rows) + len(skipped)) / seconds, 1),
                        "writer_seconds": round(writer.seconds, 3)},
     }
-    fmt.write_json_atomic(tmp / fmt.INDEX, {"format_version": fmt.FORMAT_VERSION,
-                                           "columns": list(fmt.INDEX_COLUMNS), "rows": rows})
+    index = fmt.write_index(tmp, rows, shards)
     # what readers check: a new id per pack, and the index's own checksum
-    manifest |= {"id": uuid.uuid4().hex, "index_sha256": fmt.sha256_file(tmp / fmt.INDEX)}
+    manifest |= {"id": uuid.uuid4().hex, "index_sha256": fmt.sha256_file(tmp / index)}
     fmt.write_json_atomic(tmp / fmt.MANIFEST, manifest)  # last: its presence means complete
     return manifest
 

@@ -126,7 +126,7 @@ def check_destination(dst: Path, overwrite: bool, src: Path | None = None) -> No
                         "or choose another DB path")
 
 
-_DB_ENTRIES = re.compile(r"(manifest\.json|index\.json)(\.tmp)?\Z|shard-\d{5}\Z")
+_DB_ENTRIES = re.compile(r"(manifest\.json|index\.(?:json|bin))(\.tmp)?\Z|shard-\d{5}\Z")
 _SHARD_ENTRIES = {"data.mdb", "lock.mdb"}
 
 

@@ -115,3 +115,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def to_format_v1(db: Path, index_sha256: bool = True) -> None:
+    """Rewrite a packed database's index the way version 1 stored it (index.json rows), as
+    users' older databases hold it; ``index_sha256=False``: as packed before it existed."""
+    import hashlib
+    import json
+
+    from srdata import format as fmt
+    from srdata.reader import PackedDB
+    records = PackedDB(db).records
+    rows = [[r.shard, r.key, r.height, r.width, r.channels, r.nbytes, r.crc32, r.path]
+            for r in records]
+    data = json.dumps({"format_version": 1, "columns": list(fmt.INDEX_COLUMNS),
+                       "rows": rows}, indent=1).encode()
+    (db / fmt.INDEX).write_bytes(data)
+    (db / fmt.INDEX_BIN).unlink()
+    manifest = json.loads((db / fmt.MANIFEST).read_text())
+    manifest |= {"format_version": 1, "index": fmt.INDEX,
+                 "index_sha256": hashlib.sha256(data).hexdigest()}
+    if not index_sha256:
+        del manifest["index_sha256"]
+    (db / fmt.MANIFEST).write_text(json.dumps(manifest, indent=1))

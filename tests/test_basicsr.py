@@ -167,3 +167,22 @@ def test_meta_info_shapes_that_differ_from_the_images_read_as_basicsr_does(basic
             f"{stored[1] + 40} (HxW), the stored PNG is {stored[0]}x{stored[1]}") in r.output
     r = CliRunner().invoke(main, ["verify", str(path), "-q", "--strict"])
     assert r.exit_code == 1 and "0 problem(s) and 1 warning(s)" in r.output, r.output
+
+
+def test_exact_meta_parser_reads_what_the_general_pattern_reads(tmp_path, monkeypatch):
+    from srdata import basicsr
+    meta = tmp_path / "meta_info.txt"
+    exact = "a.png (10,20,3) 1\nsub/b c.png (7,8,1) 0\nx.y.png (100,2,4) 3\n"
+    odd = ["a.png  (10,20,3) 1\n", "a.png\t(1,2,3)\t1\r\n", " lead.png (1,2,3) 1\n",
+           "p (q).png (1,2,3) 1\n", "a.png (1, 2, 3) 1\n", "ünï.png (1,2,3) 1\n",
+           "a.png (1,2,3) 1", "a.png (1,2,3) 1\n\nb.png (4,5,3) 2\n", "a) b.png (1,2,3) 1\n"]
+    for text in [exact] + odd:
+        meta.write_text(text, encoding="utf-8")
+        assert (basicsr._parse_exact(text) is not None) == (text == exact), text
+        fast = basicsr._parse_meta(meta)
+        with monkeypatch.context() as m:
+            m.setattr(basicsr, "_parse_exact", lambda text: None)
+            general = basicsr._parse_meta(meta)
+        assert list(fast[0]) == list(general[0]) and fast[1] == general[1], text
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype
+                   for a, b in zip(fast[2:], general[2:])), text

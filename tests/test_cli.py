@@ -24,7 +24,7 @@ def test_pack_inspect_verify(image_dir, tmp_path):
     r = run("inspect", db, "--json")
     d = json.loads(r.output)
     assert r.exit_code == 0 and d["count"] == 6 and d["codec"] == "png"
-    assert d["format_version"] == 1 and d["skipped"] == [] and len(d["shards"]) == 1
+    assert d["format_version"] == 2 and d["skipped"] == [] and len(d["shards"]) == 1
     r = run("inspect", db)
     assert "6 images, codec png" in r.output
     r = run("verify", db, "-q")

@@ -12,7 +12,7 @@ import lmdb
 import numpy as np
 import pytest
 
-from conftest import SMALL, corrupt_byte, make_images
+from conftest import SMALL, corrupt_byte, make_images, to_format_v1
 from srdata import DBError, PackedDB
 from srdata import format as fmt
 from srdata.pack import PackConfig, pack
@@ -134,6 +134,7 @@ def test_lmdb_errors_name_shard_and_key(packed, tmp_path):
 
 def test_index_is_protected_and_garbled_values_are_named(packed, tmp_path):
     db = copy_db(packed, "png", tmp_path)
+    to_format_v1(db)  # users' version-1 databases: index.json rows, checked value by value
     manifest = json.loads((db / "manifest.json").read_text())
     assert len(manifest["id"]) == 32 and len(manifest["index_sha256"]) == 64
     index = db / "index.json"
@@ -160,7 +161,7 @@ def test_index_is_protected_and_garbled_values_are_named(packed, tmp_path):
     edit_json(db / "manifest.json", lambda m: m.update(format_version="1"))
     with pytest.raises(DBError) as e:
         PackedDB(db)
-    assert "format_version is '1', expected the integer 1" in str(e.value)
+    assert "format_version is '1', expected an integer (1, 2)" in str(e.value)
     assert "this srpipe reads" not in str(e.value)
     edit_json(db / "manifest.json", lambda m: m.update(format_version=1, count="10"))
     with pytest.raises(DBError, match="count is '10', expected a positive integer"):
@@ -203,7 +204,7 @@ def test_dali_refuses_an_image_whose_size_differs_from_the_index(packed, tmp_pat
     pytest.importorskip("nvidia.dali")
     import srdata
     db = copy_db(packed, "jpeg", tmp_path)
-    edit_json(db / "manifest.json", lambda m: m.pop("index_sha256"))  # an older database
+    to_format_v1(db, index_sha256=False)  # an older database, its index editable
 
     def shrink(ix):
         for row in ix["rows"]:
@@ -229,3 +230,37 @@ def test_index_columns_pickle_small_and_read_as_records(packed):
     assert clone.records == db.records and list(clone.records) == list(db.records)
     assert np.array_equal(clone.image(5), db.image(5))
     assert db.heights.dtype == np.int64 and db.records.height is db.heights
+
+
+def test_binary_index_is_checksummed_and_checked(packed, tmp_path):
+    db = copy_db(packed, "png", tmp_path)
+    index, manifest = db / fmt.INDEX_BIN, json.loads((db / "manifest.json").read_text())
+    assert manifest["format_version"] == 2 and manifest["index"] == fmt.INDEX_BIN
+    assert manifest["index_sha256"] == fmt.sha256_file(index)
+    original = index.read_bytes()
+    corrupt_byte(index, 16 + 8 * 10 + 3)  # a byte of a crc32
+    with pytest.raises(DBError, match=r"index\.bin was modified after packing"):
+        PackedDB(db)
+    edit_json(db / "manifest.json", lambda m: m.pop("index_sha256"))  # required from v2 on
+    with pytest.raises(DBError, match="index_sha256 is None, expected the index's sha256"):
+        PackedDB(db)
+
+    def damaged(data: bytes, shards=None) -> str:  # consistent checksum, wrong contents
+        index.write_bytes(data)
+        edit_json(db / "manifest.json", lambda m: m.update(
+            index_sha256=fmt.sha256_file(index), shards=shards or manifest["shards"]))
+        with pytest.raises(DBError, match=r"index\.bin is malformed") as e:
+            PackedDB(db)
+        return str(e.value)
+    assert "ends inside the width column" in damaged(original[:16 + 8 * 10 + 4 * 25])
+    assert "does not start with" in damaged(b"\0" * 8 + original[8:])
+    assert "does not start with" in damaged(original[:12])
+    height0 = original[:16 + 12 * 10 + 8] + bytes(4) + original[16 + 12 * 10 + 12:]
+    assert "image 2 has height 0, expected 1..2147483648" in damaged(height0)
+    assert "expected 10" in damaged(original + b"\0extra.png")
+    assert "do not add up to the manifest's count 10" in damaged(
+        original, [dict(manifest["shards"][0], count=9)])
+    index.write_bytes(original)
+    edit_json(db / "manifest.json", lambda m: m.update(index_sha256=manifest["index_sha256"],
+                                                       shards=manifest["shards"]))
+    assert PackedDB(db).records == PackedDB(packed("png")).records

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import corrupt_byte, make_images, psnr
+from conftest import corrupt_byte, make_images, psnr, to_format_v1
 from srdata import DBError, PackedDB
 from srdata import format as fmt
 from srdata import images
@@ -72,6 +72,25 @@ def test_shards_split_by_count(image_dir, tmp_path, small_cfg):
     assert [r.shard for r in db.records] == [0, 0, 0, 0, 1, 1]
     assert not (tmp_path / "db" / "shard-00000" / "lock.mdb").exists()
     assert verify(db, progress=False) == []
+
+
+def test_version_1_database_still_opens_and_reads_identically(image_dir, tmp_path, small_cfg):
+    import pickle
+    import shutil
+    pack(image_dir, tmp_path / "v2", small_cfg(shard_size=4), progress=False)
+    shutil.copytree(tmp_path / "v2", tmp_path / "v1")
+    to_format_v1(tmp_path / "v1")
+    new, old = PackedDB(tmp_path / "v2"), PackedDB(tmp_path / "v1")
+    assert (new.manifest["format_version"], old.manifest["format_version"]) == (2, 1)
+    assert sorted(p.name for p in (tmp_path / "v1").glob("index.*")) == ["index.json"]
+    assert old.records == new.records and list(old.records) == list(new.records)
+    assert [r.shard for r in new.records] == [0, 0, 0, 0, 1, 1]  # from the shard counts
+    assert all(old.read(i) == new.read(i) for i in range(len(new)))
+    assert np.array_equal(pickle.loads(pickle.dumps(old)).image(5), new.image(5))
+    assert verify(old, progress=False) == []
+    corrupt_byte(tmp_path / "v1" / "index.json", 40)  # its index_sha256 is still checked
+    with pytest.raises(DBError, match=r"index\.json was modified after packing"):
+        PackedDB(tmp_path / "v1")
 
 
 def test_default_shard_size_is_about_one_gib(small_cfg):
@@ -180,7 +199,7 @@ def test_reader_refuses_other_versions_and_damage(image_dir, tmp_path, small_cfg
     pack(image_dir, dst, small_cfg(codec="raw"), progress=False)
     m = json.loads((dst / "manifest.json").read_text())
     (dst / "manifest.json").write_text(json.dumps(m | {"format_version": 99}))
-    with pytest.raises(DBError, match="format version 99.*reads version 1"):
+    with pytest.raises(DBError, match="format version 99.*reads versions 1, 2"):
         PackedDB(dst)
     (dst / "manifest.json").write_text(json.dumps(m | {"count": 5}))
     with pytest.raises(DBError, match="lists 6 images, the manifest says 5"):
