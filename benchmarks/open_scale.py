@@ -17,10 +17,7 @@ per format.
 """
 from __future__ import annotations
 
-import json
 import os
-import pickle
-import resource
 import statistics
 import subprocess
 import sys

@@ -22,7 +22,7 @@ import lmdb
 import numpy as np
 
 from . import format as fmt
-from .reader import PackedDB, open_db, open_shard  # noqa: F401  open_db: moved to reader
+from .reader import open_shard
 
 META = "meta_info.txt"
 # The name is everything before the shape, so names with spaces or dots parse too.

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import SMALL, make_images
-from srdata.basicsr import open_db
+from srdata.reader import open_db
 from srdata.pack import PackConfig, pack
 from srtrain import checkpoint, metrics, tboard
 from srtrain.cli import main

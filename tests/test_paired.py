@@ -10,7 +10,7 @@ from click.testing import CliRunner
 import srdata
 from conftest import make_basicsr_lmdb
 from srdata import DBError
-from srdata.basicsr import open_db
+from srdata.reader import open_db
 from srdata.format import Record
 from srdata.pack import PackConfig, pack
 from srdata.paired import pair

@@ -1,10 +1,8 @@
 """Progressive patch sizes: the schedule, both loaders switching at an epoch boundary, and
 training across a switch (resume after kill -9, DDP, early stopping, the LR schedule)."""
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ from srtrain import checkpoint
 from srtrain.cli import main
 from srtrain.train import total_steps
 
-from test_train import TINY as FIXED, events, losses_after_resume
+from test_train import TINY as FIXED, events, run_killed_and_resumed, same_weights
 
 KW = dict(batch_size=2, scale=4, seed=3, device="cpu", workers=0)
 _at = FIXED.index("--patch")
@@ -154,35 +152,15 @@ def test_early_stop_patience_counts_across_stages(packed, tmp_path, monkeypatch)
 
 
 def test_resume_after_kill_9_across_a_stage_switch(packed, tmp_path):
-    db = packed("png")
     # 24 steps at 32 px (6 epochs of 4), then 8 at 48 px; killed early in the first stage
-    args = ["--db", db, *TINY, "--epochs", 8, "--patch-schedule", "32:0,48:6",
+    args = ["--db", packed("png"), *TINY, "--epochs", 8, "--patch-schedule", "32:0,48:6",
             "--save-every", 2, "--val-every", 4]
-    full = tmp_path / "full"
-    assert subprocess.run([sys.executable, "-m", "srtrain", "--out", full, *map(str, args)],
-                          capture_output=True, timeout=300).returncode == 0
-    killed = tmp_path / "killed"
-    p = subprocess.Popen([sys.executable, "-m", "srtrain", "--out", killed, *map(str, args)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if (killed / "last.pt").exists() and len(events(killed, "train")) >= 3:
-            break
-        time.sleep(0.01)
-    p.send_signal(signal.SIGKILL)
-    assert p.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
-    at = checkpoint.load(killed / "last.pt")["step"]
+    at, resumed, reference, killed, full = run_killed_and_resumed(args, tmp_path, 3)
     assert 2 <= at < 24, f"killed at step {at}, expected it in the first stage"
-    r = subprocess.run([sys.executable, "-m", "srtrain", "--out", killed, "--resume",
-                        *map(str, args)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    resumed, reference = losses_after_resume(killed), losses_after_resume(full)
     assert min(resumed) == at + 1 and max(resumed) == 32
     assert all(resumed[s] == reference[s] for s in resumed)
     assert [e["patch"] for e in events(killed, "stage")][-2:] == [32, 48]
-    a = checkpoint.load(killed / "last.pt")["model"]
-    b = checkpoint.load(full / "last.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(killed, full)
 
 
 def test_ddp_two_processes_across_a_stage_switch(packed, tmp_path):

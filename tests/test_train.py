@@ -64,33 +64,43 @@ def test_trains_validates_and_writes_a_run(packed, tmp_path):
     assert state["loader"]["epoch"] == 2 and state["loader"]["batch"] == 0
 
 
-def test_resume_after_kill_9_continues_with_the_same_batches(packed, tmp_path):
-    db = packed("png")
-    args = ["--db", db, *TINY, "--epochs", 30, "--save-every", 3]
-    full = tmp_path / "full"
+def run_killed_and_resumed(args, tmp_path, trained: int):
+    """Train ``args`` to the end in one process, and again in another that is killed -9
+    once it has saved last.pt and logged ``trained`` train events, then resumed. Returns
+    (step the kill left in last.pt, the resumed run's losses by step, the uninterrupted
+    run's, the resumed run's folder, the uninterrupted run's)."""
+    full, killed = tmp_path / "full", tmp_path / "killed"
     assert subprocess.run([sys.executable, "-m", "srtrain", "--out", full, *map(str, args)],
                           capture_output=True, timeout=300).returncode == 0
-    killed = tmp_path / "killed"
     p = subprocess.Popen([sys.executable, "-m", "srtrain", "--out", killed, *map(str, args)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
-        if (killed / "last.pt").exists() and len(events(killed, "train")) >= 7:
+        if (killed / "last.pt").exists() and len(events(killed, "train")) >= trained:
             break
         time.sleep(0.01)
     p.send_signal(signal.SIGKILL)
     assert p.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
     at = checkpoint.load(killed / "last.pt")["step"]
-    assert 3 <= at < 120
     r = subprocess.run([sys.executable, "-m", "srtrain", "--out", killed, "--resume",
                         *map(str, args)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    resumed, reference = losses_after_resume(killed), losses_after_resume(full)
+    return at, losses_after_resume(killed), losses_after_resume(full), killed, full
+
+
+def same_weights(a_run, b_run) -> bool:
+    a = checkpoint.load(a_run / "last.pt")["model"]
+    b = checkpoint.load(b_run / "last.pt")["model"]
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_kill_9_continues_with_the_same_batches(packed, tmp_path):
+    args = ["--db", packed("png"), *TINY, "--epochs", 30, "--save-every", 3]
+    at, resumed, reference, killed, full = run_killed_and_resumed(args, tmp_path, 7)
+    assert 3 <= at < 120
     assert min(resumed) == at + 1 and max(resumed) == 120
     assert all(resumed[s] == reference[s] for s in resumed)
-    a = checkpoint.load(killed / "last.pt")["model"]
-    b = checkpoint.load(full / "last.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(killed, full)
 
 
 def test_ctrl_c_saves_and_resume_redoes_a_partial_accumulation(packed, tmp_path, monkeypatch):
