@@ -8,14 +8,12 @@ a killed pack leaves no directory that looks like a database (``srdata.publish``
 """
 from __future__ import annotations
 
-import ctypes
 import datetime
 import hashlib
 import multiprocessing as mp
 import os
 import shutil
-import signal
-import sys
+import threading
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
@@ -30,6 +28,7 @@ from . import __version__
 from . import format as fmt
 from . import images
 from . import publish as pub
+from ._proc import die_with_parent
 from .publish import Interrupted, PackError, check_destination, recover_publish  # noqa: F401
 from .walk import walk
 
@@ -89,24 +88,11 @@ def scan(root: Path, exclude: Path | None = None) -> list[bytes]:
     return walk(root, exclude)[0]
 
 
-def _die_with_parent(parent: int) -> None:
-    """Linux: end this worker when the pack process dies, even by SIGKILL; otherwise
-    a killed pack leaves its idle workers behind for good."""
-    if sys.platform != "linux":
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def _init_worker(parent: int):
+def _init_worker(parent: int, by_main_thread: bool):
     import cv2
     from PIL import Image
-    _die_with_parent(parent)
+    # a killed pack must not leave its idle workers behind for good
+    die_with_parent(parent, by_main_thread)
     cv2.setNumThreads(1)  # one image per process; OpenCV's own threads would oversubscribe
     Image.MAX_IMAGE_PIXELS = None  # PackConfig.max_pixels is the cap, checked before decode
 
@@ -267,7 +253,9 @@ def _pack_into(src: Path, files: list[bytes], tmp: Path, cfg: PackConfig,
     # An executor, not mp.Pool: a worker that dies (OOM kill, a script without a main
     # guard re-importing itself under spawn) fails the pack instead of hanging it forever.
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
-                               initializer=_init_worker, initargs=(os.getpid(),))
+                               initializer=_init_worker,
+                               initargs=(os.getpid(), threading.current_thread() is
+                                         threading.main_thread()))
     try:
         for rel, value, info in pool.map(_process, jobs, chunksize=4):
             bar.update()
