@@ -8,16 +8,14 @@ database the source hands over both records and the graph decodes and cuts both,
 """
 from __future__ import annotations
 
-import os
-import threading
-
 import numpy as np
 import torch
 
 from . import format as fmt
-from ._proc import die_with_parent, killed, raise_when_a_worker_dies
+from ._proc import killed, raise_when_a_worker_dies
+from .dali_source import PairedSource, PatchSource
 from .loader import Loader
-from .sampler import HFLIP, ID, TRANSPOSE, X, Y, crop_and_flip, lr_row
+from .sampler import ID
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -26,84 +24,6 @@ except ImportError:  # reported when a DALI loader is asked for, not at import
 
 MISSING_DALI = ("NVIDIA DALI is not installed: `pip install '.[dali]'` (nvidia-dali-cuda120) "
                 "in the srpipe checkout, or use loader='torch' (--loader torch)")
-
-
-class PatchSource:
-    """The per-sample callback of the external source; picklable and stateless per sample.
-
-    Sample ``info.idx_in_epoch`` of DALI epoch ``info.epoch_idx`` is row
-    ``idx_in_epoch + skip`` of sampler epoch ``first_epoch + epoch_idx`` (``skip`` rows, a
-    resumed run's already-seen batches, apply to the first epoch only). Raw records are cut
-    here, at no cost; encoded ones go whole to the decoder with the crop as arguments.
-    """
-
-    def __init__(self, db, sampler, first_epoch: int, skip: int, padded_len: int):
-        self.db, self.sampler = db, sampler
-        self.first_epoch, self.skip, self.padded_len = first_epoch, skip, padded_len
-        self._epoch, self._rows = None, None
-        # DALI starts the worker processes from the thread that builds the pipeline: this one
-        self._parent, self._pid = os.getpid(), os.getpid()
-        self._by_main_thread = threading.current_thread() is threading.main_thread()
-
-    def _row(self, info) -> np.ndarray:
-        """The sampler's row for this sample (StopIteration past the epoch's end)."""
-        if self._pid != os.getpid():  # first call in a worker process
-            self._pid = os.getpid()
-            die_with_parent(self._parent, self._by_main_thread)
-        epoch = self.first_epoch + info.epoch_idx
-        j = info.idx_in_epoch + (self.skip if info.epoch_idx == 0 else 0)
-        if j >= self.padded_len:
-            raise StopIteration
-        if self._epoch != epoch:
-            self._epoch, self._rows = epoch, self.sampler.plan(epoch)
-        return self._rows[min(j, len(self._rows) - 1)]  # a short last batch is padded
-
-    def __call__(self, info):
-        row = self._row(info)
-        flags = row[HFLIP:TRANSPOSE + 1].astype(np.int32)
-        if self.db.codec == "raw":
-            return crop_and_flip(self.db.image(int(row[ID])), row, self.sampler.patch)
-        value = self.db.read(int(row[ID]))
-        _check_header(self.db, int(row[ID]), value)
-        return np.frombuffer(value, np.uint8), np.array([row[Y], row[X]], np.int32), flags
-
-
-def _check_header(db, i: int, value: bytes) -> None:
-    """The decoder takes an image's size from its header, and would crop inside whatever
-    size that says: check it against the index first (the torch loader checks the decoded
-    array, the same test)."""
-    shape = fmt.encoded_shape(value, db.codec)
-    expected = (int(db.heights[i]), int(db.widths[i]))
-    if shape != expected:
-        rec = db.records[i]
-        found = f"is {shape[0]}x{shape[1]} px" if shape else "has a damaged header"
-        raise fmt.DBError(f"{db.path}: key {rec.key} (image {i}, from {rec.path}): the stored "
-                          f"{db.codec} {found}, the index says {expected[0]}x{expected[1]}")
-
-
-class PairedSource(PatchSource):
-    """PatchSource for paired databases: per side (HR, then LR) the cut patch of a raw
-    record, or an encoded record and its crop anchor; then the flips, shared by both."""
-
-    def __init__(self, db, lr, sampler, scale: int, first_epoch: int, skip: int,
-                 padded_len: int):
-        super().__init__(db, sampler, first_epoch, skip, padded_len)
-        self.lr, self.scale = lr, scale
-
-    def __call__(self, info):
-        row = self._row(info)
-        i, patch = int(row[ID]), self.sampler.patch
-        out = []
-        for db, k, r, size in ((self.db, i, row, patch),
-                               (self.lr.db, int(self.lr.ids[i]), lr_row(row, self.scale),
-                                patch // self.scale)):
-            if db.codec == "raw":
-                out.append(crop_and_flip(db.image(k), r, size))
-            else:
-                value = db.read(k)
-                _check_header(db, k, value)
-                out += [np.frombuffer(value, np.uint8), np.array([r[Y], r[X]], np.int32)]
-        return (*out, row[HFLIP:TRANSPOSE + 1].astype(np.int32))
 
 
 def _paired_pipeline(source, hr_raw, lr_raw, patch, scale, gpu, roi, workers):
