@@ -3,7 +3,9 @@
 Python worker processes (DALI's parallel external source) read each sample's encoded bytes
 from LMDB and hand over the sampler's crop and flips; everything after that runs in DALI:
 ``mixed`` decode on a GPU (``cpu`` without one, ``device_id=None``, the same graph CI
-tests), slice, flips, transpose and the nearest-neighbour downscale. With a paired LR
+tests), slice, flips, transpose and the downscale: nearest neighbour, MATLAB bicubic or
+Real-ESRGAN's degradation (``srdata.dali_degrade``, the parameters from the source's
+sampler). With a paired LR
 database the source hands over both records and the graph decodes and cuts both, no resize.
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import dali_degrade as dd
 from . import format as fmt
 from ._proc import killed, raise_when_a_worker_dies
 from .dali_source import PairedSource, PatchSource
@@ -62,19 +65,31 @@ def _paired_pipeline(source, hr_raw, lr_raw, patch, scale, gpu, roi, workers):
     return paired_pipeline
 
 
-def _sr_pipeline(source, raw, patch, scale, gpu, roi, workers):
+_DALI_TYPES = {np.float32: types.FLOAT, np.int32: types.INT32, np.bool_: types.BOOL} \
+    if types else {}
+
+
+def _sr_pipeline(source, raw, patch, scale, gpu, roi, workers, degradation="nn"):
     shape = np.array([patch, patch], np.int32)
+    # realesrgan: the source also hands over each row's parameters (dali_degrade.INPUTS)
+    names = list(dd.INPUTS) if degradation == "realesrgan" else []
+    extra = [_DALI_TYPES[dd.INPUTS[k]] for k in names]
 
     @pipeline_def(enable_conditionals=True, py_num_workers=workers, py_start_method="spawn")
     def sr_pipeline():
         if raw:  # cut and flipped by the source already
-            data = fn.external_source(source=source, batch=False, parallel=True,
-                                      dtype=types.UINT8, layout="HWC")
+            if names:
+                data, *params = fn.external_source(
+                    source=source, num_outputs=1 + len(names), batch=False, parallel=True,
+                    dtype=[types.UINT8, *extra])
+            else:
+                data, params = fn.external_source(source=source, batch=False, parallel=True,
+                                                  dtype=types.UINT8, layout="HWC"), []
             hr = data.gpu() if gpu else data
         else:
-            data, anchor, flags = fn.external_source(
-                source=source, num_outputs=3, batch=False, parallel=True,
-                dtype=[types.UINT8, types.INT32, types.INT32])
+            data, anchor, flags, *params = fn.external_source(
+                source=source, num_outputs=3 + len(names), batch=False, parallel=True,
+                dtype=[types.UINT8, types.INT32, types.INT32, *extra])
             device = "mixed" if gpu else "cpu"
             if roi:
                 hr = fn.decoders.image_slice(data, anchor, shape, axis_names="HW",
@@ -85,8 +100,13 @@ def _sr_pipeline(source, raw, patch, scale, gpu, roi, workers):
             hr = fn.flip(hr, horizontal=flags[0], vertical=flags[1])
             if flags[2] == 1:
                 hr = fn.transpose(hr, perm=[1, 0, 2], transpose_layout=False)
-        lr = fn.resize(hr, size=[patch // scale] * 2, interp_type=types.INTERP_NN,
-                       antialias=False)
+        if degradation == "bicubic":
+            lr = dd.bicubic_downscale(hr, patch, scale)
+        elif names:
+            lr = dd.degrade(fn.reshape(hr, layout="HWC"), dict(zip(names, params)))
+        else:
+            lr = fn.resize(hr, size=[patch // scale] * 2, interp_type=types.INTERP_NN,
+                           antialias=False)
         return lr, hr
 
     return sr_pipeline
@@ -94,11 +114,11 @@ def _sr_pipeline(source, raw, patch, scale, gpu, roi, workers):
 
 class DaliLoader(Loader):
     def __init__(self, db, sampler, scale, device, dtype, channels_last, workers: int,
-                 roi_decode: bool = False, lr=None):
+                 roi_decode: bool = False, lr=None, degradation: str = "nn"):
         if pipeline_def is None:
             raise ImportError(MISSING_DALI)
         super().__init__(db, sampler, scale, device, dtype, channels_last)
-        self.lr = lr
+        self.lr, self.degradation = lr, degradation
         self.workers, self.roi_decode = max(1, workers), roi_decode
         self._pipe, self._pipe_at = None, None  # the pipeline and the (epoch, batch) it is at
         self._watching = False
@@ -109,9 +129,10 @@ class DaliLoader(Loader):
         self._pipe = None  # a stage switch: let the old pipeline and its workers go first
         skip, padded = start * s.batch_size, len(s) * s.batch_size
         if self.lr is None:
-            source = PatchSource(self.db, s, epoch, skip, padded)
+            real = self.degradation == "realesrgan"
+            source = PatchSource(self.db, s, epoch, skip, padded, self.scale if real else 0)
             build = _sr_pipeline(source, self.db.codec == "raw", s.patch, self.scale, gpu,
-                                 self.roi_decode, self.workers)
+                                 self.roi_decode, self.workers, self.degradation)
         else:
             source = PairedSource(self.db, self.lr, s, self.scale, epoch, skip, padded)
             build = _paired_pipeline(source, self.db.codec == "raw", self.lr.codec == "raw",
@@ -140,14 +161,14 @@ class DaliLoader(Loader):
             except Exception as e:  # DALI raises several types; name the bad record
                 raise self._explain(epoch, b, e) from e
             n = min(s.batch_size, s.per_rank - b * s.batch_size)
-            yield self._to_torch(lr, n), self._to_torch(hr, n)
+            yield self._to_torch(lr, n), self._target(self._to_torch(hr, n, output=False))
         try:
             pipe.run()  # the source's StopIteration: DALI's end of epoch
         except StopIteration:
             pipe.reset()
             self._pipe_at = (epoch + 1, 0)
 
-    def _to_torch(self, tl, n: int) -> torch.Tensor:
+    def _to_torch(self, tl, n: int, output: bool = True) -> torch.Tensor:
         t = tl.as_tensor()
         if self.device.type == "cuda":
             from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -155,7 +176,8 @@ class DaliLoader(Loader):
             feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device))
         else:
             out = torch.from_numpy(np.array(t))
-        return self._output(out[:n].permute(0, 3, 1, 2))
+        out = out[:n].permute(0, 3, 1, 2)
+        return self._output(out) if output else out
 
     def _explain(self, epoch, b, err):
         """DALI cannot say which sample failed: re-read the records of this batch and the

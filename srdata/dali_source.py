@@ -24,12 +24,17 @@ class PatchSource:
     ``idx_in_epoch + skip`` of sampler epoch ``first_epoch + epoch_idx`` (``skip`` rows, a
     resumed run's already-seen batches, apply to the first epoch only). Raw records are cut
     here, at no cost; encoded ones go whole to the decoder with the crop as arguments.
+    ``realesrgan_scale``: also hand over the row's Real-ESRGAN degradation inputs
+    (``dali_degrade.dali_inputs`` of the sampler's parameters, in ``INPUTS`` order) for LR
+    at this scale; 0: none. Only then do the workers import torch (for the sinc kernels).
     """
 
-    def __init__(self, db, sampler, first_epoch: int, skip: int, padded_len: int):
+    def __init__(self, db, sampler, first_epoch: int, skip: int, padded_len: int,
+                 realesrgan_scale: int = 0):
         self.db, self.sampler = db, sampler
         self.first_epoch, self.skip, self.padded_len = first_epoch, skip, padded_len
-        self._epoch, self._rows = None, None
+        self.realesrgan_scale = realesrgan_scale
+        self._epoch, self._rows, self._params, self._j = None, None, None, 0
         # DALI starts the worker processes from the thread that builds the pipeline: this one
         self._parent, self._pid = os.getpid(), os.getpid()
         self._by_main_thread = threading.current_thread() is threading.main_thread()
@@ -45,16 +50,32 @@ class PatchSource:
             raise StopIteration
         if self._epoch != epoch:
             self._epoch, self._rows = epoch, self.sampler.plan(epoch)
-        return self._rows[min(j, len(self._rows) - 1)]  # a short last batch is padded
+            if self.realesrgan_scale:
+                self._params = self.sampler.degradation_params(epoch)
+        self._j = min(j, len(self._rows) - 1)  # a short last batch is padded
+        return self._rows[self._j]
+
+    def _degradation_inputs(self) -> tuple:
+        """The current row's Real-ESRGAN inputs, or nothing without that degradation."""
+        if not self.realesrgan_scale:
+            return ()
+        from .dali_degrade import dali_inputs
+        p = {k: v[self._j:self._j + 1] for k, v in self._params.items()}
+        patch = self.sampler.patch
+        return tuple(np.array(a[0]) for a in  # 0-d arrays: DALI takes no numpy scalars
+                     dali_inputs(p, patch, patch, self.realesrgan_scale).values())
 
     def __call__(self, info):
         row = self._row(info)
         flags = row[HFLIP:TRANSPOSE + 1].astype(np.int32)
+        extra = self._degradation_inputs()
         if self.db.codec == "raw":
-            return crop_and_flip(self.db.image(int(row[ID])), row, self.sampler.patch)
+            patch = crop_and_flip(self.db.image(int(row[ID])), row, self.sampler.patch)
+            return (patch, *extra) if extra else patch
         value = self.db.read(int(row[ID]))
         _check_header(self.db, int(row[ID]), value)
-        return np.frombuffer(value, np.uint8), np.array([row[Y], row[X]], np.int32), flags
+        return (np.frombuffer(value, np.uint8), np.array([row[Y], row[X]], np.int32), flags,
+                *extra)
 
 
 def _check_header(db, i: int, value: bytes) -> None:

@@ -22,7 +22,7 @@ import os
 import torch
 
 from ._proc import main_script_problem
-from .sampler import Sampler
+from .sampler import DEGRADATIONS, Sampler, nn_downscale
 from .schedule import PatchSchedule
 
 LOADERS = ("dali", "torch")
@@ -38,6 +38,8 @@ class Loader:
         self.epoch, self.batch = 0, 0
         self.lr = None  # paired data: the LR database (srdata.paired.LRSource)
         self.schedule = None  # epoch -> (patch, batch size); None: as last set by hand
+        self.degradation, self.usm = "nn", False  # how LR is made; USM-sharpened targets
+        self._params = None  # (epoch, sampler, realesrgan parameters of its rows)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -109,6 +111,32 @@ class Loader:
     def _batches(self, epoch: int, start: int):
         raise NotImplementedError
 
+    def _epoch_params(self, epoch: int) -> dict:
+        if self._params is None or self._params[:2] != (epoch, self.sampler):
+            self._params = (epoch, self.sampler, self.sampler.degradation_params(epoch))
+        return self._params[2]
+
+    def _degrade(self, hr: torch.Tensor, epoch: int, b: int) -> torch.Tensor:
+        """The LR of batch ``b`` of ``epoch`` (uint8 NCHW HR on the device -> uint8 LR),
+        made on the device after the batch arrived (the torch loader's way; DALI makes
+        bicubic and Real-ESRGAN LR in its graph)."""
+        from . import degrade
+        if self.degradation == "nn":
+            return nn_downscale(hr, self.scale)
+        if self.degradation == "bicubic":
+            return degrade.bicubic_downscale(hr, self.scale)
+        first = b * self.sampler.batch_size
+        p = {k: v[first:first + len(hr)] for k, v in self._epoch_params(epoch).items()}
+        lr = degrade.realesrgan_degrade(hr, p, self.scale)
+        return lr.mul_(255).round_().to(torch.uint8)  # already whole grey levels
+
+    def _target(self, hr: torch.Tensor) -> torch.Tensor:
+        """The uint8 NCHW HR batch -> the output target, USM-sharpened if asked for."""
+        if self.usm:
+            from .degrade import usm_sharpen
+            hr = usm_sharpen(hr.float().div_(255)).mul_(255).round_().to(torch.uint8)
+        return self._output(hr)
+
     def _output(self, t: torch.Tensor) -> torch.Tensor:
         """An NCHW uint8 view on the device -> the output dtype and memory format."""
         if self.dtype != torch.uint8:
@@ -131,7 +159,8 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
                 world_size: int = 1, device=None, dtype: torch.dtype = torch.float32,
                 channels_last: bool = True, augment: bool = True, drop_last: bool = True,
                 workers: int | None = None, roi_decode: bool | None = None,
-                ids=None, lr_db=None, patch_schedule=None) -> Loader:
+                ids=None, lr_db=None, patch_schedule=None, degradation: str = "nn",
+                usm: bool = False) -> Loader:
     """An iterable of ``(lr, hr)`` batches from the database ``db`` (a path or an open one).
 
     ``workers``: CPU processes reading the database (torch: DataLoader workers; dali:
@@ -146,6 +175,11 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
     ``patch_schedule``: progressive patch sizes, a ``PatchSchedule`` or its text
     (``"128:0,256:10"``: 128 px patches from epoch 0, 256 from epoch 10, in batches of
     ``batch_size``); it replaces ``patch_size``. See ``srdata.schedule``.
+    ``degradation``: how ``lr`` is made from ``hr``: ``"nn"`` (nearest neighbour, the
+    fastest), ``"bicubic"`` (MATLAB ``imresize``, as DIV2K's LR) or ``"realesrgan"``
+    (Real-ESRGAN's second-order degradation, every parameter drawn by the sampler per row;
+    see ``srdata.degrade``). ``usm``: USM-sharpen the ``hr`` targets (Real-ESRGAN's
+    ``gt_usm``).
     """
     from .reader import open_db
     if loader not in LOADERS:
@@ -156,6 +190,12 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
                          f"script from its file, but {problem}: save the script to a file and "
                          "run `python script.py`, or pass "
                          + ("workers=0" if loader == "torch" else "loader='torch', workers=0"))
+    if degradation not in DEGRADATIONS:
+        raise ValueError(f"got degradation={degradation!r}, expected one of "
+                         f"{', '.join(DEGRADATIONS)}")
+    if lr_db is not None and degradation != "nn":
+        raise ValueError(f"got lr_db and degradation={degradation!r}: a paired database "
+                         "brings its own LR; leave degradation at 'nn' (or drop lr_db)")
     if scale not in (2, 3, 4):
         raise ValueError(f"got scale={scale}, expected 2, 3 or 4")
     if patch_schedule is not None:
@@ -190,8 +230,9 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
         if roi_decode is None:
             roi_decode = device.type != "cuda"
         lo = DaliLoader(db, sampler, scale, device, dtype, channels_last, workers, roi_decode,
-                        lr=lr)
+                        lr=lr, degradation=degradation)
     lo.schedule = patch_schedule
+    lo.degradation, lo.usm = degradation, usm
     return lo
 
 

@@ -29,6 +29,11 @@ import math
 import numpy as np
 
 ID, Y, X, HFLIP, VFLIP, TRANSPOSE = range(6)
+DEGRADATIONS = ("nn", "bicubic", "realesrgan")
+# Degradation parameters come from their own generator, (seed, epoch, PARAM_STREAM, block),
+# so drawing them leaves the crop and flip draws as they were; rows are drawn in blocks of
+# PARAM_BLOCK so that row j's parameters do not depend on the epoch's length or the ranks.
+PARAM_STREAM, PARAM_BLOCK = 1, 256
 
 
 class Sampler:
@@ -100,6 +105,18 @@ class Sampler:
         total = self.per_rank * self.world_size
         rows = np.resize(rows, (total, 6)) if total > self.draw else rows[:total]
         return rows[self.rank::self.world_size]
+
+    def degradation_params(self, epoch: int) -> dict:
+        """Real-ESRGAN degradation parameters of this rank's rows of ``epoch``, aligned with
+        ``plan(epoch)``: ``{name: array}`` as ``srdata.degrade.sample_params``. Row j's
+        parameters depend only on ``(seed, epoch, j)``: the same on every number of ranks,
+        after a resume, and in both loaders."""
+        from .degrade import sample_params  # torch: only where this degradation is asked for
+        total = self.per_rank * self.world_size
+        j = np.arange(total)[self.rank::self.world_size]
+        blocks = [sample_params(np.random.default_rng([self.seed, epoch, PARAM_STREAM, b]),
+                                PARAM_BLOCK) for b in range(int(j.max()) // PARAM_BLOCK + 1)]
+        return {k: np.concatenate([b[k] for b in blocks])[j] for k in blocks[0]}
 
     def resized(self, patch: int, batch_size: int) -> "Sampler":
         """This sampler for another stage of a patch schedule: the same seed, images, ranks
