@@ -117,3 +117,41 @@ def test_realesrgan_resume_is_exact(packed, loader="torch"):
     assert np.array_equal(resumed[0][1], rest[0][1])
     assert np.array_equal(resumed[0][0], rest[0][0])
     assert not np.array_equal(first[0][1], rest[0][1])
+
+
+def test_validation_lr_is_fixed_per_image_and_baseline_is_its_bicubic(packed):
+    from srtrain import metrics
+    from srtrain.validate import ValSet
+    db = srdata.PackedDB(packed("png"))
+    sets = {d: ValSet(db, [0, 2, 4], 64, 4, 3, degradation=d)
+            for d in ("nn", "bicubic", "realesrgan")}
+    again = ValSet(db, [4, 2], 64, 4, 3, degradation="realesrgan")  # other order, fewer
+    assert torch.equal(again.lr[0], sets["realesrgan"].lr[2])  # an image's LR is its own
+    assert torch.equal(sets["bicubic"].lr, degrade.bicubic_downscale(sets["nn"].hr, 4))
+    psnr = {d: v.baseline["psnr_bicubic"] for d, v in sets.items()}
+    assert len(set(psnr.values())) == 3  # each baseline upscales its own LR
+    v = sets["realesrgan"]
+    bic = metrics.bicubic(v.lr.float() / 255, 4)
+    assert psnr["realesrgan"] == pytest.approx(
+        float(metrics.psnr_y(bic, v.hr.float() / 255, 4).mean()))
+
+
+def test_srtrain_degradation_options(packed, tmp_path):
+    from click.testing import CliRunner
+    from srtrain import checkpoint
+    from srtrain.cli import main
+    tiny = ["--model", "rrdbnet", "--num-feat", "8", "--num-block", "1", "--num-grow-ch", "4",
+            "--patch", "32", "--batch-size", "4", "--loader", "torch", "--workers", "0",
+            "--device", "cpu", "--val-split", "0.2", "--val-images", "2", "-q",
+            "--epochs", "1", "--db", str(packed("png"))]
+    r = CliRunner().invoke(main, [*tiny, "--out", str(tmp_path / "a"), "--degradation",
+                                  "realesrgan", "--val-degradation", "bicubic", "--usm"])
+    assert r.exit_code == 0, r.output
+    cfg = checkpoint.load(tmp_path / "a" / "last.pt")["config"]
+    assert (cfg["degradation"], cfg["val_degradation"], cfg["usm"]) == ("realesrgan",
+                                                                        "bicubic", True)
+    r = CliRunner().invoke(main, [*tiny, "--out", str(tmp_path / "b"), "--degradation", "box"])
+    assert r.exit_code == 2 and "'box' is not one of 'nn', 'bicubic', 'realesrgan'" in r.output
+    r = CliRunner().invoke(main, [*tiny, "--out", str(tmp_path / "c"), "--lr-db",
+                                  str(packed("png")), "--degradation", "bicubic"])
+    assert r.exit_code == 1 and "paired database brings its own LR" in r.output
