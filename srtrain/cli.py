@@ -330,15 +330,18 @@ def export_cmd(ckpt, dst, overwrite):
               help="About 3 s each on a 2-core CPU.")
 @click.option("--images", default=DEMO_IMAGES, type=click.IntRange(min=1),
               help="Training crops to cut from the sample photos.")
+@click.option("--degradation", default="nn", type=click.Choice(DEGRADATIONS),
+              help="How the LR of training and validation is made (see srtrain --help).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier demo in --out.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; just the report.")
-def demo_cmd(out, loader, epochs, images, overwrite, quiet):
+def demo_cmd(out, loader, epochs, images, degradation, overwrite, quiet):
     """Cut sample photos into crops, pack, train and validate: the whole pipeline in a few
     minutes with no network. Writes OUT/report.txt and prints it."""
     from .demo import report, run_demo
     from .train import TrainingError
     try:
-        facts = run_demo(out, loader, epochs, images, overwrite, progress=not quiet)
+        facts = run_demo(out, loader, epochs, images, overwrite, progress=not quiet,
+                         degradation=degradation)
     except (ValueError, TrainingError, ImportError) as e:  # DemoError, PackError, DBError
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
