@@ -61,7 +61,8 @@ PARTS = {"headline": ["train_esrgan.jsonl", "headline.jsonl"],
          "degradations": ["loader_degradation.jsonl"],
          "codecs": ["codec_compare.jsonl", "codec_loaders.jsonl"],
          "quality": ["model_quality.jsonl"]}
-GPU_PARTS = "headline,loaders,train,batch,ttq,degradations"  # codecs: CPU-side; quality: presets ranked already
+# codecs: CPU-side; quality: presets ranked already
+GPU_PARTS = "headline,loaders,train,batch,ttq,degradations"
 STEP_TIMEOUT = 240  # s: a hung step costs at most this much of a GPU session
 CODECS = [("jpeg", 90), ("jpeg", 95), ("jpeg", 100), ("png", 95), ("raw", 95)]
 PRESETS = {
@@ -76,6 +77,7 @@ PRESETS = {
              "compile": True, "timeout": STEP_TIMEOUT, "parts": GPU_PARTS,
              "batch_model": "esrgan", "batch_sizes": "8,16,32,64", "codecs": CODECS,
              "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
+             "degradation_loaders": "dali,torch",
              "est": {"db": 40, "headline": 90, "loaders": 90, "kernels": 45, "compile": 150,
                      "train": 60, "batch": 90, "ttq": 150, "degradations": 90, "codecs": 60,
                      "quality": 200}},
@@ -87,6 +89,7 @@ PRESETS = {
             "compile": False, "timeout": 2400, "parts": ",".join(PARTS),
             "batch_model": "fast", "batch_sizes": "1,2,4,8", "codecs": CODECS,
             "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
+            "degradation_loaders": "dali,torch",
             "est": {"db": 120, "headline": 200, "loaders": 200, "kernels": 0, "compile": 0,
                     "train": 150, "batch": 100, "ttq": 900, "degradations": 300,
                     "codecs": 150,
@@ -98,6 +101,7 @@ PRESETS = {
               "compile": False, "timeout": STEP_TIMEOUT, "parts": GPU_PARTS,
               "batch_model": "srcnn", "batch_sizes": "1,2", "codecs": [("jpeg", 95), ("raw", 95)],
               "quality_models": "srcnn", "quality_epochs": 1,
+              "degradation_loaders": "dali",  # three pipeline builds: the plumbing only
               "est": {"db": 5, "headline": 15, "loaders": 15, "kernels": 10, "compile": 0,
                       "train": 10, "batch": 10, "ttq": 20, "degradations": 15,
                       "codecs": 10, "quality": 15}},
@@ -237,7 +241,7 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
         if part == "degradations" and db:
             # a fifth of the loaders part's batches: Real-ESRGAN's torch path is per sample
             s.run("degradations", py, "loader_throughput.py", "--db", db, "--loaders",
-                  "dali,torch", "--batch-sizes", p["batch"], "--workers", workers or 0,
+                  p["degradation_loaders"], "--batch-sizes", p["batch"], "--workers", workers or 0,
                   "--patch", p["patch"], "--batches", max(2, p["batches"] // 5), "--repeats", 2,
                   "--degradation", "nn,bicubic,realesrgan", "--no-cold",
                   "--out", out / "loader_degradation.jsonl",

@@ -138,10 +138,12 @@ def bicubic_taps(scale: int) -> tuple[np.ndarray, int]:
 
 
 def bicubic_downscale(hr, patch: int, scale: int):
-    """``degrade.bicubic_downscale`` of uint8 HWC ``patch``-px squares in the graph: the same separable
-    MATLAB weights as a column then a row filter (symmetric borders, as MATLAB's), each
-    rounded to uint8 as MATLAB does, then every ``scale``-th pixel picked by INTERP_NN.
-    Only float32 instead of float64 accumulation differs (a grey level on .5 ties)."""
+    """``degrade.bicubic_downscale`` of uint8 HWC ``patch``-px squares in the graph: the
+    same separable MATLAB weights as a column then a row filter (symmetric borders, as
+    MATLAB's), each rounded to uint8 as MATLAB does, then every ``scale``-th pixel picked by
+    INTERP_NN. Only float32 instead of float64 accumulation differs (a grey level on .5
+    ties). Each filter is computed at every pixel and 1 in scale² kept: cheap next to the
+    decode, and no strided filter exists in DALI."""
     taps, anchor = bicubic_taps(scale)
     x = fn.cast(hr, dtype=types.FLOAT)
     for kernel, a in ((taps[:, None], [anchor, 0]), (taps[None, :], [0, anchor])):

@@ -82,7 +82,7 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
                     "## Kernel switches", "## Batch size", "## LR degradations", "quick mode",
                     "--preset quick"):
         assert section in md
-    assert "| torch | 4 | 1 | on | realesrgan |" in md
+    assert "| dali | 4 | 1 | on | realesrgan |" in md
     assert "| esrgan | dali | 2 |" in md and "the users' 10,000 images" in md
     assert "| esrgan | synthetic | 2 |" in md  # the headline's step alone
     assert "| srcnn | dali | 2 |" in md  # the batch-size sweep
