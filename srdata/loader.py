@@ -1,9 +1,11 @@
 """One loader interface, two implementations (``torch`` and ``dali``).
 
 Both iterate ``(lr, hr)`` pairs on the device as NCHW tensors in channels_last memory
-format, either float in [0, 1] (the dtype the caller asks for) or uint8. ``lr`` is the
-nearest-neighbour downscale of ``hr`` by ``scale``: ``lr[y, x] = hr[y*s + s//2, x*s + s//2]``
-(what DALI's INTERP_NN resize computes), so no blur or ringing is baked into the inputs.
+format, either float in [0, 1] (the dtype the caller asks for) or uint8. ``lr`` is by
+default the nearest-neighbour downscale of ``hr`` by ``scale``: ``lr[y, x] = hr[y*s + s//2,
+x*s + s//2]`` (what DALI's INTERP_NN resize computes), so no blur or ringing is baked into
+the inputs; ``degradation="bicubic"`` / ``"realesrgan"`` make it as real LR images are made
+(``srdata.degrade``), with every random parameter drawn by the sampler.
 With a paired LR database (``lr_db``) ``lr`` is instead that database's crop.
 
 Progress is counted in batches handed to the caller: ``state_dict()`` taken after k batches
