@@ -14,7 +14,7 @@ import numpy as np
 
 from . import format as fmt
 from ._proc import die_with_parent
-from .sampler import HFLIP, ID, TRANSPOSE, X, Y, crop_and_flip, lr_row
+from .sampler import HFLIP, ID, TRANSPOSE, X, Y, RowParams, crop_and_flip, lr_row
 
 
 class PatchSource:
@@ -50,8 +50,7 @@ class PatchSource:
             raise StopIteration
         if self._epoch != epoch:
             self._epoch, self._rows = epoch, self.sampler.plan(epoch)
-            if self.realesrgan_scale:
-                self._params = self.sampler.degradation_params(epoch)
+            self._params = RowParams(self.sampler, epoch)
         self._j = min(j, len(self._rows) - 1)  # a short last batch is padded
         return self._rows[self._j]
 
@@ -60,7 +59,7 @@ class PatchSource:
         if not self.realesrgan_scale:
             return ()
         from .dali_degrade import dali_inputs
-        p = {k: v[self._j:self._j + 1] for k, v in self._params.items()}
+        p = self._params.rows(self._j, self._j + 1)
         patch = self.sampler.patch
         return tuple(np.array(a[0]) for a in  # 0-d arrays: DALI takes no numpy scalars
                      dali_inputs(p, patch, patch, self.realesrgan_scale).values())

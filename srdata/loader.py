@@ -24,7 +24,7 @@ import os
 import torch
 
 from ._proc import main_script_problem
-from .sampler import DEGRADATIONS, Sampler, nn_downscale
+from .sampler import DEGRADATIONS, RowParams, Sampler, nn_downscale
 from .schedule import PatchSchedule
 
 LOADERS = ("dali", "torch")
@@ -41,7 +41,7 @@ class Loader:
         self.lr = None  # paired data: the LR database (srdata.paired.LRSource)
         self.schedule = None  # epoch -> (patch, batch size); None: as last set by hand
         self.degradation, self.usm = "nn", False  # how LR is made; USM-sharpened targets
-        self._params = None  # (epoch, sampler, realesrgan parameters of its rows)
+        self._params = None  # realesrgan: RowParams of the epoch under way
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -113,10 +113,11 @@ class Loader:
     def _batches(self, epoch: int, start: int):
         raise NotImplementedError
 
-    def _epoch_params(self, epoch: int) -> dict:
-        if self._params is None or self._params[:2] != (epoch, self.sampler):
-            self._params = (epoch, self.sampler, self.sampler.degradation_params(epoch))
-        return self._params[2]
+    def _row_params(self, epoch: int, start: int, stop: int) -> dict:
+        p = self._params
+        if p is None or (p.epoch, p.sampler) != (epoch, self.sampler):
+            self._params = p = RowParams(self.sampler, epoch)
+        return p.rows(start, stop)
 
     def _degrade(self, hr: torch.Tensor, epoch: int, b: int) -> torch.Tensor:
         """The LR of batch ``b`` of ``epoch`` (uint8 NCHW HR on the device -> uint8 LR),
@@ -128,7 +129,7 @@ class Loader:
         if self.degradation == "bicubic":
             return degrade.bicubic_downscale(hr, self.scale)
         first = b * self.sampler.batch_size
-        p = {k: v[first:first + len(hr)] for k, v in self._epoch_params(epoch).items()}
+        p = self._row_params(epoch, first, first + len(hr))
         lr = degrade.realesrgan_degrade(hr, p, self.scale)
         return lr.mul_(255).round_().to(torch.uint8)  # already whole grey levels
 

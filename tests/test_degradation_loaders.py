@@ -38,6 +38,12 @@ def test_degradation_params_depend_only_on_seed_epoch_and_row():
         q = s.degradation_params(2)
         for k in p:
             assert np.array_equal(q[k], p[k][r::3][:len(q[k])]), k
+    # some rows alone, directly or a chunk at a time, across a chunk's end too
+    from srdata.sampler import RowParams
+    rows = RowParams(one, 2)
+    for a, b in ((10, 20), (250, 262), (300, 301), (255, 256)):
+        for got in (one.degradation_params(2, a, b), rows.rows(a, b)):
+            assert all(np.array_equal(got[k], p[k][a:b]) for k in p), (a, b)
     # a different length of epoch keeps the first rows' parameters
     fewer = Sampler(sizes, sizes, 8, 64, seed=5, sample_ratio=0.5).degradation_params(2)
     assert all(np.array_equal(fewer[k], p[k][:len(fewer[k])]) for k in p)
