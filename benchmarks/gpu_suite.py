@@ -15,8 +15,10 @@ most valuable first, so that a budget that runs out loses the least:
 4. ``batch``: one model's img/s and peak memory over a range of batch sizes;
 5. ``ttq``: time to quality, validation PSNR against wall time for a fixed patch, a
    progressive patch schedule and ``--sample-ratio 0.3`` (esrgan on a GPU);
-6. ``codecs``: jpeg q90/q95/q100, png, raw: bytes and PSNR, and DALI and torch img/s;
-7. ``quality``: each model preset's validation PSNR over bicubic after the demo's training.
+6. ``degradations``: loader img/s (dali, torch; all cores) making the LR by nearest
+   neighbour, MATLAB bicubic and Real-ESRGAN's degradation;
+7. ``codecs``: jpeg q90/q95/q100, png, raw: bytes and PSNR, and DALI and torch img/s;
+8. ``quality``: each model preset's validation PSNR over bicubic after the demo's training.
 
 The GPU default (``--preset full``) leaves out codecs (CPU-side) and quality (presets
 already ranked); ``--parts codecs,quality`` runs them. Every part uses one database, packed
@@ -56,9 +58,11 @@ PARTS = {"headline": ["train_esrgan.jsonl", "headline.jsonl"],
          "train": ["kernels.jsonl", "train_throughput.jsonl"],
          "batch": ["batch_sizes.jsonl"],
          "ttq": ["time_to_quality.jsonl"],
+         "degradations": ["loader_degradation.jsonl"],
          "codecs": ["codec_compare.jsonl", "codec_loaders.jsonl"],
          "quality": ["model_quality.jsonl"]}
-GPU_PARTS = "headline,loaders,train,batch,ttq"  # codecs: CPU-side; quality: presets ranked already
+# codecs: CPU-side; quality: presets ranked already
+GPU_PARTS = "headline,loaders,train,batch,ttq,degradations"
 STEP_TIMEOUT = 240  # s: a hung step costs at most this much of a GPU session
 CODECS = [("jpeg", 90), ("jpeg", 95), ("jpeg", 100), ("png", 95), ("raw", 95)]
 PRESETS = {
@@ -73,8 +77,10 @@ PRESETS = {
              "compile": True, "timeout": STEP_TIMEOUT, "parts": GPU_PARTS,
              "batch_model": "esrgan", "batch_sizes": "8,16,32,64", "codecs": CODECS,
              "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
+             "degradation_loaders": "dali,torch",
              "est": {"db": 40, "headline": 90, "loaders": 90, "kernels": 45, "compile": 150,
-                     "train": 60, "batch": 90, "ttq": 150, "codecs": 60, "quality": 200}},
+                     "train": 60, "batch": 90, "ttq": 150, "degradations": 90, "codecs": 60,
+                     "quality": 200}},
     # the same images and patches on a few CPU cores, where esrgan trains at ~0.5 img/s:
     # few steps and small batches: ~11 minutes on 2 cores, and ~25 more for quality
     "cpu": {"count": 2000, "size": 512, "patch": 256, "batch": 32, "train_batch": 4,
@@ -83,8 +89,10 @@ PRESETS = {
             "compile": False, "timeout": 2400, "parts": ",".join(PARTS),
             "batch_model": "fast", "batch_sizes": "1,2,4,8", "codecs": CODECS,
             "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
+            "degradation_loaders": "dali,torch",
             "est": {"db": 120, "headline": 200, "loaders": 200, "kernels": 0, "compile": 0,
-                    "train": 150, "batch": 100, "ttq": 900, "codecs": 150,
+                    "train": 150, "batch": 100, "ttq": 900, "degradations": 300,
+                    "codecs": 150,
                     "quality": 1500}},
     # tiny sizes: the suite end to end in a test, not a measurement
     "quick": {"count": 48, "size": 96, "patch": 48, "batch": 4, "train_batch": 2, "steps": 2,
@@ -93,8 +101,10 @@ PRESETS = {
               "compile": False, "timeout": STEP_TIMEOUT, "parts": GPU_PARTS,
               "batch_model": "srcnn", "batch_sizes": "1,2", "codecs": [("jpeg", 95), ("raw", 95)],
               "quality_models": "srcnn", "quality_epochs": 1,
+              "degradation_loaders": "dali",  # three pipeline builds: the plumbing only
               "est": {"db": 5, "headline": 15, "loaders": 15, "kernels": 10, "compile": 0,
-                      "train": 10, "batch": 10, "ttq": 20, "codecs": 10, "quality": 15}},
+                      "train": 10, "batch": 10, "ttq": 20, "degradations": 15,
+                      "codecs": 10, "quality": 15}},
 }
 RESERVE = 10  # s of a budget kept for the last results.md
 # time_to_quality.py's arguments per preset: the demo's 160 px crops; on a GPU esrgan with
@@ -195,9 +205,10 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
     loader_workers = p["workers"] if not workers else ",".join(
         str(w if w != "0" else workers) for w in p["workers"].split(","))
     train = ["--patch", p["patch"], "--steps", p["steps"], "--warmup", p["warmup"]]
-    db = s.db(p["count"]) if {"headline", "loaders", "train", "batch"} & set(parts) else None
+    db = s.db(p["count"]) if {"headline", "loaders", "train", "batch",
+                              "degradations"} & set(parts) else None
     for part in parts:
-        if db is None and part in ("headline", "loaders", "batch"):
+        if db is None and part in ("headline", "loaders", "batch", "degradations"):
             _common.emit({"part": part, "ok": True, "skipped": "no database (see the db step)",
                           "command": ""}, s.log)
         if part == "headline" and db:
@@ -227,6 +238,14 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
             s.run("ttq", py, "time_to_quality.py", *p["time_to_quality"],
                   "--out", out / "time_to_quality.jsonl", "--md", out / "time_to_quality.md",
                   "--plot", out / "time_to_quality.png")
+        if part == "degradations" and db:
+            # a fifth of the loaders part's batches: Real-ESRGAN's torch path is per sample
+            s.run("degradations", py, "loader_throughput.py", "--db", db, "--loaders",
+                  p["degradation_loaders"], "--batch-sizes", p["batch"], "--workers", workers or 0,
+                  "--patch", p["patch"], "--batches", max(2, p["batches"] // 5), "--repeats", 2,
+                  "--degradation", "nn,bicubic,realesrgan", "--no-cold",
+                  "--out", out / "loader_degradation.jsonl",
+                  "--md", out / "loader_degradation.md")
         if part == "codecs":
             s.run("codecs", py, "codec_compare.py", "--count", p["photos"], "--size", p["size"],
                   "--repeats", 3, "--out", out / "codec_compare.jsonl")

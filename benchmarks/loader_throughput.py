@@ -2,7 +2,8 @@
 
     python benchmarks/loader_throughput.py [--db DB | --count 10000] \
         [--loaders dali,dali-roi,torch] [--batch-sizes 32,64] [--workers 4,0] \
-        [--crc on,off] [--out F.jsonl] [--md F.md] [--plot F.png]
+        [--crc on,off] [--degradation nn,bicubic,realesrgan] [--out F.jsonl] [--md F.md] \
+        [--plot F.png]
 
 Without ``--db`` it builds, with the real packer, a database of COUNT 512x512 photo-like
 JPEG q95 images (the users' setting). Each configuration (loader x batch size x CPU
@@ -11,6 +12,8 @@ workers, 0 meaning all cores but one) runs epochs of exactly ``--batches`` batch
 (workers start, decoders allocate), then ``--repeats`` timed epochs, synchronised on the
 GPU; img/s is the median epoch's. One JSON line per configuration. ``--crc on,off`` adds
 rows with the per-read crc32 check switched off, to measure what it costs (``crc`` field).
+``--degradation`` measures each way of making the LR (``degradation`` field): torch makes it
+on the device after the batch arrives, DALI in its graph.
 
 The first batch of every epoch is left out of the timing (it holds the workers' start-up
 on a fresh loader; ``startup_s`` reports that). Then a cold/warm pair for the first loader
@@ -20,6 +23,7 @@ page cache (``srdata warm --evict``) and after it was read in (``srdata warm``).
 from __future__ import annotations
 
 import copy
+import itertools
 import statistics
 import tempfile
 import time
@@ -59,17 +63,18 @@ def epoch_seconds(loader) -> tuple[float, float, int]:
     return first, time.perf_counter() - t1, n
 
 
-def build_loader(db, name, batch_size, workers, args):
+def build_loader(db, name, batch_size, workers, args, degradation="nn"):
     import srdata
     # + 1: the first batch of an epoch is not timed (see epoch_seconds)
     ratio = min(1.0, (args["batches"] + 1) * batch_size / len(db))
     return srdata.make_loader(db, batch_size=batch_size, patch_size=args["patch"],
                               scale=args["scale"], sample_ratio=ratio, workers=workers,
-                              dtype=args["dtype"], device=args["device"], **LOADERS[name])
+                              dtype=args["dtype"], device=args["device"],
+                              degradation=degradation, **LOADERS[name])
 
 
-def measure(db, name, batch_size, workers, args) -> dict:
-    lo = build_loader(db, name, batch_size, workers, args)
+def measure(db, name, batch_size, workers, args, degradation="nn") -> dict:
+    lo = build_loader(db, name, batch_size, workers, args, degradation)
     startup, _, _ = epoch_seconds(lo)  # warm-up: workers start, decoders allocate
     runs = [epoch_seconds(lo) for _ in range(args["repeats"])]
     rates = [n / t for _, t, n in runs]
@@ -109,16 +114,22 @@ def crc_cost(db, repeats: int) -> dict:
 
 def render_markdown(records: list[dict]) -> str:
     rows = [r for r in records if r.get("kind") == "throughput"]
-    torch_rate = {(r["batch_size"], r["workers"], r.get("crc", True)): r["images_per_s"]
-                  for r in rows if r["loader"] == "torch"}
-    lines = ["| loader | batch | CPU workers | crc32 check | img/s | x torch (same batch, "
-             "workers, check) |", "|---|---:|---:|---|---:|---:|"]
+    def key(r):
+        return r["batch_size"], r["workers"], r.get("crc", True), r.get("degradation", "nn")
+
+    torch_rate = {key(r): r["images_per_s"] for r in rows if r["loader"] == "torch"}
+    nn_rate = {(r["loader"], *key(r)[:3]): r["images_per_s"] for r in rows
+               if r.get("degradation", "nn") == "nn"}
+    lines = ["| loader | batch | CPU workers | crc32 check | LR | img/s | x torch (same batch, "
+             "workers, check, LR) | x nn LR |", "|---|---:|---:|---|---|---:|---:|---:|"]
     for r in rows:
-        base = torch_rate.get((r["batch_size"], r["workers"], r.get("crc", True)))
+        base = torch_rate.get(key(r))
         ratio = f"{r['images_per_s'] / base:.2f}" if base else "-"
+        nn = nn_rate.get((r["loader"], *key(r)[:3]))
+        vs_nn = f"{r['images_per_s'] / nn:.2f}" if nn else "-"
         lines.append(f"| {r['loader']} | {r['batch_size']} | {r['workers']} | "
-                     f"{'on' if r.get('crc', True) else 'off'} | "
-                     f"{r['images_per_s']:,.0f} | {ratio} |")
+                     f"{'on' if r.get('crc', True) else 'off'} | {r.get('degradation', 'nn')} | "
+                     f"{r['images_per_s']:,.0f} | {ratio} | {vs_nn} |")
     for r in records:
         if r.get("kind") == "crc_cost":
             lines.append(f"\ncrc32 check per read: {r['crc_ms_per_record']:.3f} ms per "
@@ -144,6 +155,8 @@ def render_plot(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in records if r.get("kind") == "throughput" and r.get("crc", True)]
+    if len({r.get("degradation", "nn") for r in rows}) > 1:  # one bar per loader x LR
+        rows = [r | {"loader": f"{r['loader']} {r['degradation']}"} for r in rows]
     batches = sorted({r["batch_size"] for r in rows})
     loaders = list(dict.fromkeys(r["loader"] for r in rows))
     workers = sorted({r["workers"] for r in rows})
@@ -193,6 +206,8 @@ def _ints(text: str) -> list[int]:
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--crc", "crc_modes", default="on", show_default=True,
               help="on, off or on,off: the crc32 check on every read (off: to measure its cost).")
+@click.option("--degradation", "degradations", default="nn", show_default=True,
+              help="How LR is made: some of nn, bicubic, realesrgan (comma-separated).")
 @click.option("--cold/--no-cold", default=True, show_default=True,
               help="Also measure a first epoch from a cold and a warm page cache.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
@@ -202,7 +217,7 @@ def _ints(text: str) -> list[int]:
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a PNG bar chart here (needs matplotlib: pip install '.[bench]').")
 def main(db, count, size, loaders, batch_sizes, worker_counts, patch, scale, dtype, device,
-         batches, repeats, crc_modes, cold, out, md, plot):
+         batches, repeats, crc_modes, degradations, cold, out, md, plot):
     import torch
 
     from srdata.loader import resolve_device
@@ -211,6 +226,11 @@ def main(db, count, size, loaders, batch_sizes, worker_counts, patch, scale, dty
     if unknown:
         raise click.BadParameter(f"got {', '.join(unknown)}, expected some of "
                                  f"{', '.join(LOADERS)}", param_hint="--loaders")
+    from srdata.sampler import DEGRADATIONS
+    kinds = [k for k in degradations.split(",") if k]
+    if not kinds or set(kinds) - set(DEGRADATIONS):
+        raise click.BadParameter(f"got {degradations}, expected some of "
+                                 f"{', '.join(DEGRADATIONS)}", param_hint="--degradation")
     env = _common.environment() | _common.accelerator_environment()
     cores = env["cpus"]
     budgets = sorted({w or max(1, cores - 1) for w in _ints(worker_counts)})
@@ -229,15 +249,14 @@ def main(db, count, size, loaders, batch_sizes, worker_counts, patch, scale, dty
         records = []
         for bs in _ints(batch_sizes):
             for workers in budgets:
-                for name in names:
-                    for crc in crc_modes.split(","):
-                        d = copy.copy(database)  # the flag travels to the workers with it
-                        d._check_crc = crc == "on"
-                        r = common | {"kind": "throughput", "loader": name, "batch_size": bs,
-                                      "workers": workers, "crc": crc == "on"}
-                        records.append(r | measure(d, name, bs, workers, args)
-                                       | {"env": env})
-                        _common.emit(records[-1], out)
+                for name, crc, kind in itertools.product(names, crc_modes.split(","), kinds):
+                    d = copy.copy(database)  # the flag travels to the workers with it
+                    d._check_crc = crc == "on"
+                    r = common | {"kind": "throughput", "loader": name, "batch_size": bs,
+                                  "workers": workers, "crc": crc == "on", "degradation": kind}
+                    records.append(r | measure(d, name, bs, workers, args, kind)
+                                   | {"env": env})
+                    _common.emit(records[-1], out)
         if "off" in crc_modes.split(","):
             records.append(common | {"kind": "crc_cost"} | crc_cost(database, repeats)
                            | {"env": env})

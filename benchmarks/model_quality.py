@@ -2,6 +2,7 @@
 
     python benchmarks/model_quality.py [--models srcnn,fast,light] [--epochs 30] [--lr 2e-4] \
         [--out F.jsonl] [--md F.md]
+    python benchmarks/model_quality.py --models demo --degradations nn,bicubic,realesrgan ...
 
 Every preset trains on the same data with the same settings: ``srtrain demo``'s (160 crops of
 scikit-image's sample photos, 64² HR patches, ×4, batch 8, one-cycle, seed 0) but srtrain's
@@ -10,6 +11,12 @@ through srtrain's own ``train``, and is validated once at the end on the demo's 
 crops (Y channel, 4 px border). One JSON line per preset: PSNR and SSIM, bicubic's, img/s of
 the last epoch and wall time. A small-data measurement: it ranks presets for a fixed number
 of epochs; more data and longer runs widen the gaps.
+
+``--degradations``: train each model once per way of making the training LR (``srtrain
+--degradation``) and evaluate every one of them on validation LR made each way (fixed
+parameters per image): a train x validation table, one JSON line per cell
+(``kind: degradation``), which shows what a model trained on one LR is worth on another.
+``--models demo`` is the demo's own small model at its learning rate.
 """
 from __future__ import annotations
 
@@ -44,9 +51,13 @@ def _table(records: list[dict]) -> str:
 @click.option("--lr", type=float, help="Peak learning rate  [default: srtrain's, 2e-4]")
 @click.option("--loader", default="auto", type=click.Choice(["auto", "dali", "torch"]),
               show_default=True)
+@click.option("--degradations", help="Train on each of these LR kinds and validate on each "
+              "(some of nn, bicubic, realesrgan).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--md", type=click.Path(dir_okay=False, path_type=Path))
-def main(models, epochs, lr, loader, out, md):
+def main(models, epochs, lr, loader, degradations, out, md):
+    if degradations:
+        return degradation_matrix(models, epochs, lr, loader, degradations.split(","), out, md)
     from srtrain import demo
     from srtrain.config import TrainConfig
     from srtrain.models import build_model
@@ -79,6 +90,82 @@ def main(models, epochs, lr, loader, out, md):
     if md:
         md.parent.mkdir(parents=True, exist_ok=True)
         md.write_text(_table(records))
+
+
+def _matrix_table(records: list[dict]) -> str:
+    kinds = list(dict.fromkeys(r["val_degradation"] for r in records))
+    lines = ["| model | trained on | " + " | ".join(f"val LR {k}: PSNR (vs bicubic) / SSIM"
+                                                 for k in kinds) + " |",
+             "|---|---|" + "---:|" * len(kinds)]
+    for (model, trained), rows in _group(records).items():
+        cells = {r["val_degradation"]: f"{r['psnr']:.2f} ({r['psnr'] - r['psnr_bicubic']:+.2f})"
+                                       f" / {r['ssim']:.4f}" for r in rows}
+        lines.append(f"| {model} | {trained} | " + " | ".join(cells[k] for k in kinds) + " |")
+    bic = {r["val_degradation"]: r for r in records}
+    r, env = records[0], records[0]["env"]
+    lines.append("\nBicubic upscaling of each validation LR: " + ", ".join(
+        f"{k} {bic[k]['psnr_bicubic']:.2f} dB / {bic[k]['ssim_bicubic']:.4f}" for k in kinds)
+        + f". {env.get('gpu') or 'no GPU'}, {env['cpus']} CPUs, torch {env['torch']}, "
+        f"{env['date'][:10]}; {r['epochs']} epochs of {r['images']} crops, patch {r['patch']}, "
+        f"batch {r['batch_size']}, lr {r['lr']:g}, loader {r['loader']}; {r['val_images']} "
+        "validation crops, Y channel.")
+    return "\n".join(lines) + "\n"
+
+
+def _group(records):
+    out = {}
+    for r in records:
+        out.setdefault((r["model"], r["train_degradation"]), []).append(r)
+    return out
+
+
+def degradation_matrix(models, epochs, lr, loader, kinds, out, md) -> None:
+    import torch
+
+    from srdata.reader import open_db
+    from srdata.sampler import DEGRADATIONS
+    from srtrain import checkpoint, demo
+    from srtrain.config import TrainConfig
+    from srtrain.train import train
+    from srtrain.validate import ValSet, evaluate
+    if not kinds or set(kinds) - set(DEGRADATIONS):
+        raise click.BadParameter(f"got {','.join(kinds)}, expected some of "
+                                 f"{', '.join(DEGRADATIONS)}", param_hint="--degradations")
+    env = _common.environment() | _common.accelerator_environment()
+    loader = demo.resolve_loader(loader)
+    records = []
+    with tempfile.TemporaryDirectory(prefix="srpipe-quality-") as tmp:
+        tmp = Path(tmp)
+        images, n_val = demo.make_data(tmp, demo.IMAGES, seed=0, progress=False)
+        vdb = open_db(tmp / "val-db")
+        vals = {k: ValSet(vdb, range(len(vdb)), demo.PATCH, demo.SCALE, n_val, degradation=k)
+                for k in kinds}
+        for name, trained in ((m, k) for m in models.split(",") for k in kinds):
+            settings = dict(demo.TRAIN) if name == "demo" else (
+                {k: v for k, v in demo.TRAIN.items() if not k.startswith("num_")}
+                | {"model": name, "lr": lr or TrainConfig.lr})
+            settings["lr"] = lr or settings["lr"]
+            run, t0 = tmp / f"run-{name}-{trained}", time.perf_counter()
+            train(TrainConfig(db=str(tmp / "db"), val_db=str(tmp / "val-db"), out=str(run),
+                              loader=loader, epochs=epochs, seed=0, val_images=n_val,
+                              val_every=epochs, progress=False, degradation=trained,
+                              **settings))
+            seconds = time.perf_counter() - t0
+            model = checkpoint.load_model(run / "last.pt")
+            for k, val in vals.items():
+                r = evaluate(model, val, 8, torch.device("cpu"), torch.float32, True)
+                records.append({
+                    "benchmark": "model_quality", "kind": "degradation", "model": name,
+                    "train_degradation": trained, "val_degradation": k, "epochs": epochs,
+                    "images": images, "val_images": len(val), "loader": loader,
+                    "patch": settings["patch"], "batch_size": settings["batch_size"],
+                    "lr": settings["lr"], **{m: round(r[m], 4) for m in (
+                        "psnr", "ssim", "psnr_bicubic", "ssim_bicubic")},
+                    "train_seconds": round(seconds, 1), "env": env})
+                _common.emit(records[-1], out)
+    if md:
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(_matrix_table(records))
 
 
 if __name__ == "__main__":  # spawned loader workers import this module as __mp_main__

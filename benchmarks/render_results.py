@@ -4,7 +4,7 @@
 
 Reads whichever of these exist: headline.jsonl, loader_throughput.{md,png},
 train_esrgan.jsonl, train_throughput.jsonl, kernels.jsonl, batch_sizes.jsonl,
-codec_compare.jsonl, codec_loaders.jsonl, model_quality.md, suite.jsonl, environment.json. Writes results.md, train_throughput.png,
+codec_compare.jsonl, codec_loaders.jsonl, loader_degradation.md, model_quality.md, suite.jsonl, environment.json. Writes results.md, train_throughput.png,
 batch_sizes.png and codecs.png next to them.
 """
 from __future__ import annotations
@@ -186,7 +186,13 @@ def render(out: Path) -> Path:
     if (out / "loader_throughput.md").exists():
         md += ["## Loader throughput", "", (out / "loader_throughput.md").read_text(),
                "![loaders](loader_throughput.png)", ""]
-    md += train_section(out) + kernels_section(out) + batch_section(out) + codec_section(out)
+    md += train_section(out) + kernels_section(out) + batch_section(out)
+    if (out / "loader_degradation.md").exists():
+        md += ["## LR degradations", "", "Loader img/s making the LR by nearest neighbour, "
+               "MATLAB bicubic or Real-ESRGAN's degradation (torch: on the device after the "
+               "batch arrives; dali: in its graph).", "",
+               (out / "loader_degradation.md").read_text(), ""]
+    md += codec_section(out)
     if (out / "model_quality.md").exists():
         md += ["## Model presets: quality", "", (out / "model_quality.md").read_text(), ""]
     steps = read_lines(out / "suite.jsonl")

@@ -123,3 +123,32 @@ def degrade(hr, p: dict):
         x = jpeg(x, p["jpeg2"])
         x = blur(resize(x, p["size_final"], p["mode_final"]), p["kernel_final"])
     return fn.cast(_round255(x), dtype=types.UINT8)
+
+
+def bicubic_taps(scale: int) -> tuple[np.ndarray, int]:
+    """MATLAB ``imresize(x, 1/scale)``'s weights for one output pixel along one axis, as a
+    (taps,) float32 filter, and the filter's anchor such that output pixel y is the filter's
+    response at input pixel ``y * scale + scale // 2`` (the pixel INTERP_NN then picks).
+    Away from borders every row of ``degrade.matlab_resize_matrix`` is these weights."""
+    centre = (scale - 1) / 2  # output pixel 0's centre in 0-based input coordinates
+    first = int(np.floor(centre - 2 * scale)) + 1
+    dist = centre - np.arange(first, first + 4 * scale + 1)
+    w = reference.cubic(dist / scale) / scale
+    return (w / w.sum()).astype(np.float32), scale // 2 - first
+
+
+def bicubic_downscale(hr, patch: int, scale: int):
+    """``degrade.bicubic_downscale`` of uint8 HWC ``patch``-px squares in the graph: the
+    same separable MATLAB weights as a column then a row filter (symmetric borders, as
+    MATLAB's), each rounded to uint8 as MATLAB does, then every ``scale``-th pixel picked by
+    INTERP_NN. Only float32 instead of float64 accumulation differs (a grey level on .5
+    ties). Each filter is computed at every pixel and 1 in scale² kept: cheap next to the
+    decode, and no strided filter exists in DALI."""
+    taps, anchor = bicubic_taps(scale)
+    x = fn.cast(hr, dtype=types.FLOAT)
+    for kernel, a in ((taps[:, None], [anchor, 0]), (taps[None, :], [0, anchor])):
+        x = fn.filter(x, types.Constant(np.ascontiguousarray(kernel)), anchor=a,
+                      border="reflect_1001")
+        x = dmath.clamp(dmath.floor(x + 0.5), 0.0, 255.0)
+    lr = fn.resize(x, size=[patch // scale] * 2, interp_type=types.INTERP_NN, antialias=False)
+    return fn.cast(lr, dtype=types.UINT8)

@@ -3,21 +3,22 @@
 Python worker processes (DALI's parallel external source) read each sample's encoded bytes
 from LMDB and hand over the sampler's crop and flips; everything after that runs in DALI:
 ``mixed`` decode on a GPU (``cpu`` without one, ``device_id=None``, the same graph CI
-tests), slice, flips, transpose and the nearest-neighbour downscale. With a paired LR
+tests), slice, flips, transpose and the downscale: nearest neighbour, MATLAB bicubic or
+Real-ESRGAN's degradation (``srdata.dali_degrade``, the parameters from the source's
+sampler). With a paired LR
 database the source hands over both records and the graph decodes and cuts both, no resize.
 """
 from __future__ import annotations
 
-import os
-import threading
-
 import numpy as np
 import torch
 
+from . import dali_degrade as dd
 from . import format as fmt
-from ._proc import die_with_parent, killed, raise_when_a_worker_dies
+from ._proc import killed, raise_when_a_worker_dies
+from .dali_source import PairedSource, PatchSource
 from .loader import Loader
-from .sampler import HFLIP, ID, TRANSPOSE, X, Y, crop_and_flip, lr_row
+from .sampler import ID
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -26,84 +27,6 @@ except ImportError:  # reported when a DALI loader is asked for, not at import
 
 MISSING_DALI = ("NVIDIA DALI is not installed: `pip install '.[dali]'` (nvidia-dali-cuda120) "
                 "in the srpipe checkout, or use loader='torch' (--loader torch)")
-
-
-class PatchSource:
-    """The per-sample callback of the external source; picklable and stateless per sample.
-
-    Sample ``info.idx_in_epoch`` of DALI epoch ``info.epoch_idx`` is row
-    ``idx_in_epoch + skip`` of sampler epoch ``first_epoch + epoch_idx`` (``skip`` rows, a
-    resumed run's already-seen batches, apply to the first epoch only). Raw records are cut
-    here, at no cost; encoded ones go whole to the decoder with the crop as arguments.
-    """
-
-    def __init__(self, db, sampler, first_epoch: int, skip: int, padded_len: int):
-        self.db, self.sampler = db, sampler
-        self.first_epoch, self.skip, self.padded_len = first_epoch, skip, padded_len
-        self._epoch, self._rows = None, None
-        # DALI starts the worker processes from the thread that builds the pipeline: this one
-        self._parent, self._pid = os.getpid(), os.getpid()
-        self._by_main_thread = threading.current_thread() is threading.main_thread()
-
-    def _row(self, info) -> np.ndarray:
-        """The sampler's row for this sample (StopIteration past the epoch's end)."""
-        if self._pid != os.getpid():  # first call in a worker process
-            self._pid = os.getpid()
-            die_with_parent(self._parent, self._by_main_thread)
-        epoch = self.first_epoch + info.epoch_idx
-        j = info.idx_in_epoch + (self.skip if info.epoch_idx == 0 else 0)
-        if j >= self.padded_len:
-            raise StopIteration
-        if self._epoch != epoch:
-            self._epoch, self._rows = epoch, self.sampler.plan(epoch)
-        return self._rows[min(j, len(self._rows) - 1)]  # a short last batch is padded
-
-    def __call__(self, info):
-        row = self._row(info)
-        flags = row[HFLIP:TRANSPOSE + 1].astype(np.int32)
-        if self.db.codec == "raw":
-            return crop_and_flip(self.db.image(int(row[ID])), row, self.sampler.patch)
-        value = self.db.read(int(row[ID]))
-        _check_header(self.db, int(row[ID]), value)
-        return np.frombuffer(value, np.uint8), np.array([row[Y], row[X]], np.int32), flags
-
-
-def _check_header(db, i: int, value: bytes) -> None:
-    """The decoder takes an image's size from its header, and would crop inside whatever
-    size that says: check it against the index first (the torch loader checks the decoded
-    array, the same test)."""
-    shape = fmt.encoded_shape(value, db.codec)
-    expected = (int(db.heights[i]), int(db.widths[i]))
-    if shape != expected:
-        rec = db.records[i]
-        found = f"is {shape[0]}x{shape[1]} px" if shape else "has a damaged header"
-        raise fmt.DBError(f"{db.path}: key {rec.key} (image {i}, from {rec.path}): the stored "
-                          f"{db.codec} {found}, the index says {expected[0]}x{expected[1]}")
-
-
-class PairedSource(PatchSource):
-    """PatchSource for paired databases: per side (HR, then LR) the cut patch of a raw
-    record, or an encoded record and its crop anchor; then the flips, shared by both."""
-
-    def __init__(self, db, lr, sampler, scale: int, first_epoch: int, skip: int,
-                 padded_len: int):
-        super().__init__(db, sampler, first_epoch, skip, padded_len)
-        self.lr, self.scale = lr, scale
-
-    def __call__(self, info):
-        row = self._row(info)
-        i, patch = int(row[ID]), self.sampler.patch
-        out = []
-        for db, k, r, size in ((self.db, i, row, patch),
-                               (self.lr.db, int(self.lr.ids[i]), lr_row(row, self.scale),
-                                patch // self.scale)):
-            if db.codec == "raw":
-                out.append(crop_and_flip(db.image(k), r, size))
-            else:
-                value = db.read(k)
-                _check_header(db, k, value)
-                out += [np.frombuffer(value, np.uint8), np.array([r[Y], r[X]], np.int32)]
-        return (*out, row[HFLIP:TRANSPOSE + 1].astype(np.int32))
 
 
 def _paired_pipeline(source, hr_raw, lr_raw, patch, scale, gpu, roi, workers):
@@ -142,19 +65,31 @@ def _paired_pipeline(source, hr_raw, lr_raw, patch, scale, gpu, roi, workers):
     return paired_pipeline
 
 
-def _sr_pipeline(source, raw, patch, scale, gpu, roi, workers):
+_DALI_TYPES = {np.float32: types.FLOAT, np.int32: types.INT32, np.bool_: types.BOOL} \
+    if types else {}
+
+
+def _sr_pipeline(source, raw, patch, scale, gpu, roi, workers, degradation="nn"):
     shape = np.array([patch, patch], np.int32)
+    # realesrgan: the source also hands over each row's parameters (dali_degrade.INPUTS)
+    names = list(dd.INPUTS) if degradation == "realesrgan" else []
+    extra = [_DALI_TYPES[dd.INPUTS[k]] for k in names]
 
     @pipeline_def(enable_conditionals=True, py_num_workers=workers, py_start_method="spawn")
     def sr_pipeline():
         if raw:  # cut and flipped by the source already
-            data = fn.external_source(source=source, batch=False, parallel=True,
-                                      dtype=types.UINT8, layout="HWC")
+            if names:
+                data, *params = fn.external_source(
+                    source=source, num_outputs=1 + len(names), batch=False, parallel=True,
+                    dtype=[types.UINT8, *extra])
+            else:
+                data, params = fn.external_source(source=source, batch=False, parallel=True,
+                                                  dtype=types.UINT8, layout="HWC"), []
             hr = data.gpu() if gpu else data
         else:
-            data, anchor, flags = fn.external_source(
-                source=source, num_outputs=3, batch=False, parallel=True,
-                dtype=[types.UINT8, types.INT32, types.INT32])
+            data, anchor, flags, *params = fn.external_source(
+                source=source, num_outputs=3 + len(names), batch=False, parallel=True,
+                dtype=[types.UINT8, types.INT32, types.INT32, *extra])
             device = "mixed" if gpu else "cpu"
             if roi:
                 hr = fn.decoders.image_slice(data, anchor, shape, axis_names="HW",
@@ -165,8 +100,13 @@ def _sr_pipeline(source, raw, patch, scale, gpu, roi, workers):
             hr = fn.flip(hr, horizontal=flags[0], vertical=flags[1])
             if flags[2] == 1:
                 hr = fn.transpose(hr, perm=[1, 0, 2], transpose_layout=False)
-        lr = fn.resize(hr, size=[patch // scale] * 2, interp_type=types.INTERP_NN,
-                       antialias=False)
+        if degradation == "bicubic":
+            lr = dd.bicubic_downscale(hr, patch, scale)
+        elif names:
+            lr = dd.degrade(fn.reshape(hr, layout="HWC"), dict(zip(names, params)))
+        else:
+            lr = fn.resize(hr, size=[patch // scale] * 2, interp_type=types.INTERP_NN,
+                           antialias=False)
         return lr, hr
 
     return sr_pipeline
@@ -174,11 +114,11 @@ def _sr_pipeline(source, raw, patch, scale, gpu, roi, workers):
 
 class DaliLoader(Loader):
     def __init__(self, db, sampler, scale, device, dtype, channels_last, workers: int,
-                 roi_decode: bool = False, lr=None):
+                 roi_decode: bool = False, lr=None, degradation: str = "nn"):
         if pipeline_def is None:
             raise ImportError(MISSING_DALI)
         super().__init__(db, sampler, scale, device, dtype, channels_last)
-        self.lr = lr
+        self.lr, self.degradation = lr, degradation
         self.workers, self.roi_decode = max(1, workers), roi_decode
         self._pipe, self._pipe_at = None, None  # the pipeline and the (epoch, batch) it is at
         self._watching = False
@@ -189,9 +129,10 @@ class DaliLoader(Loader):
         self._pipe = None  # a stage switch: let the old pipeline and its workers go first
         skip, padded = start * s.batch_size, len(s) * s.batch_size
         if self.lr is None:
-            source = PatchSource(self.db, s, epoch, skip, padded)
+            real = self.degradation == "realesrgan"
+            source = PatchSource(self.db, s, epoch, skip, padded, self.scale if real else 0)
             build = _sr_pipeline(source, self.db.codec == "raw", s.patch, self.scale, gpu,
-                                 self.roi_decode, self.workers)
+                                 self.roi_decode, self.workers, self.degradation)
         else:
             source = PairedSource(self.db, self.lr, s, self.scale, epoch, skip, padded)
             build = _paired_pipeline(source, self.db.codec == "raw", self.lr.codec == "raw",
@@ -220,14 +161,14 @@ class DaliLoader(Loader):
             except Exception as e:  # DALI raises several types; name the bad record
                 raise self._explain(epoch, b, e) from e
             n = min(s.batch_size, s.per_rank - b * s.batch_size)
-            yield self._to_torch(lr, n), self._to_torch(hr, n)
+            yield self._to_torch(lr, n), self._target(self._to_torch(hr, n, output=False))
         try:
             pipe.run()  # the source's StopIteration: DALI's end of epoch
         except StopIteration:
             pipe.reset()
             self._pipe_at = (epoch + 1, 0)
 
-    def _to_torch(self, tl, n: int) -> torch.Tensor:
+    def _to_torch(self, tl, n: int, output: bool = True) -> torch.Tensor:
         t = tl.as_tensor()
         if self.device.type == "cuda":
             from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -235,7 +176,8 @@ class DaliLoader(Loader):
             feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device))
         else:
             out = torch.from_numpy(np.array(t))
-        return self._output(out[:n].permute(0, 3, 1, 2))
+        out = out[:n].permute(0, 3, 1, 2)
+        return self._output(out) if output else out
 
     def _explain(self, epoch, b, err):
         """DALI cannot say which sample failed: re-read the records of this batch and the

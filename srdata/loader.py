@@ -1,9 +1,11 @@
 """One loader interface, two implementations (``torch`` and ``dali``).
 
 Both iterate ``(lr, hr)`` pairs on the device as NCHW tensors in channels_last memory
-format, either float in [0, 1] (the dtype the caller asks for) or uint8. ``lr`` is the
-nearest-neighbour downscale of ``hr`` by ``scale``: ``lr[y, x] = hr[y*s + s//2, x*s + s//2]``
-(what DALI's INTERP_NN resize computes), so no blur or ringing is baked into the inputs.
+format, either float in [0, 1] (the dtype the caller asks for) or uint8. ``lr`` is by
+default the nearest-neighbour downscale of ``hr`` by ``scale``: ``lr[y, x] = hr[y*s + s//2,
+x*s + s//2]`` (what DALI's INTERP_NN resize computes), so no blur or ringing is baked into
+the inputs; ``degradation="bicubic"`` / ``"realesrgan"`` make it as real LR images are made
+(``srdata.degrade``), with every random parameter drawn by the sampler.
 With a paired LR database (``lr_db``) ``lr`` is instead that database's crop.
 
 Progress is counted in batches handed to the caller: ``state_dict()`` taken after k batches
@@ -22,7 +24,7 @@ import os
 import torch
 
 from ._proc import main_script_problem
-from .sampler import Sampler
+from .sampler import DEGRADATIONS, RowParams, Sampler, nn_downscale
 from .schedule import PatchSchedule
 
 LOADERS = ("dali", "torch")
@@ -38,6 +40,8 @@ class Loader:
         self.epoch, self.batch = 0, 0
         self.lr = None  # paired data: the LR database (srdata.paired.LRSource)
         self.schedule = None  # epoch -> (patch, batch size); None: as last set by hand
+        self.degradation, self.usm = "nn", False  # how LR is made; USM-sharpened targets
+        self._params = None  # realesrgan: RowParams of the epoch under way
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -109,6 +113,33 @@ class Loader:
     def _batches(self, epoch: int, start: int):
         raise NotImplementedError
 
+    def _row_params(self, epoch: int, start: int, stop: int) -> dict:
+        p = self._params
+        if p is None or (p.epoch, p.sampler) != (epoch, self.sampler):
+            self._params = p = RowParams(self.sampler, epoch)
+        return p.rows(start, stop)
+
+    def _degrade(self, hr: torch.Tensor, epoch: int, b: int) -> torch.Tensor:
+        """The LR of batch ``b`` of ``epoch`` (uint8 NCHW HR on the device -> uint8 LR),
+        made on the device after the batch arrived (the torch loader's way; DALI makes
+        bicubic and Real-ESRGAN LR in its graph)."""
+        from . import degrade
+        if self.degradation == "nn":
+            return nn_downscale(hr, self.scale)
+        if self.degradation == "bicubic":
+            return degrade.bicubic_downscale(hr, self.scale)
+        first = b * self.sampler.batch_size
+        p = self._row_params(epoch, first, first + len(hr))
+        lr = degrade.realesrgan_degrade(hr, p, self.scale)
+        return lr.mul_(255).round_().to(torch.uint8)  # already whole grey levels
+
+    def _target(self, hr: torch.Tensor) -> torch.Tensor:
+        """The uint8 NCHW HR batch -> the output target, USM-sharpened if asked for."""
+        if self.usm:
+            from .degrade import usm_sharpen
+            hr = usm_sharpen(hr.float().div_(255)).mul_(255).round_().to(torch.uint8)
+        return self._output(hr)
+
     def _output(self, t: torch.Tensor) -> torch.Tensor:
         """An NCHW uint8 view on the device -> the output dtype and memory format."""
         if self.dtype != torch.uint8:
@@ -131,7 +162,8 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
                 world_size: int = 1, device=None, dtype: torch.dtype = torch.float32,
                 channels_last: bool = True, augment: bool = True, drop_last: bool = True,
                 workers: int | None = None, roi_decode: bool | None = None,
-                ids=None, lr_db=None, patch_schedule=None) -> Loader:
+                ids=None, lr_db=None, patch_schedule=None, degradation: str = "nn",
+                usm: bool = False) -> Loader:
     """An iterable of ``(lr, hr)`` batches from the database ``db`` (a path or an open one).
 
     ``workers``: CPU processes reading the database (torch: DataLoader workers; dali:
@@ -146,6 +178,11 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
     ``patch_schedule``: progressive patch sizes, a ``PatchSchedule`` or its text
     (``"128:0,256:10"``: 128 px patches from epoch 0, 256 from epoch 10, in batches of
     ``batch_size``); it replaces ``patch_size``. See ``srdata.schedule``.
+    ``degradation``: how ``lr`` is made from ``hr``: ``"nn"`` (nearest neighbour, the
+    fastest), ``"bicubic"`` (MATLAB ``imresize``, as DIV2K's LR) or ``"realesrgan"``
+    (Real-ESRGAN's second-order degradation, every parameter drawn by the sampler per row;
+    see ``srdata.degrade``). ``usm``: USM-sharpen the ``hr`` targets (Real-ESRGAN's
+    ``gt_usm``).
     """
     from .reader import open_db
     if loader not in LOADERS:
@@ -156,6 +193,12 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
                          f"script from its file, but {problem}: save the script to a file and "
                          "run `python script.py`, or pass "
                          + ("workers=0" if loader == "torch" else "loader='torch', workers=0"))
+    if degradation not in DEGRADATIONS:
+        raise ValueError(f"got degradation={degradation!r}, expected one of "
+                         f"{', '.join(DEGRADATIONS)}")
+    if lr_db is not None and degradation != "nn":
+        raise ValueError(f"got lr_db and degradation={degradation!r}: a paired database "
+                         "brings its own LR; leave degradation at 'nn' (or drop lr_db)")
     if scale not in (2, 3, 4):
         raise ValueError(f"got scale={scale}, expected 2, 3 or 4")
     if patch_schedule is not None:
@@ -190,8 +233,9 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
         if roi_decode is None:
             roi_decode = device.type != "cuda"
         lo = DaliLoader(db, sampler, scale, device, dtype, channels_last, workers, roi_decode,
-                        lr=lr)
+                        lr=lr, degradation=degradation)
     lo.schedule = patch_schedule
+    lo.degradation, lo.usm = degradation, usm
     return lo
 
 

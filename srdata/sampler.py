@@ -29,6 +29,11 @@ import math
 import numpy as np
 
 ID, Y, X, HFLIP, VFLIP, TRANSPOSE = range(6)
+DEGRADATIONS = ("nn", "bicubic", "realesrgan")
+# Degradation parameters come from their own generator, (seed, epoch, PARAM_STREAM, block),
+# so drawing them leaves the crop and flip draws as they were; rows are drawn in blocks of
+# PARAM_BLOCK so that row j's parameters do not depend on the epoch's length or the ranks.
+PARAM_STREAM, PARAM_BLOCK = 1, 256
 
 
 class Sampler:
@@ -101,6 +106,22 @@ class Sampler:
         rows = np.resize(rows, (total, 6)) if total > self.draw else rows[:total]
         return rows[self.rank::self.world_size]
 
+    def degradation_params(self, epoch: int, start: int = 0, stop: int | None = None) -> dict:
+        """Real-ESRGAN degradation parameters of this rank's rows ``start:stop`` of
+        ``epoch`` (indices into ``plan(epoch)``): ``{name: array}`` as
+        ``srdata.degrade.sample_params``. Row j's parameters depend only on
+        ``(seed, epoch, j)``: the same on every number of ranks, after a resume, and in both
+        loaders. Only the blocks of PARAM_BLOCK rows that hold the asked rows are drawn."""
+        from .degrade import sample_params  # torch: only where this degradation is asked for
+        j = self.rank + np.arange(self.per_rank)[start:stop] * self.world_size  # global rows
+        blocks = np.unique(j // PARAM_BLOCK)
+        if not len(blocks):
+            raise ValueError(f"got rows {start}:{stop}, expected some of 0:{self.per_rank}")
+        drawn = [sample_params(np.random.default_rng([self.seed, epoch, PARAM_STREAM, int(b)]),
+                               PARAM_BLOCK) for b in blocks]
+        at = np.searchsorted(blocks, j // PARAM_BLOCK) * PARAM_BLOCK + j % PARAM_BLOCK
+        return {k: np.concatenate([d[k] for d in drawn])[at] for k in drawn[0]}
+
     def resized(self, patch: int, batch_size: int) -> "Sampler":
         """This sampler for another stage of a patch schedule: the same seed, images, ranks
         and draws per epoch, cropped to ``patch`` in batches of ``batch_size``. Each
@@ -117,6 +138,26 @@ class Sampler:
         rows = self.plan(epoch)
         for b in range(start, len(self)):
             yield rows[b * self.batch_size:(b + 1) * self.batch_size]
+
+
+class RowParams:
+    """A sampler's Real-ESRGAN parameters for one epoch, drawn a chunk of PARAM_BLOCK rows
+    at a time as rows are asked for (an epoch's worth at once would cost seconds)."""
+
+    def __init__(self, sampler: Sampler, epoch: int):
+        self.sampler, self.epoch = sampler, epoch
+        self._chunk, self._params = None, None
+
+    def rows(self, start: int, stop: int) -> dict:
+        c = start // PARAM_BLOCK
+        if (stop - 1) // PARAM_BLOCK != c:  # spans two chunks: rare, draw directly
+            return self.sampler.degradation_params(self.epoch, start, stop)
+        if self._chunk != c:
+            self._chunk = c
+            self._params = self.sampler.degradation_params(
+                self.epoch, c * PARAM_BLOCK, (c + 1) * PARAM_BLOCK)
+        o = c * PARAM_BLOCK
+        return {k: v[start - o:stop - o] for k, v in self._params.items()}
 
 
 def crop_and_flip(img: np.ndarray, row, patch: int) -> np.ndarray:

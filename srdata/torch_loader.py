@@ -2,7 +2,8 @@
 
 Each worker opens the database lazily (see ``srdata.reader``), decodes with OpenCV, and cuts
 the HR patch the row describes; batches travel as uint8 NHWC in pinned memory and the LR is
-picked on the device (paired databases: the LR patch is cut from the LR database in the
+made on the device (picked, bicubic, or Real-ESRGAN's degradation, as Real-ESRGAN does in
+its training step) (paired databases: the LR patch is cut from the LR database in the
 worker too). It is the baseline DALI is measured against, and a fallback that needs
 nothing beyond PyTorch. Workers are spawned, as DALI's are: a script that builds a loader
 needs the usual ``if __name__ == "__main__":`` guard.
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import format as fmt
 from .loader import Loader
-from .sampler import ID, crop_and_flip, lr_row, nn_downscale
+from .sampler import ID, crop_and_flip, lr_row
 
 PATCH = 6  # the column _RowBatches appends to a sampler row
 
@@ -91,14 +92,14 @@ class TorchLoader(Loader):
 
     def _batches(self, epoch, start):
         try:
-            for hr in self._dl:
+            for b, hr in enumerate(self._dl, start):
                 if self.lr is not None:  # paired: (lr, hr) from the two databases
                     lr, hr = (t.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
                               for t in hr)
-                    yield self._output(lr), self._output(hr)
+                    yield self._output(lr), self._target(hr)
                     continue
                 hr = hr.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-                yield self._output(nn_downscale(hr, self.scale)), self._output(hr)
+                yield self._output(self._degrade(hr, epoch, b)), self._target(hr)
         except fmt.DBError as e:
             # A worker's error arrives with its traceback folded into the message; the
             # last line is ours and names the database and key.

@@ -24,6 +24,7 @@ import click
 import torch
 
 from srdata import DBError
+from srdata.sampler import DEGRADATIONS
 from srdata.schedule import BATCH_SCHEDULES, MAX_BATCH_GROWTH, PatchSchedule
 
 from .config import AMPS, SCHEDULES, TrainConfig
@@ -84,6 +85,15 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
               help="Paired LR database (srdata pack or BasicSR LMDB, e.g. "
                    "DIV2K_train_LR_bicubic_X4_sub.lmdb): train and validate on its images, "
                    "matched to --db's by name, instead of downscaling --db.")
+@click.option("--degradation", default="nn", type=click.Choice(DEGRADATIONS),
+              help="How LR is made from HR: nn (pick every --scale-th pixel, the fastest), "
+                   "bicubic (MATLAB imresize, as DIV2K's LR), realesrgan (Real-ESRGAN's "
+                   "second-order blur/resize/noise/JPEG, parameters drawn per sample).")
+@click.option("--val-degradation", type=click.Choice(DEGRADATIONS),
+              help="LR of the validation crops (fixed parameters per image)  "
+                   "[default: --degradation]")
+@click.option("--usm", is_flag=True,
+              help="USM-sharpen the HR targets (Real-ESRGAN's l1_gt_usm).")
 @click.option("--val-db", type=click.Path(), help="Validate on this database.")
 @click.option("--val-split", default=0.02, type=click.FloatRange(0, 1, max_open=True),
               help="Without --val-db: hold out this fraction of --db for validation.")
@@ -320,15 +330,18 @@ def export_cmd(ckpt, dst, overwrite):
               help="About 3 s each on a 2-core CPU.")
 @click.option("--images", default=DEMO_IMAGES, type=click.IntRange(min=1),
               help="Training crops to cut from the sample photos.")
+@click.option("--degradation", default="nn", type=click.Choice(DEGRADATIONS),
+              help="How the LR of training and validation is made (see srtrain --help).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier demo in --out.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; just the report.")
-def demo_cmd(out, loader, epochs, images, overwrite, quiet):
+def demo_cmd(out, loader, epochs, images, degradation, overwrite, quiet):
     """Cut sample photos into crops, pack, train and validate: the whole pipeline in a few
     minutes with no network. Writes OUT/report.txt and prints it."""
     from .demo import report, run_demo
     from .train import TrainingError
     try:
-        facts = run_demo(out, loader, epochs, images, overwrite, progress=not quiet)
+        facts = run_demo(out, loader, epochs, images, overwrite, progress=not quiet,
+                         degradation=degradation)
     except (ValueError, TrainingError, ImportError) as e:  # DemoError, PackError, DBError
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:

@@ -65,6 +65,11 @@ class TrainConfig:
     # patch, the validation size. batch_schedule: keep the images or the pixels per step.
     patch_schedule: str | None = None
     batch_schedule: str = "keep"
+    # LR made by the loaders (srdata.degrade): nn, bicubic or realesrgan; validation LR
+    # (None: the same), with parameters fixed per image; USM-sharpened training targets
+    degradation: str = "nn"
+    val_degradation: str | None = None
+    usm: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -34,6 +34,9 @@ PATCH, SCALE = 64, 4
 TRAIN = dict(model="rrdbnet", num_feat=32, num_block=2, num_grow_ch=16, batch_size=8,
              patch=PATCH, scale=SCALE, lr=2e-3, schedule="onecycle", log_every=5)
 EPOCHS, IMAGES = 30, 160
+LR_MADE_BY = {"nn": "nearest neighbour (every 4th pixel)",
+              "bicubic": "bicubic downscale (MATLAB imresize, as DIV2K)",
+              "realesrgan": "Real-ESRGAN's blur/resize/noise/JPEG, twice"}
 
 
 class DemoError(ValueError):
@@ -127,7 +130,7 @@ def save(path: Path, rgb: np.ndarray) -> None:
 
 def run_demo(out: str | Path, loader: str = "auto", epochs: int = EPOCHS,
              images: int = IMAGES, overwrite: bool = False, progress: bool = True,
-             seed: int = 0) -> dict:
+             seed: int = 0, degradation: str = "nn") -> dict:
     """Write crops, pack them, train, and write OUT/report.txt; returns the report's facts."""
     from .config import TrainConfig
     from .train import train
@@ -145,8 +148,10 @@ def run_demo(out: str | Path, loader: str = "auto", epochs: int = EPOCHS,
         f"validation after each")
     result = train(TrainConfig(db=str(out / "db"), val_db=str(out / "val-db"), out=str(run),
                                loader=loader, epochs=epochs, seed=seed,
-                               val_images=val_count, progress=progress, **TRAIN))
+                               val_images=val_count, progress=progress,
+                               degradation=degradation, **TRAIN))
     facts = {"images": count, "val_images": val_count, "loader": loader,
+             "degradation": degradation,
              "device": describe_device(loader), "epochs": result["epoch"],
              "steps": result["step"], "best_psnr": result["best_psnr"], **summarize(run),
              "grid": str(sorted((run / "samples").glob("*.png"))[-1]),
@@ -194,6 +199,8 @@ def report(f: dict) -> str:
         f"  packed        {f['images']} training crops ({out}/db), {f['val_images']} "
         f"validation crops from held-out strips ({out}/val-db)",
         f"  loader        {f['loader']} on {f['device']}",
+        f"  LR            {f['degradation']}: {LR_MADE_BY[f['degradation']]}; training and "
+        "validation",
         f"  training      {f['epochs']} epochs, {f['steps']} steps, x{SCALE}, "
         f"{TRAIN['patch']} px HR patches, batch {TRAIN['batch_size']}",
         f"  last epoch    {f['img_per_s']:.1f} img/s, waiting for data {f['data_wait_pct']:.0f}%"
@@ -202,7 +209,7 @@ def report(f: dict) -> str:
         f"({gain:+.2f} dB; best {f['best_psnr']:.2f} dB, in best.pt)",
         f"                SSIM {f['ssim']:.4f} vs bicubic {f['ssim_bicubic']:.4f}  (Y channel, "
         f"{SCALE} px border, as BasicSR)",
-        f"  sample grid   {f['grid']}  (LR | bicubic | SR | HR)",
+        f"  sample grid   {f['grid']}  (LR ({f['degradation']}) | bicubic | SR | HR)",
         f"  metrics       {out}/run/metrics.jsonl; checkpoints {out}/run/best.pt, last.pt",
         f"  wall time     {f['seconds']:.0f} s",
         "",

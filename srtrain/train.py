@@ -282,6 +282,9 @@ class Trainer:
         state = self._resume_state()
         torch.manual_seed(cfg.seed)
         db = open_db(cfg.db)
+        if cfg.lr_db and cfg.val_degradation not in (None, "nn"):
+            raise ValueError("--val-degradation makes LR from HR, but with --lr-db validation "
+                             "uses the paired LR images; drop --val-degradation")
         if cfg.lr_db and cfg.val_db:
             raise ValueError("--val-db has no LR pairs: with --lr-db, validation holds out "
                              "--val-split of the paired databases; drop --val-db")
@@ -293,7 +296,7 @@ class Trainer:
             sample_ratio=cfg.sample_ratio, rank=d.rank, world_size=d.world_size,
             device=device, dtype=AMP_DTYPES[self.amp], channels_last=cfg.channels_last,
             workers=loader_workers(cfg.workers), ids=train_ids, lr_db=cfg.lr_db,
-            patch_schedule=self.schedule)
+            patch_schedule=self.schedule, degradation=cfg.degradation, usm=cfg.usm)
         self.val = None
         self.data_ids = data_identities(cfg, db)
         if state is not None:
@@ -304,7 +307,8 @@ class Trainer:
             # one size in every stage (the final patch), so scores compare across stages
             val_patch = self.schedule.final if self.schedule else cfg.patch
             self.val = ValSet(vdb, ids, val_patch, cfg.scale, cfg.val_images,
-                              lr=self.loader.lr)
+                              lr=self.loader.lr,
+                              degradation=cfg.val_degradation or cfg.degradation)
         starts = [e for e, _ in self.schedule.stages] if self.schedule else [0]
         fewest = min(self.loader.batches_in(e) for e in starts)
         if fewest < cfg.accum:
@@ -589,7 +593,8 @@ def loader_efficiency(cfg: TrainConfig, model, device, amp: str, steps: int = 20
         loader = srdata.make_loader(cfg.db, cfg.loader, cfg.batch_size, cfg.patch, cfg.scale,
                                     seed=cfg.seed + 1, sample_ratio=1.0, device=device,
                                     dtype=AMP_DTYPES[amp], channels_last=cfg.channels_last,
-                                    workers=loader_workers(cfg.workers), lr_db=cfg.lr_db)
+                                    workers=loader_workers(cfg.workers), lr_db=cfg.lr_db,
+                                    degradation=cfg.degradation, usm=cfg.usm)
 
     def fresh():
         m = copy.deepcopy(model)

@@ -4,8 +4,10 @@
 training logs report it; each has its ``_bicubic`` baseline.
 
 The pairs are centre crops of held-out images (``--val-split``) or of ``--val-db``, with LR
-made by the same nearest-neighbour rule as training, so the scores measure what the model
-learnt (with a paired ``--lr-db``: that database's crops, on the LR grid). Metrics follow
+made once by the training degradation (or ``--val-degradation``), so the scores measure what
+the model learnt (with a paired ``--lr-db``: that database's crops, on the LR grid). A
+Real-ESRGAN validation LR draws its parameters from a generator seeded by the image's id
+alone, so the same image gets the same LR in every epoch and every run. Metrics follow
 BasicSR's conventions (see ``srtrain.metrics``), so they compare with published numbers for
 the same degradation.
 """
@@ -16,9 +18,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from srdata import degrade
 from srdata.sampler import nn_downscale
 
 from . import metrics
+
+
+VAL_SEED = 0x7A1  # validation LR's Real-ESRGAN parameters: (VAL_SEED, image id)
+
+
+def make_lr(hr: torch.Tensor, ids, scale: int, degradation: str) -> torch.Tensor:
+    """The validation LR (uint8 NCHW) of uint8 NCHW crops of images ``ids``."""
+    if degradation == "nn":
+        return nn_downscale(hr, scale).contiguous()
+    if degradation == "bicubic":
+        return degrade.bicubic_downscale(hr, scale)
+    if degradation != "realesrgan":
+        raise ValueError(f"got degradation={degradation!r}, expected nn, bicubic or "
+                         "realesrgan")
+    lrs = [degrade.realesrgan_degrade(
+        hr[k:k + 1], degrade.sample_params(np.random.default_rng([VAL_SEED, int(i)]), 1), scale)
+        for k, i in enumerate(ids)]
+    return torch.cat(lrs).mul_(255).round_().to(torch.uint8)
 
 
 def split_ids(n: int, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,8 +57,9 @@ def split_ids(n: int, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarr
 class ValSet:
     """Up to ``count`` (LR, HR) pairs, uint8 NCHW on the CPU, with their bicubic scores."""
 
-    def __init__(self, db, ids, patch: int, scale: int, count: int, lr=None):
-        crops, lr_crops = [], []
+    def __init__(self, db, ids, patch: int, scale: int, count: int, lr=None,
+                 degradation: str = "nn"):
+        crops, lr_crops, kept = [], [], []
         for i in list(ids)[:count]:
             img = db.image(int(i))
             h, w = img.shape[:2]
@@ -49,12 +71,15 @@ class ValSet:
                 lr_crops.append(lr.image(int(i))[y // scale:y // scale + p,
                                                  x // scale:x // scale + p])
             crops.append(img[y:y + patch, x:x + patch])
+            kept.append(int(i))
         if not crops:
             raise ValueError(f"no validation image of {db.path} is at least {patch} px; "
                              "use a smaller --patch or another --val-db")
         self.hr = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
-        self.lr = nn_downscale(self.hr, scale).contiguous()
-        if lr is not None:
+        self.degradation = "paired" if lr is not None else degradation
+        if lr is None:
+            self.lr = make_lr(self.hr, kept, scale, degradation)
+        else:
             self.lr = torch.from_numpy(np.stack(lr_crops)).permute(0, 3, 1, 2).contiguous()
         self.scale = scale
         bic = metrics.bicubic(self.lr.float() / 255, scale)

@@ -75,11 +75,14 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
     assert steps and all(s["ok"] and not s.get("skipped") for s in steps), steps
     # the GPU default, most valuable first; the kernel switches are rows of the train part
     assert list(dict.fromkeys(s["part"] for s in steps)) == ["db", "headline", "loaders",
-                                                             "train", "batch", "ttq"]
+                                                             "train", "batch", "ttq",
+                                                             "degradations"]
     md = (out / "results.md").read_text()
     for section in ("## Headline", "## Loader throughput", "## Training throughput",
-                    "## Kernel switches", "## Batch size", "quick mode", "--preset quick"):
+                    "## Kernel switches", "## Batch size", "## LR degradations", "quick mode",
+                    "--preset quick"):
         assert section in md
+    assert "| dali | 4 | 1 | on | realesrgan |" in md
     assert "| esrgan | dali | 2 |" in md and "the users' 10,000 images" in md
     assert "| esrgan | synthetic | 2 |" in md  # the headline's step alone
     assert "| srcnn | dali | 2 |" in md  # the batch-size sweep

@@ -30,6 +30,7 @@ def test_report_names_loader_and_scores(demo_run):
     assert text.strip() in output  # printed as well as written
     loader = resolve_loader("auto")
     assert f"loader        {loader} on {describe_device(loader)}" in text  # CPU or GPU
+    assert "LR            nn: nearest neighbour" in text and "(LR (nn) | bicubic" in text
     m = re.search(r"PSNR (\d+\.\d\d) dB vs bicubic (\d+\.\d\d) dB \(([+-]\d+\.\d\d) dB", text)
     assert m, text
     psnr, bicubic, gain = map(float, m.groups())
@@ -99,7 +100,8 @@ def test_user_mistakes_are_clear_errors(tmp_path):
 def test_torch_loader(tmp_path):
     # The crops are cut in this process; with OpenCV's thread pool started here, the torch
     # loader's forked workers would deadlock. Pillow keeps them safe: this must not hang.
-    r = demo(tmp_path / "out", "--loader", "torch")
+    r = demo(tmp_path / "out", "--loader", "torch", "--degradation", "bicubic")
     assert r.exit_code == 0, r.output
-    assert (f"loader        torch on {describe_device('torch')}"
-            in (tmp_path / "out" / "report.txt").read_text())
+    text = (tmp_path / "out" / "report.txt").read_text()
+    assert f"loader        torch on {describe_device('torch')}" in text
+    assert "LR            bicubic: bicubic downscale" in text

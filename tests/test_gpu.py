@@ -92,3 +92,20 @@ def test_trainer_on_the_gpu_with_amp_and_data_wait(packed, tmp_path):
     assert r.exit_code == 0, r.output  # fp16 on the GPU
     import cv2
     assert cv2.imread(str(tmp_path / "big.png")).shape == (160, 224, 3)
+
+
+def test_degradations_on_the_gpu_match_the_torch_loader(packed):
+    """bicubic and Real-ESRGAN LR made in the GPU graph (per-sample parameters from the CPU
+    source) against the torch loader's, as tests/test_degradation_loaders.py on the CPU;
+    nvJPEG's encoder is not OpenCV's, hence only the statistical bound for realesrgan."""
+    path = packed("png")
+    for degradation, patch in (("bicubic", 48), ("realesrgan", 64)):
+        kw = KW | {"patch_size": patch, "degradation": degradation}
+        lr1, hr1 = epoch(srdata.make_loader(path, "torch", **kw))[0]
+        lr2, hr2 = epoch(srdata.make_loader(path, "dali", **kw))[0]
+        assert torch.equal(hr1, hr2) and lr1.shape == lr2.shape
+        diff = lr2.float() - lr1.float()
+        if degradation == "bicubic":
+            assert diff.abs().max() <= 1
+        else:
+            assert diff.mean().abs() < 2 and diff.std() < 20

@@ -1,0 +1,163 @@
+"""The LR degradations in both loaders: the sampler's parameters, parity, resume, refusals."""
+import itertools
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import srdata
+from srdata import degrade
+from srdata.sampler import Sampler
+
+KW = dict(batch_size=4, patch_size=64, scale=4, seed=3, dtype=torch.uint8, workers=1,
+          device="cpu")
+
+
+def batches(loader, n=None):
+    return [(lr.permute(0, 2, 3, 1).numpy().astype(np.int16),
+             hr.permute(0, 2, 3, 1).numpy().astype(np.int16))
+            for lr, hr in itertools.islice(loader, n)]
+
+
+def test_dali_sources_do_not_import_torch():
+    code = "import sys, srdata.dali_source; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_degradation_params_depend_only_on_seed_epoch_and_row():
+    sizes = np.full(600, 96)
+    one = Sampler(sizes, sizes, 8, 64, seed=5)
+    p = one.degradation_params(2)
+    assert len(p["jpeg1"]) == len(one.plan(2)) == 600
+    ranks = [Sampler(sizes, sizes, 8, 64, seed=5, rank=r, world_size=3) for r in range(3)]
+    for r, s in enumerate(ranks):  # rank r holds rows r, r + 3, ...
+        q = s.degradation_params(2)
+        for k in p:
+            assert np.array_equal(q[k], p[k][r::3][:len(q[k])]), k
+    # some rows alone, directly or a chunk at a time, across a chunk's end too
+    from srdata.sampler import RowParams
+    rows = RowParams(one, 2)
+    for a, b in ((10, 20), (250, 262), (300, 301), (255, 256)):
+        for got in (one.degradation_params(2, a, b), rows.rows(a, b)):
+            assert all(np.array_equal(got[k], p[k][a:b]) for k in p), (a, b)
+    # a different length of epoch keeps the first rows' parameters
+    fewer = Sampler(sizes, sizes, 8, 64, seed=5, sample_ratio=0.5).degradation_params(2)
+    assert all(np.array_equal(fewer[k], p[k][:len(fewer[k])]) for k in p)
+    # other epochs and seeds differ; crops and flips are drawn as before
+    assert not np.array_equal(one.degradation_params(3)["sigma1"], p["sigma1"])
+    assert not np.array_equal(Sampler(sizes, sizes, 8, 64, seed=6).degradation_params(2)
+                              ["sigma1"], p["sigma1"])
+    rng = np.random.default_rng([5, 2])
+    assert np.array_equal(one.plan(2)[:, 0], np.arange(600)[rng.permutation(600)])
+
+
+def test_bad_degradation_and_paired_data_are_refused(packed):
+    path = packed("png")
+    with pytest.raises(ValueError, match="expected one of nn, bicubic, realesrgan"):
+        srdata.make_loader(path, "torch", **KW, degradation="bilinear")
+    with pytest.raises(ValueError, match="paired database brings its own LR"):
+        srdata.make_loader(path, "torch", **KW, degradation="bicubic", lr_db=path)
+
+
+@pytest.mark.dali
+def test_bicubic_within_one_grey_level_across_loaders(packed):
+    pytest.importorskip("nvidia.dali")
+    path = packed("png")
+    kw = KW | {"patch_size": 48, "scale": 3}
+    got = {name: batches(srdata.make_loader(path, name, **kw, degradation="bicubic"))
+           for name in ("torch", "dali")}
+    for (lr_t, hr_t), (lr_d, hr_d) in zip(got["torch"], got["dali"]):
+        assert np.array_equal(hr_t, hr_d)
+        assert lr_t.shape == lr_d.shape == (4, 16, 16, 3)
+        diff = np.abs(lr_t - lr_d)
+        assert diff.max() <= 1 and diff.mean() < 0.01  # float32 vs float64 on .5 ties
+        ref = degrade.bicubic_downscale(torch.from_numpy(hr_t).permute(0, 3, 1, 2)
+                                        .to(torch.uint8), 3)
+        assert np.array_equal(lr_t, ref.permute(0, 2, 3, 1).numpy())
+        nn = hr_t[:, 1::3, 1::3]
+        assert np.abs(lr_t - nn).mean() > 1  # not the nearest-neighbour LR
+
+
+@pytest.mark.dali
+def test_realesrgan_same_parameters_and_statistics_across_loaders(packed):
+    pytest.importorskip("nvidia.dali")
+    path = packed("png")
+    kw = KW | {"sample_ratio": 1.0}
+    torch_lo = srdata.make_loader(path, "torch", **kw, degradation="realesrgan", usm=True)
+    dali_lo = srdata.make_loader(path, "dali", **kw, degradation="realesrgan", usm=True)
+    (lr_t, hr_t), = batches(torch_lo, 1)
+    (lr_d, hr_d), = batches(dali_lo, 1)
+    assert np.array_equal(hr_t, hr_d)  # the same crops, the same USM targets
+    assert lr_t.shape == lr_d.shape == (4, 16, 16, 3)
+    # the torch reference with the sampler's parameters of these rows, on the plain HR
+    s = torch_lo.sampler
+    p = {k: v[:4] for k, v in s.degradation_params(0).items()}
+    db = srdata.PackedDB(path)
+    from srdata.sampler import ID, crop_and_flip
+    hr = np.stack([crop_and_flip(db.image(int(r[ID])), r, 64) for r in s.plan(0)[:4]])
+    assert not np.array_equal(hr, hr_t)  # sharpened
+    ref = degrade.realesrgan_degrade(torch.from_numpy(hr).permute(0, 3, 1, 2), p, 4)
+    ref = (ref * 255).round().permute(0, 2, 3, 1).numpy().astype(np.int16)
+    assert np.array_equal(lr_t, ref)
+    diff = (lr_d - lr_t).astype(np.float64)  # bounds of tests/test_dali_degrade.py
+    assert abs(diff.mean()) < 2 and diff.std() < 20
+    other = {k: v[4:8] for k, v in s.degradation_params(0).items()}
+    other = degrade.realesrgan_degrade(torch.from_numpy(hr).permute(0, 3, 1, 2), other, 4)
+    assert np.std(lr_d - (other * 255).round().permute(0, 2, 3, 1).numpy()) > diff.std()
+
+
+def test_realesrgan_resume_is_exact(packed, loader="torch"):
+    path = packed("png")
+    kw = KW | {"batch_size": 2, "sample_ratio": 0.7}
+    lo = srdata.make_loader(path, loader, **kw, degradation="realesrgan")
+    first = batches(lo, 1)
+    state = lo.state_dict()
+    rest = batches(lo, 1)
+    again = srdata.make_loader(path, loader, **kw, degradation="realesrgan")
+    again.load_state_dict(state)
+    resumed = batches(again, 1)
+    assert np.array_equal(resumed[0][1], rest[0][1])
+    assert np.array_equal(resumed[0][0], rest[0][0])
+    assert not np.array_equal(first[0][1], rest[0][1])
+
+
+def test_validation_lr_is_fixed_per_image_and_baseline_is_its_bicubic(packed):
+    from srtrain import metrics
+    from srtrain.validate import ValSet
+    db = srdata.PackedDB(packed("png"))
+    sets = {d: ValSet(db, [0, 2, 4], 64, 4, 3, degradation=d)
+            for d in ("nn", "bicubic", "realesrgan")}
+    again = ValSet(db, [4, 2], 64, 4, 3, degradation="realesrgan")  # other order, fewer
+    assert torch.equal(again.lr[0], sets["realesrgan"].lr[2])  # an image's LR is its own
+    assert torch.equal(sets["bicubic"].lr, degrade.bicubic_downscale(sets["nn"].hr, 4))
+    psnr = {d: v.baseline["psnr_bicubic"] for d, v in sets.items()}
+    assert len(set(psnr.values())) == 3  # each baseline upscales its own LR
+    v = sets["realesrgan"]
+    bic = metrics.bicubic(v.lr.float() / 255, 4)
+    assert psnr["realesrgan"] == pytest.approx(
+        float(metrics.psnr_y(bic, v.hr.float() / 255, 4).mean()))
+
+
+def test_srtrain_degradation_options(packed, tmp_path):
+    from click.testing import CliRunner
+    from srtrain import checkpoint
+    from srtrain.cli import main
+    tiny = ["--model", "rrdbnet", "--num-feat", "8", "--num-block", "1", "--num-grow-ch", "4",
+            "--patch", "32", "--batch-size", "4", "--loader", "torch", "--workers", "0",
+            "--device", "cpu", "--val-split", "0.2", "--val-images", "2", "-q",
+            "--epochs", "1", "--db", str(packed("png"))]
+    r = CliRunner().invoke(main, [*tiny, "--out", str(tmp_path / "a"), "--degradation",
+                                  "realesrgan", "--val-degradation", "bicubic", "--usm"])
+    assert r.exit_code == 0, r.output
+    cfg = checkpoint.load(tmp_path / "a" / "last.pt")["config"]
+    assert (cfg["degradation"], cfg["val_degradation"], cfg["usm"]) == ("realesrgan",
+                                                                        "bicubic", True)
+    r = CliRunner().invoke(main, [*tiny, "--out", str(tmp_path / "b"), "--degradation", "box"])
+    assert r.exit_code == 2 and "'box' is not one of 'nn', 'bicubic', 'realesrgan'" in r.output
+    r = CliRunner().invoke(main, [*tiny, "--out", str(tmp_path / "c"), "--lr-db",
+                                  str(packed("png")), "--degradation", "bicubic"])
+    assert r.exit_code == 1 and "paired database brings its own LR" in r.output
