@@ -35,7 +35,7 @@ def pool_start_stop(workers: int) -> float:
     t0 = time.perf_counter()
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
                              initializer=srpack._init_worker,
-                             initargs=(os.getpid(),)) as pool:
+                             initargs=(os.getpid(), True)) as pool:
         # until every worker has answered: a pool is not started before its slowest is
         pids = set()
         while len(pids) < workers:
