@@ -54,7 +54,7 @@ USERS_EPOCH, USERS_SECONDS = 10_000, 7200  # the starting point: 2 h per epoch o
 # each part, in the order the parts run, and the result files it writes (besides its .md,
 # .png and logs/PART.log)
 PARTS = {"headline": ["train_esrgan.jsonl", "headline.jsonl"],
-         "loaders": ["loader_throughput.jsonl"],
+         "loaders": ["loader_throughput.jsonl", "loader_tuning.jsonl"],
          "train": ["kernels.jsonl", "train_throughput.jsonl"],
          "batch": ["batch_sizes.jsonl"],
          "ttq": ["time_to_quality.jsonl"],
@@ -73,19 +73,19 @@ PRESETS = {
     # what --budget plans with.
     "full": {"count": 4000, "size": 512, "patch": 256, "batch": 64, "train_batch": 32,
              "steps": 30, "warmup": 10, "batches": 50, "codec_count": 1000, "photos": 48,
-             "models": "fast,srcnn", "workers": "4,0", "cold": False, "kernels": True,
+             "models": "fast,srcnn", "workers": "4,0", "cold": False, "kernels": True, "tuning": True,
              "compile": True, "timeout": STEP_TIMEOUT, "parts": GPU_PARTS,
              "batch_model": "esrgan", "batch_sizes": "8,16,32,64", "codecs": CODECS,
              "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
              "degradation_loaders": "dali,torch",
-             "est": {"db": 40, "headline": 90, "loaders": 90, "kernels": 45, "compile": 150,
+             "est": {"db": 40, "headline": 90, "loaders": 90, "tuning": 90, "kernels": 45, "compile": 150,
                      "train": 60, "batch": 90, "ttq": 150, "degradations": 90, "codecs": 60,
                      "quality": 200}},
     # the same images and patches on a few CPU cores, where esrgan trains at ~0.5 img/s:
     # few steps and small batches: ~11 minutes on 2 cores, and ~25 more for quality
     "cpu": {"count": 2000, "size": 512, "patch": 256, "batch": 32, "train_batch": 4,
             "steps": 6, "warmup": 1, "batches": 20, "codec_count": 300, "photos": 24,
-            "models": "fast,srcnn", "workers": "1", "cold": True, "kernels": False,
+            "models": "fast,srcnn", "workers": "1", "cold": True, "kernels": False, "tuning": False,
             "compile": False, "timeout": 2400, "parts": ",".join(PARTS),
             "batch_model": "fast", "batch_sizes": "1,2,4,8", "codecs": CODECS,
             "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
@@ -97,7 +97,7 @@ PRESETS = {
     # tiny sizes: the suite end to end in a test, not a measurement
     "quick": {"count": 48, "size": 96, "patch": 48, "batch": 4, "train_batch": 2, "steps": 2,
               "warmup": 1, "batches": 3, "codec_count": 12, "photos": 4,
-              "models": "srcnn", "workers": "1", "cold": True, "kernels": True,
+              "models": "srcnn", "workers": "1", "cold": True, "kernels": True, "tuning": False,
               "compile": False, "timeout": STEP_TIMEOUT, "parts": GPU_PARTS,
               "batch_model": "srcnn", "batch_sizes": "1,2", "codecs": [("jpeg", 95), ("raw", 95)],
               "quality_models": "srcnn", "quality_epochs": 1,
@@ -223,6 +223,15 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
                   "--cold" if p["cold"] else "--no-cold",
                   "--out", out / "loader_throughput.jsonl", "--md", out / "loader_throughput.md",
                   "--plot", out / "loader_throughput.png")
+            if p["tuning"]:  # DALI's knobs at all cores: the rows that set make_loader's defaults
+                cores = workers + 1 if workers else os.cpu_count()
+                s.run("loaders", py, "loader_throughput.py", "--db", db, "--loaders", "dali",
+                      "--batch-sizes", p["batch"], "--workers", workers or 0,
+                      "--dali-threads", f"{max(1, cores // 2)},{max(1, cores - 1)}",
+                      "--hw-decoder-load", "0.65,0.9,1", "--prealloc", "off,on",
+                      "--patch", p["patch"], "--batches", p["batches"], "--no-cold",
+                      "--out", out / "loader_tuning.jsonl", "--md", out / "loader_tuning.md",
+                      est="tuning")
         if part == "train":
             kernels(s, train)
             if db:

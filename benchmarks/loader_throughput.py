@@ -63,18 +63,19 @@ def epoch_seconds(loader) -> tuple[float, float, int]:
     return first, time.perf_counter() - t1, n
 
 
-def build_loader(db, name, batch_size, workers, args, degradation="nn"):
+def build_loader(db, name, batch_size, workers, args, degradation="nn", tuning=None):
     import srdata
     # + 1: the first batch of an epoch is not timed (see epoch_seconds)
     ratio = min(1.0, (args["batches"] + 1) * batch_size / len(db))
     return srdata.make_loader(db, batch_size=batch_size, patch_size=args["patch"],
                               scale=args["scale"], sample_ratio=ratio, workers=workers,
                               dtype=args["dtype"], device=args["device"],
-                              degradation=degradation, **LOADERS[name])
+                              degradation=degradation, **LOADERS[name],
+                              **(tuning if name != "torch" else {}))
 
 
-def measure(db, name, batch_size, workers, args, degradation="nn") -> dict:
-    lo = build_loader(db, name, batch_size, workers, args, degradation)
+def measure(db, name, batch_size, workers, args, degradation="nn", tuning=None) -> dict:
+    lo = build_loader(db, name, batch_size, workers, args, degradation, tuning)
     startup, _, _ = epoch_seconds(lo)  # warm-up: workers start, decoders allocate
     runs = [epoch_seconds(lo) for _ in range(args["repeats"])]
     rates = [n / t for _, t, n in runs]
@@ -127,7 +128,8 @@ def render_markdown(records: list[dict]) -> str:
         ratio = f"{r['images_per_s'] / base:.2f}" if base else "-"
         nn = nn_rate.get((r["loader"], *key(r)[:3]))
         vs_nn = f"{r['images_per_s'] / nn:.2f}" if nn else "-"
-        lines.append(f"| {r['loader']} | {r['batch_size']} | {r['workers']} | "
+        tuned = "".join(f", {k} {v}" for k, v in r.get("tuning", {}).items())
+        lines.append(f"| {r['loader']}{tuned} | {r['batch_size']} | {r['workers']} | "
                      f"{'on' if r.get('crc', True) else 'off'} | {r.get('degradation', 'nn')} | "
                      f"{r['images_per_s']:,.0f} | {ratio} | {vs_nn} |")
     for r in records:
@@ -183,6 +185,26 @@ def render_plot(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def tunings(db, thread_counts: str, hw_loads: str, prealloc_modes: str) -> list[dict]:
+    """make_loader's DALI tuning arguments, one dict per combination asked for ({}: DALI's
+    defaults). Preallocation hints: buffers for the largest image, so the decoders never
+    grow them mid-run."""
+    side = int(max(db.heights.max(), db.widths.max()))
+    hints = {"preallocate_width_hint": side, "preallocate_height_hint": side}
+    out = []
+    for threads, load, pre in itertools.product(_ints(thread_counts) or [None],
+                                                [float(v) for v in hw_loads.split(",") if v]
+                                                or [None], prealloc_modes.split(",")):
+        t = {"dali_threads": threads, "hw_decoder_load": load,
+             "decoder_hints": hints if pre == "on" else None}
+        out.append({k: v for k, v in t.items() if v is not None})
+    return out
+
+
+def _shown(tuning: dict) -> dict:
+    return {k: ("on" if k == "decoder_hints" else v) for k, v in tuning.items()}
+
+
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
@@ -208,6 +230,14 @@ def _ints(text: str) -> list[int]:
               help="on, off or on,off: the crc32 check on every read (off: to measure its cost).")
 @click.option("--degradation", "degradations", default="nn", show_default=True,
               help="How LR is made: some of nn, bicubic, realesrgan (comma-separated).")
+@click.option("--dali-threads", "thread_counts", default="", show_default=True,
+              help="DALI CPU threads to try (comma list; default: as many as workers).")
+@click.option("--hw-decoder-load", "hw_loads", default="", show_default=True,
+              help="GPU decode: hardware decoder shares to try, e.g. 0.65,0.9,1 "
+                   "[default: DALI's].")
+@click.option("--prealloc", "prealloc_modes", default="off", show_default=True,
+              help="GPU decode: on,off = with and without preallocation hints sized to "
+                   "the database's images.")
 @click.option("--cold/--no-cold", default=True, show_default=True,
               help="Also measure a first epoch from a cold and a warm page cache.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
@@ -217,7 +247,8 @@ def _ints(text: str) -> list[int]:
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a PNG bar chart here (needs matplotlib: pip install '.[bench]').")
 def main(db, count, size, loaders, batch_sizes, worker_counts, patch, scale, dtype, device,
-         batches, repeats, crc_modes, degradations, cold, out, md, plot):
+         batches, repeats, crc_modes, degradations, thread_counts, hw_loads, prealloc_modes,
+         cold, out, md, plot):
     import torch
 
     from srdata.loader import resolve_device
@@ -249,12 +280,17 @@ def main(db, count, size, loaders, batch_sizes, worker_counts, patch, scale, dty
         records = []
         for bs in _ints(batch_sizes):
             for workers in budgets:
-                for name, crc, kind in itertools.product(names, crc_modes.split(","), kinds):
+                combos = tunings(database, thread_counts, hw_loads, prealloc_modes)
+                for name, crc, kind, tuning in (
+                        (n, c, k, t) for n, c, k in itertools.product(
+                            names, crc_modes.split(","), kinds)
+                        for t in ([{}] if n == "torch" else combos)):  # DALI's knobs only
                     d = copy.copy(database)  # the flag travels to the workers with it
                     d._check_crc = crc == "on"
                     r = common | {"kind": "throughput", "loader": name, "batch_size": bs,
                                   "workers": workers, "crc": crc == "on", "degradation": kind}
-                    records.append(r | measure(d, name, bs, workers, args, kind)
+                    r |= {"tuning": _shown(tuning)} if tuning else {}
+                    records.append(r | measure(d, name, bs, workers, args, kind, tuning)
                                    | {"env": env})
                     _common.emit(records[-1], out)
         if "off" in crc_modes.split(","):

@@ -186,6 +186,12 @@ def render(out: Path) -> Path:
     if (out / "loader_throughput.md").exists():
         md += ["## Loader throughput", "", (out / "loader_throughput.md").read_text(),
                "![loaders](loader_throughput.png)", ""]
+    if (out / "loader_tuning.md").exists():
+        md += ["## DALI tuning", "", "`dali` at all cores with DALI's knobs: its CPU threads, "
+               "the share of JPEGs the hardware decoder takes (`hw_decoder_load`, DALI's default "
+               "0.65) and preallocation hints sized to the images (make_loader's "
+               "`dali_threads`, `hw_decoder_load`, `decoder_hints`).", "",
+               (out / "loader_tuning.md").read_text(), ""]
     md += train_section(out) + kernels_section(out) + batch_section(out)
     if (out / "loader_degradation.md").exists():
         md += ["## LR degradations", "", "Loader img/s making the LR by nearest neighbour, "

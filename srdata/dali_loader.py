@@ -29,7 +29,41 @@ MISSING_DALI = ("NVIDIA DALI is not installed: `pip install '.[dali]'` (nvidia-d
                 "in the srpipe checkout, or use loader='torch' (--loader torch)")
 
 
-def _paired_pipeline(source, hr_raw, lr_raw, patch, scale, gpu, roi, workers):
+# Tuning of the GPU (``mixed``) decoders, for library users and the GPU suite to measure:
+# DALI's own defaults until a GPU run says otherwise.
+DECODER_HINTS = ("device_memory_padding", "host_memory_padding", "preallocate_width_hint",
+                 "preallocate_height_hint", "hybrid_huffman_threshold")
+
+
+def decoder_args(gpu: bool, hw_decoder_load: float | None, hints: dict | None) -> dict:
+    """The decoders' tuning arguments: for ``mixed`` decode only (the CPU decoder has no
+    hardware share to set and no device buffers to size)."""
+    if not gpu:
+        return {}
+    args = dict(hints or {})
+    if hw_decoder_load is not None:
+        args["hw_decoder_load"] = hw_decoder_load
+    return args
+
+
+def _decode_patch(data, anchor, flags, size: int, gpu: bool, roi: bool, dec: dict):
+    """An encoded record -> its ``size``-px patch at ``anchor`` (only that region decoded
+    with ``roi``), flipped and transposed as ``flags`` say."""
+    shape = np.array([size, size], np.int32)
+    device = "mixed" if gpu else "cpu"
+    if roi:
+        img = fn.decoders.image_slice(data, anchor, shape, axis_names="HW", device=device,
+                                      output_type=types.RGB, **dec)
+    else:
+        img = fn.decoders.image(data, device=device, output_type=types.RGB, **dec)
+        img = fn.slice(img, anchor, shape, axis_names="HW")
+    img = fn.flip(img, horizontal=flags[0], vertical=flags[1])
+    if flags[2] == 1:
+        img = fn.transpose(img, perm=[1, 0, 2], transpose_layout=False)
+    return img
+
+
+def _paired_pipeline(source, hr_raw, lr_raw, patch, scale, gpu, roi, workers, dec):
     """Both patches decoded and cut in the graph (raw ones arrive cut); no downscale."""
     sides = ((hr_raw, patch), (lr_raw, patch // scale))
     dtypes = [types.UINT8 if raw else [types.UINT8, types.INT32] for raw, _ in sides]
@@ -47,18 +81,7 @@ def _paired_pipeline(source, hr_raw, lr_raw, patch, scale, gpu, roi, workers):
                 patches.append(data.gpu() if gpu else data)
                 continue
             data, anchor = outs.pop(0), outs.pop(0)
-            shape = np.array([size, size], np.int32)
-            device = "mixed" if gpu else "cpu"
-            if roi:
-                img = fn.decoders.image_slice(data, anchor, shape, axis_names="HW",
-                                              device=device, output_type=types.RGB)
-            else:
-                img = fn.decoders.image(data, device=device, output_type=types.RGB)
-                img = fn.slice(img, anchor, shape, axis_names="HW")
-            img = fn.flip(img, horizontal=flags[0], vertical=flags[1])
-            if flags[2] == 1:
-                img = fn.transpose(img, perm=[1, 0, 2], transpose_layout=False)
-            patches.append(img)
+            patches.append(_decode_patch(data, anchor, flags, size, gpu, roi, dec))
         hr, lr = patches
         return lr, hr
 
@@ -69,8 +92,7 @@ _DALI_TYPES = {np.float32: types.FLOAT, np.int32: types.INT32, np.bool_: types.B
     if types else {}
 
 
-def _sr_pipeline(source, raw, patch, scale, gpu, roi, workers, degradation="nn"):
-    shape = np.array([patch, patch], np.int32)
+def _sr_pipeline(source, raw, patch, scale, gpu, roi, workers, dec, degradation="nn"):
     # realesrgan: the source also hands over each row's parameters (dali_degrade.INPUTS)
     names = list(dd.INPUTS) if degradation == "realesrgan" else []
     extra = [_DALI_TYPES[dd.INPUTS[k]] for k in names]
@@ -90,16 +112,7 @@ def _sr_pipeline(source, raw, patch, scale, gpu, roi, workers, degradation="nn")
             data, anchor, flags, *params = fn.external_source(
                 source=source, num_outputs=3 + len(names), batch=False, parallel=True,
                 dtype=[types.UINT8, types.INT32, types.INT32, *extra])
-            device = "mixed" if gpu else "cpu"
-            if roi:
-                hr = fn.decoders.image_slice(data, anchor, shape, axis_names="HW",
-                                             device=device, output_type=types.RGB)
-            else:
-                img = fn.decoders.image(data, device=device, output_type=types.RGB)
-                hr = fn.slice(img, anchor, shape, axis_names="HW")
-            hr = fn.flip(hr, horizontal=flags[0], vertical=flags[1])
-            if flags[2] == 1:
-                hr = fn.transpose(hr, perm=[1, 0, 2], transpose_layout=False)
+            hr = _decode_patch(data, anchor, flags, patch, gpu, roi, dec)
         if degradation == "bicubic":
             lr = dd.bicubic_downscale(hr, patch, scale)
         elif names:
@@ -114,12 +127,24 @@ def _sr_pipeline(source, raw, patch, scale, gpu, roi, workers, degradation="nn")
 
 class DaliLoader(Loader):
     def __init__(self, db, sampler, scale, device, dtype, channels_last, workers: int,
-                 roi_decode: bool = False, lr=None, degradation: str = "nn"):
+                 roi_decode: bool = False, lr=None, degradation: str = "nn",
+                 threads: int | None = None, hw_decoder_load: float | None = None,
+                 decoder_hints: dict | None = None):
         if pipeline_def is None:
             raise ImportError(MISSING_DALI)
+        if threads is not None and threads < 1:
+            raise ValueError(f"got dali_threads={threads}, expected >= 1")
+        if hw_decoder_load is not None and not 0 <= hw_decoder_load <= 1:
+            raise ValueError(f"got hw_decoder_load={hw_decoder_load}, expected 0 to 1")
+        unknown = sorted(set(decoder_hints or {}) - set(DECODER_HINTS))
+        if unknown:
+            raise ValueError(f"got decoder_hints {', '.join(unknown)}, expected some of "
+                             f"{', '.join(DECODER_HINTS)}")
         super().__init__(db, sampler, scale, device, dtype, channels_last)
         self.lr, self.degradation = lr, degradation
         self.workers, self.roi_decode = max(1, workers), roi_decode
+        self.threads = threads or self.workers  # DALI's CPU threads; workers read LMDB
+        self.dec = decoder_args(device.type == "cuda", hw_decoder_load, decoder_hints)
         self._pipe, self._pipe_at = None, None  # the pipeline and the (epoch, batch) it is at
         self._watching = False
         self._pipe_sampler = None  # the sampler (patch, batch size) the pipeline was built for
@@ -132,12 +157,13 @@ class DaliLoader(Loader):
             real = self.degradation == "realesrgan"
             source = PatchSource(self.db, s, epoch, skip, padded, self.scale if real else 0)
             build = _sr_pipeline(source, self.db.codec == "raw", s.patch, self.scale, gpu,
-                                 self.roi_decode, self.workers, self.degradation)
+                                 self.roi_decode, self.workers, self.dec, self.degradation)
         else:
             source = PairedSource(self.db, self.lr, s, self.scale, epoch, skip, padded)
             build = _paired_pipeline(source, self.db.codec == "raw", self.lr.codec == "raw",
-                                     s.patch, self.scale, gpu, self.roi_decode, self.workers)
-        pipe = build(batch_size=s.batch_size, num_threads=self.workers,
+                                     s.patch, self.scale, gpu, self.roi_decode, self.workers,
+                                     self.dec)
+        pipe = build(batch_size=s.batch_size, num_threads=self.threads,
                      device_id=self.device.index if gpu else None, prefetch_queue_depth=2,
                      seed=s.seed)
         pipe.build()

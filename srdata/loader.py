@@ -163,7 +163,9 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
                 channels_last: bool = True, augment: bool = True, drop_last: bool = True,
                 workers: int | None = None, roi_decode: bool | None = None,
                 ids=None, lr_db=None, patch_schedule=None, degradation: str = "nn",
-                usm: bool = False) -> Loader:
+                usm: bool = False, dali_threads: int | None = None,
+                hw_decoder_load: float | None = None, decoder_hints: dict | None = None
+                ) -> Loader:
     """An iterable of ``(lr, hr)`` batches from the database ``db`` (a path or an open one).
 
     ``workers``: CPU processes reading the database (torch: DataLoader workers; dali:
@@ -183,6 +185,11 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
     (Real-ESRGAN's second-order degradation, every parameter drawn by the sampler per row;
     see ``srdata.degrade``). ``usm``: USM-sharpen the ``hr`` targets (Real-ESRGAN's
     ``gt_usm``).
+    DALI tuning, left at DALI's defaults until the GPU suite measures them: ``dali_threads``
+    (the pipeline's CPU threads; default ``workers``), and for GPU decode ``hw_decoder_load``
+    (the share of JPEGs sent to the hardware decoder) and ``decoder_hints`` (the decoders'
+    ``device_memory_padding``, ``host_memory_padding``, ``preallocate_width_hint``,
+    ``preallocate_height_hint``, ``hybrid_huffman_threshold``).
     """
     from .reader import open_db
     if loader not in LOADERS:
@@ -226,6 +233,11 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
     if workers is None:
         workers = max(1, len(os.sched_getaffinity(0)) - 1)
     if loader == "torch":
+        given = [k for k, v in (("dali_threads", dali_threads), ("decoder_hints", decoder_hints),
+                                ("hw_decoder_load", hw_decoder_load)) if v is not None]
+        if given:
+            raise ValueError(f"got {', '.join(given)} with loader='torch': they tune DALI; "
+                             "drop them or use loader='dali'")
         from .torch_loader import TorchLoader
         lo = TorchLoader(db, sampler, scale, device, dtype, channels_last, workers, lr=lr)
     else:
@@ -233,7 +245,8 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
         if roi_decode is None:
             roi_decode = device.type != "cuda"
         lo = DaliLoader(db, sampler, scale, device, dtype, channels_last, workers, roi_decode,
-                        lr=lr, degradation=degradation)
+                        lr=lr, degradation=degradation, threads=dali_threads,
+                        hw_decoder_load=hw_decoder_load, decoder_hints=decoder_hints)
     lo.schedule = patch_schedule
     lo.degradation, lo.usm = degradation, usm
     return lo

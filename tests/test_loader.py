@@ -211,3 +211,25 @@ def test_torch_workers_survive_opencv_threads_in_the_parent(packed, tmp_path):
         pytest.fail("torch loader workers hung after OpenCV used threads in the parent")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["8"]  # 10 images, batch 4, drop_last
+
+
+@pytest.mark.dali
+def test_dali_tuning_knobs_are_validated_and_applied(packed):
+    from srdata.dali_loader import decoder_args
+    db = packed("jpeg")
+    kw = dict(batch_size=2, patch_size=32, scale=4, workers=1, device="cpu", dtype=torch.uint8,
+              sample_ratio=0.5)
+    lo = srdata.make_loader(db, "dali", dali_threads=2, hw_decoder_load=0.9,
+                            decoder_hints={"preallocate_width_hint": 512}, **kw)
+    assert lo.threads == 2 and lo.dec == {}  # the CPU decoder takes no GPU tuning
+    lr, hr = next(iter(lo))
+    assert hr.shape[-2:] == (32, 32) and lr.shape[-2:] == (8, 8)
+    assert decoder_args(True, 0.9, {"device_memory_padding": 1 << 20}) == {
+        "hw_decoder_load": 0.9, "device_memory_padding": 1 << 20}
+    for bad, match in (({"dali_threads": 0}, "dali_threads=0"),
+                       ({"hw_decoder_load": 1.5}, "hw_decoder_load=1.5"),
+                       ({"decoder_hints": {"bogus": 1}}, "decoder_hints bogus")):
+        with pytest.raises(ValueError, match=match):
+            srdata.make_loader(db, "dali", **bad, **kw)
+    with pytest.raises(ValueError, match="dali_threads with loader='torch'"):
+        srdata.make_loader(db, "torch", dali_threads=2, **kw)
