@@ -71,7 +71,7 @@ def build_loader(db, name, batch_size, workers, args, degradation="nn", tuning=N
                               scale=args["scale"], sample_ratio=ratio, workers=workers,
                               dtype=args["dtype"], device=args["device"],
                               degradation=degradation, **LOADERS[name],
-                              **(tuning if name != "torch" else {}))
+                              **(tuning or {}))
 
 
 def measure(db, name, batch_size, workers, args, degradation="nn", tuning=None) -> dict:

@@ -50,6 +50,15 @@ def test_loader_benchmark_writes_lines_table_and_plot(tmp_path):
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 4
     assert "| dali-roi | 2 | 1 |" in (tmp_path / "r.md").read_text()
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    # DALI's knobs: one row per combination for dali, the untuned one for torch
+    lines = bench("loader_throughput.py", "--count", 12, "--size", 96, "--patch", 48,
+                  "--batch-sizes", 2, "--workers", 1, "--batches", 2, "--repeats", 1,
+                  "--loaders", "dali,torch", "--dali-threads", "1,2", "--prealloc", "on",
+                  "--no-cold", "--md", tmp_path / "t.md", cwd=tmp_path)
+    assert [(r["loader"], r.get("tuning")) for r in lines] == [
+        ("dali", {"dali_threads": 1, "decoder_hints": "on"}),
+        ("dali", {"dali_threads": 2, "decoder_hints": "on"}), ("torch", None)]
+    assert "| dali, dali_threads 2, decoder_hints on | 2 | 1 |" in (tmp_path / "t.md").read_text()
 
 
 @pytest.mark.dali
