@@ -480,10 +480,16 @@ def encoded_shape(buf, codec: str) -> tuple[int, int] | None:
     return None
 
 
-def write_json_atomic(path: Path, obj) -> None:
+def write_json_atomic(path: Path, obj, indent: int = 1) -> None:
+    """``path`` holds the whole of ``obj`` or what it held before, never a part: a failed
+    write (a full disk) removes its temporary file and raises."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

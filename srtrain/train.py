@@ -22,6 +22,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 import srdata
+from srdata.format import write_json_atomic
 from srdata.reader import open_db
 from srdata.schedule import PatchSchedule
 
@@ -428,7 +429,7 @@ class Trainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         if self.d.main:
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            write_json_atomic(self.out / "config.json", cfg.to_dict(), indent=2)
         if cfg.profile_loader:
             self.log({"event": "profile", **self.profile()})
         self.loader_start = self.loader.epoch

@@ -291,3 +291,15 @@ def test_a_worker_started_from_a_thread_lives_until_its_parent_dies():
     if alive(int(pid)):
         os.kill(int(pid), signal.SIGKILL)
         pytest.fail("the worker outlived its killed parent")
+
+
+def test_json_written_whole_or_not_at_all(tmp_path):
+    from srdata.format import write_json_atomic
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux)")
+    path = tmp_path / "config.json"
+    path.write_text('{"old": 1}')
+    (tmp_path / "config.json.tmp").symlink_to("/dev/full")  # every write: ENOSPC
+    with pytest.raises(OSError, match="No space left"):
+        write_json_atomic(path, {"new": 2})
+    assert path.read_text() == '{"old": 1}' and not (tmp_path / "config.json.tmp").exists()
