@@ -42,6 +42,7 @@ version 2 on; in version 1, it and ``id`` are optional: older databases lack the
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -361,15 +362,11 @@ def write_index(db: Path, rows: list, shards: list) -> str:
     assert set(channels) == {CHANNELS} and keys == tuple(
         record_keys(len(rows)).astype(str)), "keys are not the ids"
     columns = {"nbytes": nbytes, "crc32": crc, "height": height, "width": width}
-    tmp = db / (INDEX_BIN + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(db / INDEX_BIN, "wb") as f:
         f.write(INDEX_MAGIC + struct.pack("<Q", len(rows)))
         for name, dtype in INDEX_BIN_COLUMNS:
             f.write(np.asarray(columns[name], dtype).tobytes())
         f.write("\0".join(paths).encode("utf-8", "surrogatepass"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, db / INDEX_BIN)
     return INDEX_BIN
 
 
@@ -480,16 +477,23 @@ def encoded_shape(buf, codec: str) -> tuple[int, int] | None:
     return None
 
 
-def write_json_atomic(path: Path, obj, indent: int = 1) -> None:
-    """``path`` holds the whole of ``obj`` or what it held before, never a part: a failed
-    write (a full disk) removes its temporary file and raises."""
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "w"):
+    """A file to write ``path`` through: ``path`` ends up holding the whole of what was
+    written or what it held before, never a part; a failed write (a full disk) removes the
+    temporary file (``path`` + ``.tmp``) and raises."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=indent)
+        with open(tmp, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, obj, indent: int = 1) -> None:
+    with atomic_file(path) as f:
+        json.dump(obj, f, indent=indent)
