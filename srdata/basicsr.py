@@ -25,9 +25,8 @@ from . import format as fmt
 from .reader import open_shard
 
 META = "meta_info.txt"
-# The name is everything before the shape, so names with spaces or dots parse too.
-_LINE = re.compile(r"(?P<name>\S.*?)\s+\((?P<h>\d+),\s*(?P<w>\d+),\s*(?P<c>\d+)\)\s+\d+")
-# the same over a whole file: (name, h, w) per line
+# One line, `name (h,w,c) level`, matched line by line over a whole file: (name, h, w). The
+# name is everything before the shape, so names with spaces or dots parse too.
 _ALL = re.compile(r"^[ \t]*(\S.*?)[ \t]+\((\d+),[ \t]*(\d+),[ \t]*\d+\)[ \t]+\d+[ \t\r]*$",
                   re.M)
 
@@ -73,12 +72,14 @@ def _parse_meta(path: Path) -> tuple[tuple, tuple, np.ndarray, np.ndarray]:
         return _named(path, names, hwc[:, 0], hwc[:, 1])
     # one regex pass over the whole text (fast for a million lines); line by line only to
     # name the line that does not parse
+    # (the same pattern names the bad line, so no line can be skipped without an error)
     found = _ALL.findall(text)
-    if len(found) != sum(1 for line in text.splitlines() if line.strip()):
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip() and _LINE.fullmatch(line.strip()) is None:
-                raise fmt.DBError(f"line {lineno} of {path}: expected `name (h,w,c) level`, "
-                                  f"got {line!r}")
+    lines = text.split("\n")
+    if len(found) != sum(1 for line in lines if line.strip()):
+        lineno = next(n for n, line in enumerate(lines, 1)
+                      if line.strip() and _ALL.fullmatch(line) is None)
+        raise fmt.DBError(f"line {lineno} of {path}: expected `name (h,w,c) level`, "
+                          f"got {lines[lineno - 1]!r}")
     if not found:
         raise fmt.DBError(f"{path} lists no images; the BasicSR LMDB is empty or unfinished")
     names, hs, ws = zip(*found)

@@ -70,7 +70,8 @@ def test_missing_data_mdb(basicsr_db):
 
 
 @pytest.mark.parametrize("bad", ["im009.png", "im009.png (120,160) 1", "im009.png 120x160x3 1",
-                                 "(120,160,3) 1", "im009.png (120,160,3)"])
+                                 "(120,160,3) 1", "im009.png (120,160,3)",
+                                 "im009.png\xa0(120,160,3) 1"])  # not dropped in silence
 def test_malformed_line_names_file_and_line(basicsr_db, bad):
     path = basicsr_db[0]
     meta = path / "meta_info.txt"
