@@ -9,7 +9,6 @@ a killed pack leaves no directory that looks like a database (``srdata.publish``
 from __future__ import annotations
 
 import datetime
-import hashlib
 import multiprocessing as mp
 import os
 import shutil
@@ -29,7 +28,7 @@ from . import format as fmt
 from . import images
 from . import publish as pub
 from ._proc import die_with_parent
-from .publish import Interrupted, PackError, check_destination, recover_publish  # noqa: F401
+from .publish import Interrupted, PackError, check_destination  # noqa: F401
 from .walk import walk
 
 GiB = 1 << 30
@@ -80,12 +79,6 @@ class PackConfig:
 def display(rel: bytes) -> str:
     """A source path for humans and JSON: non-UTF-8 bytes shown as \\xNN escapes."""
     return rel.decode("utf-8", "backslashreplace")
-
-
-def scan(root: Path, exclude: Path | None = None) -> list[bytes]:
-    """Every file under ``root`` (recursively, symlinked folders followed, each real file
-    once), as sorted relative byte paths; ``srdata.walk.walk`` also says what it left out."""
-    return walk(root, exclude)[0]
 
 
 def _init_worker(parent: int, by_main_thread: bool):
@@ -168,11 +161,7 @@ class _ShardWriter:
         del shard["_pending"]
         data = self.root / shard["name"] / "data.mdb"
         (self.root / shard["name"] / "lock.mdb").unlink(missing_ok=True)  # readers use none
-        digest = hashlib.sha256()
-        with open(data, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        shard["bytes"], shard["sha256"] = data.stat().st_size, digest.hexdigest()
+        shard["bytes"], shard["sha256"] = data.stat().st_size, fmt.sha256_file(data)
 
     def close(self) -> list[dict]:
         try:
