@@ -8,7 +8,6 @@ strings, lists and dicts, so it loads without unpickling arbitrary objects.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -133,18 +132,15 @@ def export(ckpt: Path, out: Path, overwrite: bool = False) -> dict:
 
 
 def database_identity(db) -> str:
-    """What a database is, independent of the path it is opened by: its pack-time ``id``
-    when the manifest has one, else a digest of its contents' description (image count and
-    sizes, shard checksums, BasicSR's meta_info.txt), which a repack or another database
-    changes and a move or copy does not."""
-    if db.manifest.get("id"):
-        return str(db.manifest["id"])
-    h = hashlib.sha256()
-    h.update(json.dumps([db.manifest.get("format"), len(db), db.manifest.get("created"),
-                         [s.get("sha256") for s in db.manifest.get("shards", [])]]).encode())
+    """What a database is, independent of the path it is opened by: an srpipe database's
+    own identity (``srdata.reader.identity``: its pack-time ``id``, or for one packed before
+    ids a digest of its manifest, which holds no path of its own); a BasicSR LMDB, whose
+    manifest we make up from its path, by a digest of its meta_info.txt and image sizes.
+    A repack or another database changes it; a move or copy does not."""
+    from srdata.reader import PackedDB
+    if isinstance(db, PackedDB):
+        return db.identity
+    h = hashlib.sha256((Path(db.path) / "meta_info.txt").read_bytes())
     h.update(np.asarray(db.heights, np.int64).tobytes())
     h.update(np.asarray(db.widths, np.int64).tobytes())
-    meta = Path(db.path) / "meta_info.txt"
-    if meta.is_file():
-        h.update(meta.read_bytes())
     return "sha256:" + h.hexdigest()

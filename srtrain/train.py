@@ -234,11 +234,10 @@ def append_line(path: Path, line: str) -> None:
         os.close(fd)
 
 
-def data_identities(cfg: TrainConfig, db) -> dict:
-    """The identities of the run's databases (see checkpoint.database_identity)."""
-    return {"db": checkpoint.database_identity(db),
-            "val_db": checkpoint.database_identity(open_db(cfg.val_db)) if cfg.val_db else None,
-            "lr_db": checkpoint.database_identity(open_db(cfg.lr_db)) if cfg.lr_db else None}
+def data_identities(db, val_db=None, lr_db=None) -> dict:
+    """The identities of the run's open databases (see checkpoint.database_identity)."""
+    return {key: checkpoint.database_identity(d) if d is not None else None
+            for key, d in (("db", db), ("val_db", val_db), ("lr_db", lr_db))}
 
 
 def loader_workers(asked: int | None) -> int:
@@ -299,12 +298,15 @@ class Trainer:
             workers=loader_workers(cfg.workers), ids=train_ids, lr_db=cfg.lr_db,
             patch_schedule=self.schedule, degradation=cfg.degradation, usm=cfg.usm)
         self.val = None
-        self.data_ids = data_identities(cfg, db)
+        vdb = open_db(cfg.val_db) if cfg.val_db else None
+        # each database opened once: the loader holds the paired LR one
+        lr = self.loader.lr
+        self.data_ids = data_identities(db, vdb, lr.db if lr is not None else None)
         if state is not None:
             self._check_data(state)  # before any image is read
-        if d.main and (cfg.val_db or len(val_ids)):
-            vdb = open_db(cfg.val_db) if cfg.val_db else db
-            ids = range(len(vdb)) if cfg.val_db else val_ids
+        if d.main and (vdb is not None or len(val_ids)):
+            ids = range(len(vdb)) if vdb is not None else val_ids
+            vdb = db if vdb is None else vdb
             # one size in every stage (the final patch), so scores compare across stages
             val_patch = self.schedule.final if self.schedule else cfg.patch
             self.val = ValSet(vdb, ids, val_patch, cfg.scale, cfg.val_images,
@@ -360,7 +362,9 @@ class Trainer:
         saved = state.get("data")
         if saved is None:  # a checkpoint from before identities: what its paths hold now
             old = TrainConfig.from_dict(state["config"])
-            saved = data_identities(old, open_db(old.db)) if Path(old.db).exists() else {}
+            saved = data_identities(*(open_db(p) if p else None for p in
+                                      (old.db, old.val_db, old.lr_db))
+                                    ) if Path(old.db).exists() else {}
         for flag, key in (("--db", "db"), ("--val-db", "val_db"), ("--lr-db", "lr_db")):
             if saved.get(key) != self.data_ids[key]:
                 raise ValueError(

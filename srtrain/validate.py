@@ -76,7 +76,6 @@ class ValSet:
             raise ValueError(f"no validation image of {db.path} is at least {patch} px; "
                              "use a smaller --patch or another --val-db")
         self.hr = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
-        self.degradation = "paired" if lr is not None else degradation
         if lr is None:
             self.lr = make_lr(self.hr, kept, scale, degradation)
         else:
