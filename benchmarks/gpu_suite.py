@@ -224,7 +224,7 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
                   "--out", out / "loader_throughput.jsonl", "--md", out / "loader_throughput.md",
                   "--plot", out / "loader_throughput.png")
             if p["tuning"]:  # DALI's knobs at all cores: the rows that set make_loader's defaults
-                cores = workers + 1 if workers else os.cpu_count()
+                cores = workers + 1 if workers else len(os.sched_getaffinity(0))
                 s.run("loaders", py, "loader_throughput.py", "--db", db, "--loaders", "dali",
                       "--batch-sizes", p["batch"], "--workers", workers or 0,
                       "--dali-threads", f"{max(1, cores // 2)},{max(1, cores - 1)}",

@@ -278,9 +278,9 @@ def main(db, count, size, loaders, batch_sizes, worker_counts, patch, scale, dty
                   if database.codec == "jpeg" else None, "patch": patch,
                   "scale": scale, "dtype": dtype, "device": str(args["device"])}
         records = []
+        combos = tunings(database, thread_counts, hw_loads, prealloc_modes)
         for bs in _ints(batch_sizes):
             for workers in budgets:
-                combos = tunings(database, thread_counts, hw_loads, prealloc_modes)
                 for name, crc, kind, tuning in (
                         (n, c, k, t) for n, c, k in itertools.product(
                             names, crc_modes.split(","), kinds)

@@ -198,6 +198,9 @@ def render(out: Path) -> Path:
                "MATLAB bicubic or Real-ESRGAN's degradation (torch: on the device after the "
                "batch arrives; dali: in its graph).", "",
                (out / "loader_degradation.md").read_text(), ""]
+    if (out / "time_to_quality.md").exists():
+        md += ["## Time to quality", "", (out / "time_to_quality.md").read_text(),
+               "![time to quality](time_to_quality.png)", ""]
     md += codec_section(out)
     if (out / "model_quality.md").exists():
         md += ["## Model presets: quality", "", (out / "model_quality.md").read_text(), ""]

@@ -23,7 +23,6 @@ before the start.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -62,7 +61,7 @@ def run_one(name: str, tmp: Path, settings: dict, val: int, env: dict, out: Path
                                  cfg.patch_schedule, cfg.epochs)
     t0 = time.time()
     train(cfg)
-    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    events = _common.read_lines(run / "metrics.jsonl")
     points = []
     for e in (e for e in events if e["event"] == "val"):
         points.append({"benchmark": "time_to_quality", "run": name, "epoch": e["epoch"],
