@@ -426,6 +426,22 @@ def realesrgan_degrade(hr: torch.Tensor, params: dict, scale: int) -> torch.Tens
     return torch.clamp((out * 255.0).round(), 0, 255) / 255.0
 
 
+def make_lr(hr: torch.Tensor, scale: int, degradation: str, params: dict | None = None
+            ) -> torch.Tensor:
+    """The LR of a uint8 NCHW HR batch as ``degradation`` makes it (uint8, on hr's
+    device); ``params``: Real-ESRGAN's, one per sample (``sample_params``)."""
+    from .sampler import nn_downscale
+    if degradation == "nn":
+        return nn_downscale(hr, scale)
+    if degradation == "bicubic":
+        return bicubic_downscale(hr, scale)
+    if degradation != "realesrgan":
+        raise ValueError(f"got degradation={degradation!r}, expected nn, bicubic or "
+                         "realesrgan")
+    lr = realesrgan_degrade(hr, params, scale)
+    return lr.mul_(255).round_().to(torch.uint8)  # already whole grey levels
+
+
 def usm_sharpen(img: torch.Tensor, cfg: RealESRGANConfig = REALESRGAN_X4PLUS) -> torch.Tensor:
     """Unsharp masking of an NCHW float batch in [0, 1] (Real-ESRGAN's ``gt_usm``): add
     ``weight`` x the detail (image minus its Gaussian blur) where the detail exceeds

@@ -24,7 +24,7 @@ import os
 import torch
 
 from ._proc import main_script_problem
-from .sampler import DEGRADATIONS, RowParams, Sampler, nn_downscale
+from .sampler import DEGRADATIONS, RowParams, Sampler
 from .schedule import PatchSchedule
 
 LOADERS = ("dali", "torch")
@@ -123,15 +123,12 @@ class Loader:
         """The LR of batch ``b`` of ``epoch`` (uint8 NCHW HR on the device -> uint8 LR),
         made on the device after the batch arrived (the torch loader's way; DALI makes
         bicubic and Real-ESRGAN LR in its graph)."""
-        from . import degrade
-        if self.degradation == "nn":
-            return nn_downscale(hr, self.scale)
-        if self.degradation == "bicubic":
-            return degrade.bicubic_downscale(hr, self.scale)
-        first = b * self.sampler.batch_size
-        p = self._row_params(epoch, first, first + len(hr))
-        lr = degrade.realesrgan_degrade(hr, p, self.scale)
-        return lr.mul_(255).round_().to(torch.uint8)  # already whole grey levels
+        from .degrade import make_lr
+        params = None
+        if self.degradation == "realesrgan":
+            first = b * self.sampler.batch_size
+            params = self._row_params(epoch, first, first + len(hr))
+        return make_lr(hr, self.scale, self.degradation, params)
 
     def _target(self, hr: torch.Tensor) -> torch.Tensor:
         """The uint8 NCHW HR batch -> the output target, USM-sharpened if asked for."""

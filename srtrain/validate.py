@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from srdata import degrade
-from srdata.sampler import nn_downscale
 
 from . import metrics
 
@@ -29,17 +28,12 @@ VAL_SEED = 0x7A1  # validation LR's Real-ESRGAN parameters: (VAL_SEED, image id)
 
 def make_lr(hr: torch.Tensor, ids, scale: int, degradation: str) -> torch.Tensor:
     """The validation LR (uint8 NCHW) of uint8 NCHW crops of images ``ids``."""
-    if degradation == "nn":
-        return nn_downscale(hr, scale).contiguous()
-    if degradation == "bicubic":
-        return degrade.bicubic_downscale(hr, scale)
-    if degradation != "realesrgan":
-        raise ValueError(f"got degradation={degradation!r}, expected nn, bicubic or "
-                         "realesrgan")
-    lrs = [degrade.realesrgan_degrade(
-        hr[k:k + 1], degrade.sample_params(np.random.default_rng([VAL_SEED, int(i)]), 1), scale)
-        for k, i in enumerate(ids)]
-    return torch.cat(lrs).mul_(255).round_().to(torch.uint8)
+    params = None
+    if degradation == "realesrgan":  # each image's own draw, the same in every epoch and run
+        drawn = [degrade.sample_params(np.random.default_rng([VAL_SEED, int(i)]), 1)
+                 for i in ids]
+        params = {k: np.concatenate([d[k] for d in drawn]) for k in drawn[0]}
+    return degrade.make_lr(hr, scale, degradation, params).contiguous()
 
 
 def split_ids(n: int, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
