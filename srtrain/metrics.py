@@ -59,8 +59,10 @@ def rgb_to_y(t255: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nchw,c->nhw", t255.double(), w) / 255.0 + 16.0
 
 
-def _y_pair(sr: torch.Tensor, hr: torch.Tensor, border: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantized, border-cropped Y of both images."""
+def _pair(sr: torch.Tensor, hr: torch.Tensor, border: int,
+          convert=lambda t: t) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both images quantized, passed through ``convert`` and border-cropped, after the
+    checks every metric shares."""
     _check_images("sr", sr)
     _check_images("hr", hr)
     if sr.shape != hr.shape:
@@ -70,34 +72,33 @@ def _y_pair(sr: torch.Tensor, hr: torch.Tensor, border: int) -> tuple[torch.Tens
     h, w = hr.shape[-2:]
     if min(h, w) - 2 * border < 1:
         raise ValueError(f"the {h}x{w} validation image is too small for a border of {border}")
-    ys = [rgb_to_y(quantize(t.to(hr.device)))[:, border:h - border, border:w - border]
-          for t in (sr, hr)]
-    return ys[0], ys[1]
+    a, b = (convert(quantize(t.to(hr.device)))[..., border:h - border, border:w - border]
+            for t in (sr, hr))
+    return a, b
 
 
-def psnr_y(sr: torch.Tensor, hr: torch.Tensor, border: int) -> torch.Tensor:
-    """Per-image PSNR (dB) on Y, shape (N,), float64 on the CPU; inf where identical."""
-    y_sr, y_hr = _y_pair(sr, hr, border)
-    mse = (y_sr - y_hr).square().mean(dim=(1, 2))
+def _y_pair(sr: torch.Tensor, hr: torch.Tensor, border: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantized, border-cropped Y of both images."""
+    return _pair(sr, hr, border, rgb_to_y)
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB) of 0..255 images, float64 on the CPU; inf where identical."""
+    mse = (a - b).square().mean(dim=tuple(range(1, a.ndim)))
     psnr = 10.0 * torch.log10(255.0 ** 2 / mse)
     # Explicit rather than relying on x / 0 = inf: BasicSR returns inf there too.
     return torch.where(mse == 0, torch.inf, psnr).cpu()
 
 
+def psnr_y(sr: torch.Tensor, hr: torch.Tensor, border: int) -> torch.Tensor:
+    """Per-image PSNR (dB) on Y, shape (N,), float64 on the CPU; inf where identical."""
+    return _psnr(*_y_pair(sr, hr, border))
+
+
 def psnr_rgb(sr: torch.Tensor, hr: torch.Tensor, border: int) -> torch.Tensor:
     """Per-image PSNR (dB) over the R, G and B values, shape (N,), float64 on the CPU: what
     BasicSR's training logs report (``calculate_psnr`` with ``test_y_channel=False``)."""
-    _check_images("sr", sr)
-    _check_images("hr", hr)
-    if sr.shape != hr.shape:
-        raise ValueError(f"sr and hr differ in shape: {tuple(sr.shape)} vs {tuple(hr.shape)}")
-    h, w = hr.shape[-2:]
-    if border < 0 or min(h, w) - 2 * border < 1:
-        raise ValueError(f"the {h}x{w} validation image is too small for a border of {border}")
-    a, b = (quantize(t.to(hr.device))[..., border:h - border, border:w - border]
-            for t in (sr, hr))
-    mse = (a - b).square().mean(dim=(1, 2, 3))
-    return torch.where(mse == 0, torch.inf, 10.0 * torch.log10(255.0 ** 2 / mse)).cpu()
+    return _psnr(*_pair(sr, hr, border))
 
 
 def ssim_y(sr: torch.Tensor, hr: torch.Tensor, border: int) -> torch.Tensor:
