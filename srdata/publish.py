@@ -188,19 +188,25 @@ def publish(tmp: Path, dst: Path) -> None:
                     dst, e, left)
 
 
-def _leftovers(dst: Path, kind: str) -> list[Path]:
-    pattern = re.compile(rf"\.{re.escape(dst.name)}\.{kind}-\d+\Z")
+def _leftovers(dst: Path) -> dict[str, list[Path]]:
+    """What killed packs left next to ``dst``, by kind (``old``, ``partial``); one listing."""
+    pattern = re.compile(rf"\.{re.escape(dst.name)}\.(old|partial)-\d+\Z")
+    found = {"old": [], "partial": []}
     try:
-        return sorted(p for p in dst.parent.iterdir() if pattern.match(p.name))
+        for p in dst.parent.iterdir():
+            m = pattern.match(p.name)
+            if m:
+                found[m[1]].append(p)
     except OSError:
-        return []
+        pass
+    return {kind: sorted(paths) for kind, paths in found.items()}
 
 
 def repair(dst: Path) -> list[str]:
     """Undo what a killed pack left around ``dst``; the caller holds the lock, so no pack
     is running on it. Returns what was done (also logged)."""
-    done = []
-    for old in _leftovers(dst, "old"):
+    done, left = [], _leftovers(dst)
+    for old in left["old"]:
         try:
             if not os.path.lexists(dst):
                 os.replace(old, dst)
@@ -212,7 +218,7 @@ def repair(dst: Path) -> list[str]:
                             f"after publishing {dst} left behind")
         except OSError as e:
             done.append(f"could not repair {old.name} (left by a killed pack): {e}")
-    for part in _leftovers(dst, "partial"):
+    for part in left["partial"]:
         shutil.rmtree(part, ignore_errors=True)
         done.append(f"removed {part.name}, left by an interrupted pack")
     for line in done:
@@ -225,7 +231,7 @@ def recover_publish(dst: str | os.PathLike) -> list[str]:
     running on it; for readers to call before opening. Returns what was done ([] if
     nothing, or if the lock cannot be taken, e.g. on a read-only file system)."""
     dst = Path(dst)
-    if not _leftovers(dst, "old") and not _leftovers(dst, "partial"):
+    if not any(_leftovers(dst).values()):
         return []
     try:
         fd, _ = _try_lock(dst)
@@ -234,7 +240,7 @@ def recover_publish(dst: str | os.PathLike) -> list[str]:
     if fd is None:
         return []
     try:
-        return repair(dst)
+        return repair(dst)  # lists again: another process may have repaired it meanwhile
     finally:
         _unlock(dst, fd)
 
