@@ -22,9 +22,10 @@ from . import format as fmt
 def record_names(db) -> list[str]:
     """The name each image of ``db`` is paired by."""
     from .basicsr import BasicSRDB
+    # From the index's columns: a Record per image costs seconds at a million images.
     if isinstance(db, BasicSRDB):
-        return [r.key for r in db.records]
-    return [os.path.splitext(r.path)[0] for r in db.records]
+        return [k.decode() for k in db.records.keys.tolist()]
+    return [os.path.splitext(p)[0] for p in db.records.paths]
 
 
 class LRSource:

@@ -11,7 +11,7 @@ import srdata
 from conftest import make_basicsr_lmdb
 from srdata import DBError
 from srdata.reader import open_db
-from srdata.format import Record
+from srdata import format as fmt
 from srdata.pack import PackConfig, pack
 from srdata.paired import pair
 from srdata.sampler import HFLIP, ID, TRANSPOSE, VFLIP, X, Y, crop_and_flip, lr_row
@@ -133,10 +133,11 @@ def fake_db(path, names, sizes):
         pass
     db = DB()
     db.path, db.codec = path, "png"
-    db.records = [Record(i, 0, f"{i:08d}", h, w, 3, 0, 0, f"{n}.png")
-                  for i, (n, (h, w)) in enumerate(zip(names, sizes))]
-    db.heights = np.array([h for h, _ in sizes], np.int64)
-    db.widths = np.array([w for _, w in sizes], np.int64)
+    n = len(names)
+    db.records = fmt.Index(np.zeros(n), [b"%08d" % i for i in range(n)],
+                           [h for h, _ in sizes], [w for _, w in sizes], np.full(n, 3),
+                           np.zeros(n), np.zeros(n), [f"{name}.png" for name in names])
+    db.heights, db.widths = db.records.height, db.records.width
     return db
 
 
