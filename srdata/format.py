@@ -480,17 +480,20 @@ def encoded_shape(buf, codec: str) -> tuple[int, int] | None:
 @contextlib.contextmanager
 def atomic_file(path: Path, mode: str = "w"):
     """A file to write ``path`` through: ``path`` ends up holding the whole of what was
-    written or what it held before, never a part; a failed write (a full disk) removes the
-    temporary file (``path`` + ``.tmp``) and raises."""
-    tmp = path.with_name(path.name + ".tmp")
+    written or what it held before, never a part. The temporary file (``.NAME.tmp-PID``:
+    hidden, and one per process, so two writers never share one) is removed when a write
+    fails, and an OSError (a full disk) names ``path``, not the temporary file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 

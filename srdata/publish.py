@@ -126,7 +126,9 @@ def check_destination(dst: Path, overwrite: bool, src: Path | None = None) -> No
                         "or choose another DB path")
 
 
-_DB_ENTRIES = re.compile(r"(manifest\.json|index\.(?:json|bin))(\.tmp)?\Z|shard-\d{5}\Z")
+# the files a pack writes, with format.atomic_file's temporary names (and older srpipe's)
+_DB_ENTRIES = re.compile(r"(manifest\.json|index\.(?:json|bin))(\.tmp)?\Z"
+                         r"|\.(manifest\.json|index\.(?:json|bin))\.tmp-\d+\Z|shard-\d{5}\Z")
 _SHARD_ENTRIES = {"data.mdb", "lock.mdb"}
 
 

@@ -8,28 +8,20 @@ strings, lists and dicts, so it loads without unpickling arbitrary objects.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from srdata.format import atomic_file
 
 
 def save(path: Path, state: dict) -> None:
     """Write ``state`` to ``path`` so that a crash leaves the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:  # a full disk: name the checkpoint, not our temporary file
-        raise OSError(e.errno, e.strerror, str(path)) from e
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path, "wb") as f:
+        torch.save(state, f)
 
 
 def load(path: Path) -> dict:

@@ -20,7 +20,6 @@ Inputs are NCHW RGB float tensors in [0, 1], of any float dtype, memory format a
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2
@@ -28,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from skimage.metrics import structural_similarity
+
+from srdata.format import atomic_file
 
 # BT.601 weights for R, G, B on 0..255 values, as BasicSR's rgb2ycbcr (which sees BGR
 # images from OpenCV and so lists them reversed).
@@ -166,10 +167,6 @@ def save_grid(path, lr: torch.Tensor, bic: torch.Tensor, sr: torch.Tensor,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A viewer or a sync job reading the file mid-write sees the old grid, never half a PNG.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(buf.tobytes())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path, "wb") as f:
+        f.write(buf.tobytes())
     return path

@@ -19,7 +19,6 @@ channels) and written as 3-channel RGB; 16-bit images as 8-bit.
 """
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from pathlib import Path
@@ -28,6 +27,8 @@ import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from srdata.format import atomic_file
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -155,12 +156,8 @@ def write_rgb(path: Path, rgb: np.ndarray) -> None:
     if not ok:
         raise ValueError(f"OpenCV could not encode {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        buf.tofile(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path, "wb") as f:
+        f.write(buf.tobytes())
 
 
 def _plan_folder(src: Path, dst: Path) -> tuple[list[tuple[Path, Path]], list[dict]]:

@@ -299,7 +299,8 @@ def test_json_written_whole_or_not_at_all(tmp_path):
         pytest.skip("needs /dev/full (Linux)")
     path = tmp_path / "config.json"
     path.write_text('{"old": 1}')
-    (tmp_path / "config.json.tmp").symlink_to("/dev/full")  # every write: ENOSPC
+    tmp = tmp_path / f".config.json.tmp-{os.getpid()}"
+    tmp.symlink_to("/dev/full")  # every write: ENOSPC
     with pytest.raises(OSError, match="No space left"):
         write_json_atomic(path, {"new": 2})
-    assert path.read_text() == '{"old": 1}' and not (tmp_path / "config.json.tmp").exists()
+    assert path.read_text() == '{"old": 1}' and not os.path.lexists(tmp)
