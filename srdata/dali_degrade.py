@@ -130,11 +130,12 @@ def bicubic_taps(scale: int) -> tuple[np.ndarray, int]:
     (taps,) float32 filter, and the filter's anchor such that output pixel y is the filter's
     response at input pixel ``y * scale + scale // 2`` (the pixel INTERP_NN then picks).
     Away from borders every row of ``degrade.matlab_resize_matrix`` is these weights."""
-    centre = (scale - 1) / 2  # output pixel 0's centre in 0-based input coordinates
-    first = int(np.floor(centre - 2 * scale)) + 1
-    dist = centre - np.arange(first, first + 4 * scale + 1)
-    w = reference.cubic(dist / scale) / scale
-    return (w / w.sum()).astype(np.float32), scale // 2 - first
+    # Output pixel 0's row, before the border fold; its first tap lies exactly 2 * scale
+    # away, where the kernel is 0, so it is dropped.
+    idx, w = reference.matlab_contributions(scale, 1, 1 / scale)
+    assert w[0, 0] == 0
+    first = int(idx[0, 1]) - 1  # 0-based
+    return w[0, 1:].astype(np.float32), scale // 2 - first
 
 
 def bicubic_downscale(hr, patch: int, scale: int):
