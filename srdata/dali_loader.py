@@ -128,7 +128,7 @@ def _sr_pipeline(source, raw, patch, scale, gpu, roi, workers, dec, degradation=
 class DaliLoader(Loader):
     def __init__(self, db, sampler, scale, device, dtype, channels_last, workers: int,
                  roi_decode: bool = False, lr=None, degradation: str = "nn",
-                 threads: int | None = None, hw_decoder_load: float | None = None,
+                 usm: bool = False, schedule=None, threads: int | None = None, hw_decoder_load: float | None = None,
                  decoder_hints: dict | None = None):
         if pipeline_def is None:
             raise ImportError(MISSING_DALI)
@@ -140,8 +140,8 @@ class DaliLoader(Loader):
         if unknown:
             raise ValueError(f"got decoder_hints {', '.join(unknown)}, expected some of "
                              f"{', '.join(DECODER_HINTS)}")
-        super().__init__(db, sampler, scale, device, dtype, channels_last)
-        self.lr, self.degradation = lr, degradation
+        super().__init__(db, sampler, scale, device, dtype, channels_last, lr, degradation,
+                         usm, schedule)
         self.workers, self.roi_decode = max(1, workers), roi_decode
         self.threads = threads or self.workers  # DALI's CPU threads; workers read LMDB
         self.dec = decoder_args(device.type == "cuda", hw_decoder_load, decoder_hints)

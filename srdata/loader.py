@@ -34,13 +34,14 @@ class Loader:
     """What both implementations share: the sampler, the position, the output format."""
 
     def __init__(self, db, sampler: Sampler, scale: int, device: torch.device,
-                 dtype: torch.dtype, channels_last: bool):
+                 dtype: torch.dtype, channels_last: bool, lr=None, degradation: str = "nn",
+                 usm: bool = False, schedule: PatchSchedule | None = None):
         self.db, self.sampler, self.scale = db, sampler, scale
         self.device, self.dtype, self.channels_last = device, dtype, channels_last
         self.epoch, self.batch = 0, 0
-        self.lr = None  # paired data: the LR database (srdata.paired.LRSource)
-        self.schedule = None  # epoch -> (patch, batch size); None: as last set by hand
-        self.degradation, self.usm = "nn", False  # how LR is made; USM-sharpened targets
+        self.lr = lr  # paired data: the LR database (srdata.paired.LRSource)
+        self.schedule = schedule  # epoch -> (patch, batch size); None: as last set by hand
+        self.degradation, self.usm = degradation, usm  # how LR is made; USM-sharpened targets
         self._params = None  # realesrgan: RowParams of the epoch under way
 
     def __len__(self) -> int:
@@ -236,17 +237,15 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
             raise ValueError(f"got {', '.join(given)} with loader='torch': they tune DALI; "
                              "drop them or use loader='dali'")
         from .torch_loader import TorchLoader
-        lo = TorchLoader(db, sampler, scale, device, dtype, channels_last, workers, lr=lr)
-    else:
-        from .dali_loader import DaliLoader
-        if roi_decode is None:
-            roi_decode = device.type != "cuda"
-        lo = DaliLoader(db, sampler, scale, device, dtype, channels_last, workers, roi_decode,
-                        lr=lr, degradation=degradation, threads=dali_threads,
-                        hw_decoder_load=hw_decoder_load, decoder_hints=decoder_hints)
-    lo.schedule = patch_schedule
-    lo.degradation, lo.usm = degradation, usm
-    return lo
+        return TorchLoader(db, sampler, scale, device, dtype, channels_last, workers, lr=lr,
+                           degradation=degradation, usm=usm, schedule=patch_schedule)
+    from .dali_loader import DaliLoader
+    if roi_decode is None:
+        roi_decode = device.type != "cuda"
+    return DaliLoader(db, sampler, scale, device, dtype, channels_last, workers, roi_decode,
+                      lr=lr, degradation=degradation, usm=usm, schedule=patch_schedule,
+                      threads=dali_threads, hw_decoder_load=hw_decoder_load,
+                      decoder_hints=decoder_hints)
 
 
 def _check_patch(patch_size: int, scale: int) -> None:

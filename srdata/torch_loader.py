@@ -75,9 +75,10 @@ def _worker_init(_):
 
 class TorchLoader(Loader):
     def __init__(self, db, sampler, scale, device, dtype, channels_last, workers: int,
-                 lr=None):
-        super().__init__(db, sampler, scale, device, dtype, channels_last)
-        self.workers, self.lr = workers, lr
+                 lr=None, degradation: str = "nn", usm: bool = False, schedule=None):
+        super().__init__(db, sampler, scale, device, dtype, channels_last, lr, degradation,
+                         usm, schedule)
+        self.workers = workers
         dataset = (PatchDataset(db, sampler.patch) if lr is None
                    else PairedPatchDataset(db, lr, sampler.patch, scale))
         self._dl = DataLoader(
