@@ -28,22 +28,21 @@ class PatchDataset(Dataset):
     The batch sampler appends the patch side to each row (``row[PATCH]``): the persistent
     workers hold copies of this dataset, and a patch schedule changes the side per epoch."""
 
-    def __init__(self, db, patch: int):
-        self.db, self.patch = db, patch
+    def __init__(self, db):
+        self.db = db
 
     def __getitem__(self, row):
-        patch = row[PATCH] if len(row) > PATCH else self.patch
-        return crop_and_flip(self.db.image(int(row[ID])), row, patch)
+        return crop_and_flip(self.db.image(int(row[ID])), row, row[PATCH])
 
 
 class PairedPatchDataset(Dataset):
     """A row -> (LR patch, HR patch): the same crop, on each database's own grid."""
 
-    def __init__(self, db, lr, patch: int, scale: int):
-        self.db, self.lr, self.patch, self.scale = db, lr, patch, scale
+    def __init__(self, db, lr, scale: int):
+        self.db, self.lr, self.scale = db, lr, scale
 
     def __getitem__(self, row):
-        i, patch = int(row[ID]), row[PATCH] if len(row) > PATCH else self.patch
+        i, patch = int(row[ID]), row[PATCH]
         hr = crop_and_flip(self.db.image(i), row, patch)
         lr = crop_and_flip(self.lr.image(i), lr_row(row, self.scale), patch // self.scale)
         return lr, hr
@@ -79,8 +78,7 @@ class TorchLoader(Loader):
         super().__init__(db, sampler, scale, device, dtype, channels_last, lr, degradation,
                          usm, schedule)
         self.workers = workers
-        dataset = (PatchDataset(db, sampler.patch) if lr is None
-                   else PairedPatchDataset(db, lr, sampler.patch, scale))
+        dataset = PatchDataset(db) if lr is None else PairedPatchDataset(db, lr, scale)
         self._dl = DataLoader(
             dataset, batch_sampler=_RowBatches(self),
             num_workers=workers, pin_memory=device.type == "cuda",
