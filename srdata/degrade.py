@@ -266,7 +266,8 @@ def _one_kernel(ktype, k, sx, sy, theta, beta, omega):
     return gaussian_kernel(k, sx, sy, theta, beta if shaped else 1.0, plateau=ktype >= 4)
 
 
-def make_kernels(params: dict, which: str, pad: int = 21) -> np.ndarray:
+def make_kernels(params: dict, which: str,
+                 pad: int = REALESRGAN_X4PLUS.kernel_pad) -> np.ndarray:
     """(n, pad, pad) float32 kernels of stage ``which`` in {"1", "2", "final"}; a stage's
     blur that is off (``blur2``, ``final_sinc``) gets the identity (a centred 1)."""
     n = len(params["sinc_first"])
