@@ -29,7 +29,7 @@ from . import images
 from . import publish as pub
 from ._proc import die_with_parent
 from .publish import Interrupted, PackError, check_destination  # noqa: F401
-from .walk import walk
+from .walk import display, walk
 
 GiB = 1 << 30
 
@@ -76,9 +76,9 @@ class PackConfig:
         return self.workers or len(os.sched_getaffinity(0))
 
 
-def display(rel: bytes) -> str:
-    """A source path for humans and JSON: non-UTF-8 bytes shown as \\xNN escapes."""
-    return rel.decode("utf-8", "backslashreplace")
+def _reasons(skipped: list[dict]) -> str:
+    """The first five skipped files and why, for a message."""
+    return "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:5])
 
 
 def _init_worker(parent: int, by_main_thread: bool):
@@ -210,7 +210,7 @@ def _pack_locked(src: Path, dst: Path, cfg: PackConfig, progress: bool) -> dict:
     except OSError as e:
         raise PackError(f"cannot read the image folder {src}: {e.strerror}") from None
     if not files:
-        reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:5])
+        reasons = _reasons(skipped)
         raise PackError(f"{src} holds no files{f' to pack ({reasons})' if reasons else ''}; "
                         "point IMAGES at a folder of images")
 
@@ -269,7 +269,7 @@ def _pack_into(src: Path, files: list[bytes], tmp: Path, cfg: PackConfig,
         bar.close()
     shards = writer.close()
     if not rows:
-        reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:5])
+        reasons = _reasons(skipped)
         raise PackError(f"no image in {src} could be packed ({len(skipped)} skipped: "
                         f"{reasons}{' ...' if len(skipped) > 5 else ''})")
     seconds = time.perf_counter() - t0

@@ -16,8 +16,13 @@ def _identity(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+def display(rel: bytes) -> str:
+    """A source path for humans and JSON: non-UTF-8 bytes shown as \\xNN escapes."""
+    return rel.decode("utf-8", "backslashreplace")
+
+
 def _show(rel: bytes) -> str:
-    return rel.decode("utf-8", "backslashreplace") or "."
+    return display(rel) or "."  # the root folder itself
 
 
 def walk(root: Path, skip_dir: Path | None = None, skip_names: re.Pattern | None = None
