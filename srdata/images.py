@@ -34,6 +34,11 @@ def target_size(height: int, width: int, size: int, fit: str) -> tuple[int, int]
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def has_alpha(im: Image.Image) -> bool:
+    """Whether the image carries transparency (an alpha band or a transparent colour)."""
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+
+
 def _to_rgb8(im: Image.Image) -> np.ndarray:
     """Any Pillow mode to HxWx3 uint8 RGB; transparency is composited on white."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
@@ -45,8 +50,7 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
         a = np.asarray(im, np.float64)
         a = a * 255 if a.max() <= 1.0 else a
         return np.repeat(np.clip(np.rint(a), 0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
-    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
-    if has_alpha:
+    if has_alpha(im):
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))

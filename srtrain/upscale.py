@@ -26,9 +26,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from srdata.format import atomic_file
+from srdata.images import has_alpha
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -126,20 +128,33 @@ def read_rgb(path: Path) -> np.ndarray | None:
 ALPHA_EXTS = (".png", ".webp", ".tif", ".tiff")
 
 
-def read_alpha(path: Path) -> np.ndarray | None:
-    """The HxW uint8 alpha channel of the image, or None when it has none."""
-    if path.suffix.lower() not in ALPHA_EXTS:
-        return None  # JPEG and BMP carry no alpha: no second decode for them
+def read_image(path: Path) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """(HxWx3 uint8 RGB, HxW uint8 alpha or None when it has none), upright; None when the
+    file cannot be read or decoded."""
+    if path.suffix.lower() in ALPHA_EXTS:  # JPEG and BMP carry no alpha: no Pillow for them
+        rgba = _read_rgba(path)
+        if rgba is not None:
+            return rgba
+    rgb = read_rgb(path)
+    return None if rgb is None else (rgb, None)
+
+
+def _read_rgba(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """Colour and alpha of an image with transparency from one decode, turned upright by
+    its EXIF orientation together; None for any other image (read_rgb reads it). Not
+    OpenCV: its IMREAD_UNCHANGED, the one way it gives alpha, ignores the EXIF orientation
+    that IMREAD_COLOR applies, so the alpha came out turned against the colour."""
     try:
-        img = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
-    except (OSError, cv2.error):
-        return None
-    if img is None or img.ndim != 3 or img.shape[2] not in (2, 4):
-        return None
-    alpha = img[:, :, -1]
-    if alpha.dtype == np.uint16:
-        return (alpha >> 8).astype(np.uint8)  # as IMREAD_COLOR maps 16-bit colour to 8
-    return alpha if alpha.dtype == np.uint8 else None
+        with Image.open(path) as im:
+            # 16-bit and float grey: Pillow clips instead of keeping the top byte, and
+            # OpenCV gives them no alpha either
+            if not has_alpha(im) or im.mode.startswith(("I", "F")):
+                return None
+            im.load()
+            rgba = np.asarray(ImageOps.exif_transpose(im).convert("RGBA"))
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        return None  # read_rgb says whether it can be read at all
+    return np.ascontiguousarray(rgba[:, :, :3]), np.ascontiguousarray(rgba[:, :, 3])
 
 
 def upscale_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
@@ -215,15 +230,15 @@ def upscale_path(model, src, dst, tile: int = 256, overlap: int = 16,
         warnings.warn(f"skipping {s['path']}: {s['reason']}", stacklevel=2)
     written = []
     for inp, out in tqdm(pairs, desc="upscale", unit="img", disable=not progress):
-        rgb = read_rgb(inp)
-        if rgb is None:
+        image = read_image(inp)
+        if image is None:
             if not src.is_dir():
                 raise ValueError(f"cannot read the image {inp}: missing, corrupt or not an image")
             skipped.append({"path": str(inp), "reason": "cannot be read or decoded"})
             warnings.warn(f"skipping {inp}: cannot be read or decoded", stacklevel=2)
             continue
+        rgb, alpha = image
         sr = upscale_image(model, rgb, tile, overlap, device, half)
-        alpha = read_alpha(inp)
         if alpha is not None and out.suffix.lower() in ALPHA_EXTS:
             sr = np.dstack([sr, upscale_alpha(alpha, sr.shape[0] // rgb.shape[0])])
         elif alpha is not None:

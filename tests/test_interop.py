@@ -253,3 +253,31 @@ def test_upscale_keeps_alpha(tmp_path):
         upscale_path(model, src, tmp_path / "flat.jpg", tile=0, progress=False)
     assert any("alpha" in str(w.message) for w in caught)
     assert read_rgb(tmp_path / "flat.jpg").shape == (40, 52, 3)
+
+
+@pytest.mark.parametrize("ext", [".png", ".webp"])
+def test_upscale_turns_alpha_with_the_exif_orientation(tmp_path, ext):
+    # The colour is read upright (EXIF orientation applied); the alpha must be turned the
+    # same way. Here alpha equals red, so every orientation must keep them equal, and a
+    # non-square image whose alpha was left unturned failed to stack at all.
+    from test_upscale import Tiny
+    from srtrain.upscale import read_image
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (12, 20, 3), np.uint8)
+    rgba = np.dstack([rgb, rgb[:, :, 0]])
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        path = tmp_path / f"o{orientation}{ext}"
+        Image.fromarray(rgba, "RGBA").save(path, exif=exif, lossless=True)
+        colour, alpha = read_image(path)
+        upright = (12, 20) if orientation < 5 else (20, 12)
+        assert colour.shape[:2] == upright and np.array_equal(alpha, colour[:, :, 0]), \
+            orientation
+        assert np.array_equal(colour, read_rgb(path))  # as OpenCV turns the colour
+    model = Tiny(scale=2).eval()
+    r = upscale_path(model, tmp_path / f"o6{ext}", tmp_path / f"out{ext}", tile=0,
+                     progress=False)
+    assert r["written"] == [str(tmp_path / f"out{ext}")]
+    out = np.asarray(Image.open(tmp_path / f"out{ext}"))
+    assert out.shape == (40, 24, 4)
