@@ -53,16 +53,15 @@ def synthetic_rate(cfg, model, dev, steps: int, warmup: int) -> dict:
     import torch
 
     from srtrain.config import AMP_DTYPES
-    from srtrain.train import Stepper, repeat, set_kernels, step_rate
+    from srtrain.train import repeat, set_kernels, step_rate, timing_stepper
     set_kernels(cfg, dev)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     hr = torch.rand(cfg.batch_size, 3, cfg.patch, cfg.patch, device=dev,
                     dtype=AMP_DTYPES[cfg.amp]).contiguous(memory_format=fmt)
     lr = hr[:, :, cfg.scale // 2::cfg.scale, cfg.scale // 2::cfg.scale].contiguous(
         memory_format=fmt)
-    net = torch.compile(model) if cfg.compile else model
-    rate = step_rate(Stepper(cfg, model, net, dev, cfg.amp, 10**6), repeat(lr, hr), steps,
-                     warmup, dev)
+    rate = step_rate(timing_stepper(cfg, model, dev, cfg.amp), repeat(lr, hr), steps, warmup,
+                     dev)
     return {"synthetic_img_per_s": rate, "loader_img_per_s": None, "loader_efficiency": None}
 
 

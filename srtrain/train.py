@@ -590,6 +590,13 @@ def repeat(lr, hr):
         yield lr, hr
 
 
+def timing_stepper(cfg: TrainConfig, model, device, amp: str) -> Stepper:
+    """A Stepper over ``model`` (compiled with --compile) for timing steps: its LR schedule
+    spans far more steps than are timed, so the rate is a mid-run step's."""
+    return Stepper(cfg, model, torch.compile(model) if cfg.compile else model, device, amp,
+                   10**6)
+
+
 def loader_efficiency(cfg: TrainConfig, model, device, amp: str, steps: int = 20,
                       warmup: int = 5, loader=None) -> dict:
     """Loader efficiency: img/s with the loader ÷ img/s on synthetic (pre-made) batches."""
@@ -601,15 +608,13 @@ def loader_efficiency(cfg: TrainConfig, model, device, amp: str, steps: int = 20
                                     workers=loader_workers(cfg.workers), lr_db=cfg.lr_db,
                                     degradation=cfg.degradation, usm=cfg.usm)
 
-    def fresh():
-        m = copy.deepcopy(model)
-        return Stepper(cfg, m, torch.compile(m) if cfg.compile else m, device, amp, 10**6)
-
     # one pass over the loader for both runs: a second iter() would start its workers (and
     # build a DALI pipeline) again, the first one left half-read
     batches = forever(loader)
     lr, hr = next(batches)
-    synthetic = step_rate(fresh(), repeat(lr, hr), steps, warmup, device)
-    fed = step_rate(fresh(), batches, steps, warmup, device)
+    synthetic = step_rate(timing_stepper(cfg, copy.deepcopy(model), device, amp),
+                          repeat(lr, hr), steps, warmup, device)
+    fed = step_rate(timing_stepper(cfg, copy.deepcopy(model), device, amp), batches, steps,
+                    warmup, device)
     return {"synthetic_img_per_s": synthetic, "loader_img_per_s": fed,
             "loader_efficiency": fed / synthetic}
