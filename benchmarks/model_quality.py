@@ -141,10 +141,7 @@ def degradation_matrix(models, epochs, lr, loader, kinds, out, md) -> None:
         vals = {k: ValSet(vdb, range(len(vdb)), demo.PATCH, demo.SCALE, n_val, degradation=k)
                 for k in kinds}
         for name, trained in ((m, k) for m in models.split(",") for k in kinds):
-            settings = dict(demo.TRAIN) if name == "demo" else (
-                {k: v for k, v in demo.TRAIN.items() if not k.startswith("num_")}
-                | {"model": name, "lr": lr or TrainConfig.lr})
-            settings["lr"] = lr or settings["lr"]
+            settings = demo.preset_settings(name, lr)
             run, t0 = tmp / f"run-{name}-{trained}", time.perf_counter()
             train(TrainConfig(db=str(tmp / "db"), val_db=str(tmp / "val-db"), out=str(run),
                               loader=loader, epochs=epochs, seed=0, val_images=n_val,

@@ -195,12 +195,9 @@ def main(model, images, epochs, patch, schedule, sample_ratio, batch_size, lr, l
     from srtrain import demo
     env = _common.environment() | _common.accelerator_environment()
     loader = demo.resolve_loader(loader)
-    base = dict(demo.TRAIN) if model == "demo" else {"model": model, "scale": demo.SCALE,
-                                                     "lr": 2e-4, "schedule": "onecycle"}
-    base |= {"patch": patch, "batch_size": batch_size, "epochs": epochs, "loader": loader,
-             "log_every": 5}
-    if lr:
-        base["lr"] = lr
+    base = demo.preset_settings(model, lr) | {
+        "patch": patch, "batch_size": batch_size, "epochs": epochs, "loader": loader,
+        "log_every": 5}
     variants = {"fixed": {}, "progressive": {"patch_schedule": schedule},
                 "sample-ratio": {"sample_ratio": sample_ratio}}
     done = []

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .config import TrainConfig
+
 log = logging.getLogger(__name__)
 
 # The colour photos scikit-image ships in its wheel (others need a download, so are left out).
@@ -37,6 +39,19 @@ EPOCHS, IMAGES = 30, 160
 LR_MADE_BY = {"nn": "nearest neighbour (every 4th pixel)",
               "bicubic": "bicubic downscale (MATLAB imresize, as DIV2K)",
               "realesrgan": "Real-ESRGAN's blur/resize/noise/JPEG, twice"}
+
+
+def preset_settings(model: str, lr: float | None = None) -> dict:
+    """TrainConfig settings to train ``model`` on the demo's data: the demo's own (its
+    small rrdbnet at lr 2e-3) for ``"demo"``; for a preset, the demo's patch, batch and
+    schedule at srtrain's default learning rate (2e-3 suits only the tiny model: esrgan
+    collapses with it). ``lr`` replaces either."""
+    if model == "demo":
+        settings = dict(TRAIN)
+    else:
+        settings = {k: v for k, v in TRAIN.items() if not k.startswith("num_")} | {
+            "model": model, "lr": TrainConfig.lr}
+    return settings | ({"lr": lr} if lr else {})
 
 
 class DemoError(ValueError):
@@ -132,7 +147,6 @@ def run_demo(out: str | Path, loader: str = "auto", epochs: int = EPOCHS,
              images: int = IMAGES, overwrite: bool = False, progress: bool = True,
              seed: int = 0, degradation: str = "nn") -> dict:
     """Write crops, pack them, train, and write OUT/report.txt; returns the report's facts."""
-    from .config import TrainConfig
     from .train import train
     out, t0 = Path(out), time.perf_counter()
     say = print if progress else lambda *a: None
