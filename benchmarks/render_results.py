@@ -157,6 +157,17 @@ def _duration(seconds: float) -> str:
     return f"{h} h {m:02d} min" if h else f"{seconds / 60:.1f} min"
 
 
+def _file_section(out: Path, name: str, title: str, intro: str | None = None,
+                  image: str | None = None) -> list[str]:
+    """A section holding a part's own NAME.md (and its NAME.png), [] when the part did not
+    run."""
+    if not (out / f"{name}.md").exists():
+        return []
+    return (["## " + title, ""] + ([intro, ""] if intro else [])
+            + [(out / f"{name}.md").read_text()]
+            + ([f"![{image}]({name}.png)"] if image else []) + [""])
+
+
 def render(out: Path) -> Path:
     env = json.loads((out / "environment.json").read_text()) \
         if (out / "environment.json").exists() else {}
@@ -183,27 +194,20 @@ def render(out: Path) -> Path:
         if any(h["loader"] == "synthetic" for h in heads):
             md += ["`synthetic`: the step alone on a pre-made batch, what a loader that costs "
                    "nothing would give.", ""]
-    if (out / "loader_throughput.md").exists():
-        md += ["## Loader throughput", "", (out / "loader_throughput.md").read_text(),
-               "![loaders](loader_throughput.png)", ""]
-    if (out / "loader_tuning.md").exists():
-        md += ["## DALI tuning", "", "`dali` at all cores with DALI's knobs: its CPU threads, "
-               "the share of JPEGs the hardware decoder takes (`hw_decoder_load`, DALI's default "
-               "0.65) and preallocation hints sized to the images (make_loader's "
-               "`dali_threads`, `hw_decoder_load`, `decoder_hints`).", "",
-               (out / "loader_tuning.md").read_text(), ""]
+    md += _file_section(out, "loader_throughput", "Loader throughput", image="loaders")
+    md += _file_section(
+        out, "loader_tuning", "DALI tuning", "`dali` at all cores with DALI's knobs: its CPU "
+        "threads, the share of JPEGs the hardware decoder takes (`hw_decoder_load`, DALI's "
+        "default 0.65) and preallocation hints sized to the images (make_loader's "
+        "`dali_threads`, `hw_decoder_load`, `decoder_hints`).")
     md += train_section(out) + kernels_section(out) + batch_section(out)
-    if (out / "loader_degradation.md").exists():
-        md += ["## LR degradations", "", "Loader img/s making the LR by nearest neighbour, "
-               "MATLAB bicubic or Real-ESRGAN's degradation (torch: on the device after the "
-               "batch arrives; dali: in its graph).", "",
-               (out / "loader_degradation.md").read_text(), ""]
-    if (out / "time_to_quality.md").exists():
-        md += ["## Time to quality", "", (out / "time_to_quality.md").read_text(),
-               "![time to quality](time_to_quality.png)", ""]
+    md += _file_section(
+        out, "loader_degradation", "LR degradations", "Loader img/s making the LR by nearest "
+        "neighbour, MATLAB bicubic or Real-ESRGAN's degradation (torch: on the device after "
+        "the batch arrives; dali: in its graph).")
+    md += _file_section(out, "time_to_quality", "Time to quality", image="time to quality")
     md += codec_section(out)
-    if (out / "model_quality.md").exists():
-        md += ["## Model presets: quality", "", (out / "model_quality.md").read_text(), ""]
+    md += _file_section(out, "model_quality", "Model presets: quality")
     steps = read_lines(out / "suite.jsonl")
     skipped = [r for r in steps if r.get("skipped")]
     if skipped:
