@@ -1,3 +1,4 @@
+import itertools
 import os
 from pathlib import Path
 
@@ -16,6 +17,12 @@ SMALL = dict(size=96, min_size=48, workers=1)
 @pytest.fixture
 def small_cfg():
     return lambda **kw: PackConfig(**(SMALL | kw))
+
+
+def run(loader, n=None):
+    """The next ``n`` batches (all that are left of the epoch by default), as NHWC numpy."""
+    return [(lr.permute(0, 2, 3, 1).numpy().copy(), hr.permute(0, 2, 3, 1).numpy().copy())
+            for lr, hr in itertools.islice(loader, n)]
 
 
 def make_images(root, sizes, exts=(".png", ".jpg"), seed=0):

@@ -1,5 +1,4 @@
 """The LR degradations in both loaders: the sampler's parameters, parity, resume, refusals."""
-import itertools
 import subprocess
 import sys
 
@@ -8,6 +7,7 @@ import pytest
 import torch
 
 import srdata
+from conftest import run
 from srdata import degrade
 from srdata.sampler import Sampler
 
@@ -16,9 +16,7 @@ KW = dict(batch_size=4, patch_size=64, scale=4, seed=3, dtype=torch.uint8, worke
 
 
 def batches(loader, n=None):
-    return [(lr.permute(0, 2, 3, 1).numpy().astype(np.int16),
-             hr.permute(0, 2, 3, 1).numpy().astype(np.int16))
-            for lr, hr in itertools.islice(loader, n)]
+    return [(lr.astype(np.int16), hr.astype(np.int16)) for lr, hr in run(loader, n)]
 
 
 def test_dali_sources_do_not_import_torch():

@@ -1,4 +1,3 @@
-import itertools
 import subprocess
 import sys
 import json
@@ -8,7 +7,7 @@ import pytest
 import torch
 
 import srdata
-from conftest import corrupt_byte, make_basicsr_lmdb, make_images, to_format_v1
+from conftest import corrupt_byte, make_basicsr_lmdb, make_images, run, to_format_v1
 from srdata import DBError, PackedDB
 from srdata.pack import PackConfig, pack
 from srdata.sampler import ID, crop_and_flip, nn_downscale
@@ -18,12 +17,6 @@ pytestmark = pytest.mark.dali
 
 KW = dict(batch_size=4, patch_size=48, scale=4, seed=7, dtype=torch.uint8, workers=1,
           device="cpu")
-
-
-def run(loader, n=None):
-    """The next ``n`` batches (all that are left of the epoch by default), as NHWC numpy."""
-    return [(lr.permute(0, 2, 3, 1).numpy().copy(), hr.permute(0, 2, 3, 1).numpy().copy())
-            for lr, hr in itertools.islice(loader, n)]
 
 
 def reference(db, loader, epoch):

@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import make_images
+from test_cli import SMALL, run
 from srdata import PackedDB
 from srdata.cli import main
 from srdata.pack import Interrupted, PackError, pack
@@ -32,8 +33,7 @@ def tree(root):
 
 
 def cli(*args):
-    return CliRunner().invoke(main, ["pack", *map(str, args), "--size", "96",
-                                     "--min-size", "48", "--workers", "1", "-q"])
+    return run("pack", *args, *SMALL)
 
 
 def leftovers(parent):

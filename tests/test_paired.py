@@ -1,4 +1,3 @@
-import itertools
 import json
 
 import cv2
@@ -8,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 import srdata
-from conftest import make_basicsr_lmdb
+from conftest import make_basicsr_lmdb, run
 from srdata import DBError
 from srdata.reader import open_db
 from srdata import format as fmt
@@ -59,11 +58,6 @@ def paired(tmp_path_factory):
                 built[d, codec] = pack_as_is(d, root / f"{d.name}-{codec}", codec)
         return built[hr_dir, hr_codec], built[lr_dir, lr_codec]
     return get
-
-
-def run(loader, n=None):
-    return [(lr.permute(0, 2, 3, 1).numpy().copy(), hr.permute(0, 2, 3, 1).numpy().copy())
-            for lr, hr in itertools.islice(loader, n)]
 
 
 def reference(hr_db, lr_db, loader, epoch):
