@@ -239,6 +239,14 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def _bad_index(path: Path, what: str) -> DBError:
+    return DBError(f"index {path} {what}; pack the database again")
+
+
+_INDEX_MODIFIED = ("was modified after packing (its sha256 differs from the manifest's "
+                   "index_sha256)")
+
+
 def _bad_manifest(path: Path, what: str) -> DBError:
     return DBError(f"{path}: {what}; the manifest was edited or damaged, pack the database "
                    "again")
@@ -280,6 +288,10 @@ def read_manifest(db: str | os.PathLike) -> dict:
     return manifest
 
 
+# the ranges both index versions accept for a column (the rest is fixed by the format)
+COLUMN_BOUNDS = {"height": (1, 1 << 31), "width": (1, 1 << 31), "nbytes": (1, 1 << 40)}
+
+
 def _column(values: tuple, name: str, lo: int, hi: int) -> np.ndarray:
     """An integer index column, or the first row that is not an integer in lo..hi."""
     a = np.array(values)  # numpy infers the dtype: a string or float anywhere shows in it
@@ -316,9 +328,11 @@ def index_from_rows(rows: list, shards: int) -> Index:
     except UnicodeEncodeError as e:
         raise ValueError(f"a key is not ASCII ({e})") from None
     return Index(_column(shard, "shard", 0, shards - 1), keys,
-                 _column(height, "height", 1, 1 << 31), _column(width, "width", 1, 1 << 31),
+                 _column(height, "height", *COLUMN_BOUNDS["height"]),
+                 _column(width, "width", *COLUMN_BOUNDS["width"]),
                  _column(channels, "channels", CHANNELS, CHANNELS),
-                 _column(nbytes, "nbytes", 1, 1 << 40), _column(crc, "crc32", 0, 0xFFFFFFFF),
+                 _column(nbytes, "nbytes", *COLUMN_BOUNDS["nbytes"]),
+                 _column(crc, "crc32", 0, 0xFFFFFFFF),
                  Strings(paths))
 
 
@@ -386,8 +400,7 @@ def index_from_bin(data: bytes, manifest: dict) -> Index:
         columns[name] = np.frombuffer(data, dtype, n, offset).astype(
             np.uint32 if name == "crc32" else np.int64)
         offset += size
-    for name, lo, hi in (("height", 1, 1 << 31), ("width", 1, 1 << 31),
-                         ("nbytes", 1, 1 << 40)):
+    for name, (lo, hi) in COLUMN_BOUNDS.items():
         bad = np.flatnonzero((columns[name] < lo) | (columns[name] > hi))
         if bad.size:
             raise ValueError(f"image {bad[0]} has {name} {columns[name][bad[0]]}, expected "
@@ -403,8 +416,7 @@ def read_index(db: str | os.PathLike, manifest: dict) -> Index:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise DBError(f"index {path} is missing or unreadable ({e}); pack the database "
-                      "again") from e
+        raise _bad_index(path, f"is missing or unreadable ({e})") from e
     expected = manifest.get("index_sha256")  # absent in databases packed before it existed
     if version != 1:
         return _read_index_bin(path, data, manifest, expected)
@@ -420,14 +432,12 @@ def read_index(db: str | os.PathLike, manifest: dict) -> Index:
         except (ValueError, TypeError, RecursionError) as e:
             problem = e
     if expected is not None and digest.result() != expected:
-        raise DBError(f"index {path} was modified after packing (its sha256 differs from the "
-                      "manifest's index_sha256); pack the database again")
+        raise _bad_index(path, _INDEX_MODIFIED)
     if problem is not None:
-        raise DBError(f"index {path} is malformed: {problem}; pack the database again") \
-            from problem
+        raise _bad_index(path, f"is malformed: {problem}") from problem
     if len(records) != manifest["count"]:
-        raise DBError(f"index {path} lists {len(records)} images, the manifest says "
-                      f"{manifest['count']}; pack the database again")
+        raise _bad_index(path, f"lists {len(records)} images, the manifest says "
+                               f"{manifest['count']}")
     return records
 
 
@@ -436,12 +446,11 @@ def _read_index_bin(path: Path, data: bytes, manifest: dict, expected) -> Index:
         raise _bad_manifest(path.parent / MANIFEST, f"index_sha256 is {expected!r}, "
                                                    "expected the index's sha256")
     if hashlib.sha256(data).hexdigest() != expected:
-        raise DBError(f"index {path} was modified after packing (its sha256 differs from the "
-                      "manifest's index_sha256); pack the database again")
+        raise _bad_index(path, _INDEX_MODIFIED)
     try:
         return index_from_bin(data, manifest)
     except ValueError as e:
-        raise DBError(f"index {path} is malformed: {e}; pack the database again") from None
+        raise _bad_index(path, f"is malformed: {e}") from None
 
 
 _PNG = b"\x89PNG\r\n\x1a\n"
