@@ -66,8 +66,10 @@ def _decode_patch(data, anchor, flags, size: int, gpu: bool, roi: bool, dec: dic
 def _paired_pipeline(source, hr_raw, lr_raw, patch, scale, gpu, roi, workers, dec):
     """Both patches decoded and cut in the graph (raw ones arrive cut); no downscale."""
     sides = ((hr_raw, patch), (lr_raw, patch // scale))
-    dtypes = [types.UINT8 if raw else [types.UINT8, types.INT32] for raw, _ in sides]
-    dtypes = [t for d in dtypes for t in (d if isinstance(d, list) else [d])] + [types.INT32]
+    # per side a cut patch, or an encoded record and its anchor; then the shared flips
+    dtypes = [t for raw, _ in sides
+              for t in ((types.UINT8,) if raw else (types.UINT8, types.INT32))]
+    dtypes.append(types.INT32)
 
     @pipeline_def(enable_conditionals=True, py_num_workers=workers, py_start_method="spawn")
     def paired_pipeline():
@@ -128,8 +130,8 @@ def _sr_pipeline(source, raw, patch, scale, gpu, roi, workers, dec, degradation=
 class DaliLoader(Loader):
     def __init__(self, db, sampler, scale, device, dtype, channels_last, workers: int,
                  roi_decode: bool = False, lr=None, degradation: str = "nn",
-                 usm: bool = False, schedule=None, threads: int | None = None, hw_decoder_load: float | None = None,
-                 decoder_hints: dict | None = None):
+                 usm: bool = False, schedule=None, threads: int | None = None,
+                 hw_decoder_load: float | None = None, decoder_hints: dict | None = None):
         if pipeline_def is None:
             raise ImportError(MISSING_DALI)
         if threads is not None and threads < 1:
