@@ -52,14 +52,14 @@ def synthetic_rate(cfg, model, dev, steps: int, warmup: int) -> dict:
     """The training step alone, on one random batch of the loader's dtype and layout."""
     import torch
 
+    from srdata.sampler import nn_downscale
     from srtrain.config import AMP_DTYPES
     from srtrain.train import repeat, set_kernels, step_rate, timing_stepper
     set_kernels(cfg, dev)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     hr = torch.rand(cfg.batch_size, 3, cfg.patch, cfg.patch, device=dev,
                     dtype=AMP_DTYPES[cfg.amp]).contiguous(memory_format=fmt)
-    lr = hr[:, :, cfg.scale // 2::cfg.scale, cfg.scale // 2::cfg.scale].contiguous(
-        memory_format=fmt)
+    lr = nn_downscale(hr, cfg.scale).contiguous(memory_format=fmt)  # the loaders' nn LR
     rate = step_rate(timing_stepper(cfg, model, dev, cfg.amp), repeat(lr, hr), steps, warmup,
                      dev)
     return {"synthetic_img_per_s": rate, "loader_img_per_s": None, "loader_efficiency": None}
@@ -91,7 +91,7 @@ def measure(cfg, dev, steps: int, warmup: int) -> dict | None:
 
 def _switch(ctx, param, value: str) -> list[bool]:
     names = value.split(",")
-    if not names or set(names) - {"on", "off"}:
+    if set(names) - {"on", "off"}:  # "" splits to [""]: refused here too
         raise click.BadParameter(f"got {value}, expected on, off or on,off")
     return [n == "on" for n in names]
 
