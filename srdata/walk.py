@@ -54,14 +54,16 @@ def walk(root: Path, skip_dir: Path | None = None, skip_names: re.Pattern | None
         path = os.path.join(root_b, rel_dir) if rel_dir else root_b
         try:
             st = os.stat(path)
-            entries = sorted(os.scandir(path), key=lambda e: e.name)
+            ident = _identity(st)
+            # a folder reached again (a link back, an alias) is skipped below: not listed
+            entries = [] if ident in seen_dirs else sorted(os.scandir(path),
+                                                           key=lambda e: e.name)
         except OSError as e:
             if not rel_dir:
                 raise
             skipped.append({"path": _show(rel_dir), "reason": f"unreadable folder: "
                                                               f"{e.strerror}"})
             continue
-        ident = _identity(st)
         if ident in seen_dirs:
             skipped.append({"path": _show(rel_dir), "reason": "symlink to a folder packed "
                             f"already, as {_show(seen_dirs[ident])!r}"})
