@@ -12,6 +12,7 @@ which truncates names holding a dot; we strip only the ``.png`` that the writer 
 """
 from __future__ import annotations
 
+import hashlib
 import operator
 import os
 import re
@@ -173,6 +174,16 @@ class BasicSRDB:
         self.manifest = {"format": "basicsr-lmdb", "count": len(self.records),
                          "codec": self.codec, "source_root": str(self.path),
                          "skipped": [], "shards": []}
+
+    @property
+    def identity(self) -> str:
+        """What this LMDB is, as ``PackedDB.identity``: it has no pack id and its manifest
+        is made up from its path, so a digest of its meta_info.txt and image sizes. A
+        rewrite changes it; a move or copy does not."""
+        h = hashlib.sha256((self.path / META).read_bytes())
+        h.update(np.asarray(self.heights, np.int64).tobytes())
+        h.update(np.asarray(self.widths, np.int64).tobytes())
+        return "sha256:" + h.hexdigest()
 
     def _read_sizes(self, meta: Path) -> tuple:
         """meta_info.txt's names, keys and listed sizes, and each stored PNG's size."""

@@ -68,7 +68,7 @@ def _open_shards(db: PackedDB) -> dict[int, str]:
             broken[k] = f"{shard['name']}: {path / 'data.mdb'} is missing"
             continue
         try:
-            open_shard(path, getattr(db, "identity", None))
+            open_shard(path, db.identity)
         except fmt.DBError as e:
             broken[k] = f"{shard['name']}: {e}"
     return broken

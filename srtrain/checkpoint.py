@@ -7,10 +7,8 @@ strings, lists and dicts, so it loads without unpickling arbitrary objects.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from srdata.format import atomic_file
@@ -121,18 +119,3 @@ def export(ckpt: Path, out: Path, overwrite: bool = False) -> dict:
     cfg = TrainConfig.from_dict(state["config"])
     return {"model": cfg.model, "scale": cfg.scale, "keys": sorted(weights),
             "tensors": len(weights["params"])}
-
-
-def database_identity(db) -> str:
-    """What a database is, independent of the path it is opened by: an srpipe database's
-    own identity (``srdata.reader.identity``: its pack-time ``id``, or for one packed before
-    ids a digest of its manifest, which holds no path of its own); a BasicSR LMDB, whose
-    manifest we make up from its path, by a digest of its meta_info.txt and image sizes.
-    A repack or another database changes it; a move or copy does not."""
-    from srdata.reader import PackedDB
-    if isinstance(db, PackedDB):
-        return db.identity
-    h = hashlib.sha256((Path(db.path) / "meta_info.txt").read_bytes())
-    h.update(np.asarray(db.heights, np.int64).tobytes())
-    h.update(np.asarray(db.widths, np.int64).tobytes())
-    return "sha256:" + h.hexdigest()

@@ -235,8 +235,9 @@ def append_line(path: Path, line: str) -> None:
 
 
 def data_identities(db, val_db=None, lr_db=None) -> dict:
-    """The identities of the run's open databases (see checkpoint.database_identity)."""
-    return {key: checkpoint.database_identity(d) if d is not None else None
+    """The identities of the run's open databases, which a move or copy keeps and a repack
+    changes (``PackedDB.identity``, ``BasicSRDB.identity``)."""
+    return {key: d.identity if d is not None else None
             for key, d in (("db", db), ("val_db", val_db), ("lr_db", lr_db))}
 
 

@@ -158,18 +158,18 @@ def test_train_longer_moved_run_and_another_path_to_the_db(packed, tmp_path, mon
 
 def test_database_identity(packed, basicsr_db, tmp_path):
     src = packed("png")
-    ident = checkpoint.database_identity(open_db(src))
+    ident = open_db(src).identity
     shutil.copytree(src, tmp_path / "copy")
-    assert checkpoint.database_identity(open_db(tmp_path / "copy")) == ident
+    assert open_db(tmp_path / "copy").identity == ident
     manifest = json.loads((tmp_path / "copy" / "manifest.json").read_text())
     manifest["id"] = "0123abcd"
     (tmp_path / "copy" / "manifest.json").write_text(json.dumps(manifest))
-    assert checkpoint.database_identity(open_db(tmp_path / "copy")) == "0123abcd"
+    assert open_db(tmp_path / "copy").identity == "0123abcd"
     lmdb = basicsr_db[0]
-    b = checkpoint.database_identity(open_db(lmdb))
+    b = open_db(lmdb).identity
     meta = lmdb / "meta_info.txt"
     meta.write_text(meta.read_text().replace(" 1\n", " 2\n", 1))
-    assert checkpoint.database_identity(open_db(lmdb)) not in (b, ident)
+    assert open_db(lmdb).identity not in (b, ident)
 
 
 def test_schedules_and_ema_decay():
