@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
+from .upscale import read_rgb
 
 # record key -> TensorBoard tag, per event; PSNR/SSIM are on Y unless the tag says rgb
 TAGS = {
@@ -43,10 +43,9 @@ class TensorBoard:
         self.writer.flush()
 
     def image(self, tag: str, png: Path, step: int) -> None:
-        bgr = cv2.imread(str(png), cv2.IMREAD_COLOR)
-        if bgr is not None:
-            self.writer.add_image(tag, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), step,
-                                  dataformats="HWC")
+        rgb = read_rgb(png)
+        if rgb is not None:
+            self.writer.add_image(tag, rgb, step, dataformats="HWC")
             self.writer.flush()
 
     def close(self) -> None:
