@@ -25,6 +25,15 @@ def run(loader, n=None):
             for lr, hr in itertools.islice(loader, n)]
 
 
+def one_error_line(result):
+    """A CliRunner result that failed with one ``Error: ...`` line and no traceback; the line."""
+    lines = result.output.strip().splitlines()
+    assert result.exit_code not in (0, None) and result.exception is not None, result.output
+    assert "Traceback" not in result.output and len(lines) == 1, result.output
+    assert lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
 def make_images(root, sizes, exts=(".png", ".jpg"), seed=0):
     paths = []
     for i, (h, w) in enumerate(sizes):

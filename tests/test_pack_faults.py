@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import make_images
+from conftest import make_images, one_error_line
 from test_cli import SMALL, run
 from srdata import PackedDB
 from srdata.cli import main
@@ -40,28 +40,21 @@ def leftovers(parent):
     return sorted(p.name for p in Path(parent).iterdir() if p.name.startswith("."))
 
 
-def one_line_error(result):
-    lines = result.output.strip().splitlines()
-    assert result.exit_code not in (0, None) and result.exception is not None
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
-
-
 def test_overwrite_never_replaces_images_or_foreign_folders(image_dir, tmp_path):
     images = tree(image_dir)
     for db in (image_dir, tmp_path):  # DB is IMAGES, DB holds IMAGES
-        line = one_line_error(cli(image_dir, db, "--overwrite"))
+        line = one_error_line(cli(image_dir, db, "--overwrite"))
         assert "the image folder" in line and "outside IMAGES" in line
     (tmp_path / "link").symlink_to(image_dir)
-    assert "outside IMAGES" in one_line_error(cli(image_dir, tmp_path / "link", "--overwrite"))
+    assert "outside IMAGES" in one_error_line(cli(image_dir, tmp_path / "link", "--overwrite"))
     (tmp_path / "link").unlink()
     # neither a folder of other files, nor one with a manifest of ours plus other files
     other = tmp_path / "other"
     shutil.copytree(image_dir, other)
-    assert "not an srpipe database (no manifest.json)" in one_line_error(
+    assert "not an srpipe database (no manifest.json)" in one_error_line(
         cli(image_dir, other, "--overwrite"))
     (other / "manifest.json").write_text('{"format": "srpipe-lmdb", "format_version": 1}')
-    assert "holds 'a', which srpipe did not write" in one_line_error(
+    assert "holds 'a', which srpipe did not write" in one_error_line(
         cli(image_dir, other, "--overwrite"))
     assert tree(image_dir) == images and tree(other).items() > images.items()
     assert leftovers(tmp_path) == [] and leftovers(image_dir) == []
@@ -80,7 +73,7 @@ def test_second_pack_fails_fast_naming_the_first(image_dir, tmp_path, caplog, sm
         while not list(tmp_path.glob(".db.partial-*")):
             assert first.poll() is None and time.time() < deadline, "the first pack never began"
             time.sleep(0.05)
-        line = one_line_error(cli(image_dir, dst))
+        line = one_error_line(cli(image_dir, dst))
         assert f"another pack (pid {first.pid}) is writing {dst}" in line
         assert not dst.exists() and list(tmp_path.glob(".db.partial-*"))
     finally:
@@ -181,7 +174,6 @@ def test_ctrl_c_in_the_publish_window_tells_the_truth(image_dir, tmp_path, monke
     monkeypatch.setattr(publish.shutil, "rmtree", real_rmtree)
     assert [n.split("-")[0] for n in leftovers(tmp_path)] == [".db.old"]
     assert any("removed .db.old-" in d for d in recover_publish(dst))
-    assert len(PackedDB(dst).manifest["shards"]) == 2
     assert leftovers(tmp_path) == [] and len(PackedDB(dst).manifest["shards"]) == 2
 
 
@@ -210,7 +202,7 @@ def test_write_failures_are_one_line_and_leave_nothing(image_dir, tmp_path, monk
                                                       small_cfg):
     import srdata.pack as pack_mod
     (tmp_path / "file").write_text("x")
-    line = one_line_error(cli(image_dir, tmp_path / "file" / "sub" / "db"))
+    line = one_error_line(cli(image_dir, tmp_path / "file" / "sub" / "db"))
     assert line == (f"Error: cannot create {tmp_path}/file/sub/db: {tmp_path}/file is a "
                     "file, not a folder; choose another DB path")
 
@@ -222,7 +214,7 @@ def test_write_failures_are_one_line_and_leave_nothing(image_dir, tmp_path, monk
     def full(path, obj):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
     monkeypatch.setattr(pack_mod.fmt, "write_json_atomic", full)
-    line = one_line_error(cli(image_dir, dst, "--overwrite"))
+    line = one_error_line(cli(image_dir, dst, "--overwrite"))
     assert line.startswith(f"Error: the disk holding {tmp_path} is full (")
     assert "No space left on device" in line and "nothing was written" in line
     assert tree(dst) == before and leftovers(tmp_path) == []
@@ -269,7 +261,7 @@ def read_only_dir(tmp_path):
 
 
 def test_read_only_destination(image_dir, read_only_dir):
-    line = one_line_error(cli(image_dir, read_only_dir / "db"))
+    line = one_error_line(cli(image_dir, read_only_dir / "db"))
     assert line.startswith(f"Error: cannot write in {read_only_dir}: ")
     assert line.endswith("; choose another DB path")
     assert list(read_only_dir.iterdir()) == []
@@ -288,6 +280,6 @@ def test_really_full_disk(image_dir, full_disk):
     result = CliRunner().invoke(main, ["pack", str(image_dir), str(full_disk / "db"), "--fit",
                                        "none", "--min-size", "48", "--codec", "raw",
                                        "--workers", "1", "-q"])
-    line = one_line_error(result)
+    line = one_error_line(result)
     assert line.startswith(f"Error: the disk holding {full_disk} is full (")
     assert "nothing was written" in line and list(full_disk.iterdir()) == []

@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import one_error_line
 from srtrain import checkpoint
 from srtrain.cli import main
 
@@ -29,14 +30,6 @@ def train(db, out, *args):
 def srtrain_cmd(db, out, *args):
     return [sys.executable, "-m", "srtrain", "--db", str(db), "--out", str(out), *FAST,
             *map(str, args)]
-
-
-def one_error_line(r):
-    """The CLI's output is one ``Error: ...`` line and no traceback."""
-    lines = [x for x in r.output.splitlines() if x.strip()]
-    assert "Traceback" not in r.output and len(lines) == 1 and lines[0].startswith("Error: "), \
-        r.output
-    return lines[0]
 
 
 def test_non_finite_weights_are_never_saved_or_used(packed, tmp_path, monkeypatch, image_dir):
@@ -295,12 +288,10 @@ def test_a_worker_started_from_a_thread_lives_until_its_parent_dies():
 
 def test_json_written_whole_or_not_at_all(tmp_path):
     from srdata.format import write_json_atomic
-    if not os.path.exists("/dev/full"):
-        pytest.skip("needs /dev/full (Linux)")
     path = tmp_path / "config.json"
     path.write_text('{"old": 1}')
     tmp = tmp_path / f".config.json.tmp-{os.getpid()}"
-    tmp.symlink_to("/dev/full")  # every write: ENOSPC
+    full_disk_at(tmp)  # every write: ENOSPC
     with pytest.raises(OSError, match="No space left"):
         write_json_atomic(path, {"new": 2})
     assert path.read_text() == '{"old": 1}' and not os.path.lexists(tmp)
