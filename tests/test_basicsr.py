@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
+from test_cli import run
 from srdata import DBError, PackedDB
 from srdata.basicsr import BasicSRDB
 from srdata.reader import open_db
@@ -120,12 +121,8 @@ def test_pickles_and_reads_in_workers(basicsr_db):
 
 
 def test_cli_inspects_verifies_and_warms_a_basicsr_lmdb(basicsr_db):
-    from click.testing import CliRunner
-
     from conftest import corrupt_byte
-    from srdata.cli import main
     path, image_dir, files, keys = basicsr_db
-    run = lambda *a: CliRunner().invoke(main, [str(x) for x in a])  # noqa: E731
     r = run("inspect", path, "--json")
     d = json.loads(r.output)
     assert r.exit_code == 0 and d["format"] == "basicsr-lmdb" and d["count"] == 7
@@ -146,9 +143,6 @@ def test_meta_info_shapes_that_differ_from_the_images_read_as_basicsr_does(basic
     import torch
 
     import srdata
-    from click.testing import CliRunner
-
-    from srdata.cli import main
     path, image_dir, files, keys = basicsr_db
     meta = path / "meta_info.txt"
     lines = meta.read_text().splitlines()
@@ -162,11 +156,11 @@ def test_meta_info_shapes_that_differ_from_the_images_read_as_basicsr_does(basic
                             scale=4, workers=0, device="cpu", dtype=torch.uint8, ids=[1])
     for _ in range(12):  # crops drawn all over the image: none may fall outside it
         assert sum(len(hr) for _, hr in lo) == 1
-    r = CliRunner().invoke(main, ["verify", str(path), "-q"])
+    r = run("verify", path, "-q")
     assert r.exit_code == 0 and "all 7 records OK, 1 warning(s)" in r.output, r.output
     assert (f"WARNING key {keys[1]!r} (image 1): meta_info.txt lists {stored[0] + 8}x"
             f"{stored[1] + 40} (HxW), the stored PNG is {stored[0]}x{stored[1]}") in r.output
-    r = CliRunner().invoke(main, ["verify", str(path), "-q", "--strict"])
+    r = run("verify", path, "-q", "--strict")
     assert r.exit_code == 1 and "0 problem(s) and 1 warning(s)" in r.output, r.output
 
 

@@ -68,7 +68,7 @@ def test_bicubic_within_one_grey_level_across_loaders(packed):
     kw = KW | {"patch_size": 48, "scale": 3}
     got = {name: batches(srdata.make_loader(path, name, **kw, degradation="bicubic"))
            for name in ("torch", "dali")}
-    for (lr_t, hr_t), (lr_d, hr_d) in zip(got["torch"], got["dali"]):
+    for (lr_t, hr_t), (lr_d, hr_d) in zip(got["torch"], got["dali"], strict=True):
         assert np.array_equal(hr_t, hr_d)
         assert lr_t.shape == lr_d.shape == (4, 16, 16, 3)
         diff = np.abs(lr_t - lr_d)
@@ -141,21 +141,16 @@ def test_validation_lr_is_fixed_per_image_and_baseline_is_its_bicubic(packed):
 
 
 def test_srtrain_degradation_options(packed, tmp_path):
-    from click.testing import CliRunner
     from srtrain import checkpoint
-    from srtrain.cli import main
-    tiny = ["--model", "rrdbnet", "--num-feat", "8", "--num-block", "1", "--num-grow-ch", "4",
-            "--patch", "32", "--batch-size", "4", "--loader", "torch", "--workers", "0",
-            "--device", "cpu", "--val-split", "0.2", "--val-images", "2", "-q",
-            "--epochs", "1", "--db", str(packed("png"))]
-    r = CliRunner().invoke(main, [*tiny, "--out", str(tmp_path / "a"), "--degradation",
-                                  "realesrgan", "--val-degradation", "bicubic", "--usm"])
+    from test_train import train
+    db, tiny = packed("png"), ("--batch-size", 4, "--epochs", 1)
+    r = train(db, tmp_path / "a", *tiny, "--degradation", "realesrgan", "--val-degradation",
+              "bicubic", "--usm")
     assert r.exit_code == 0, r.output
     cfg = checkpoint.load(tmp_path / "a" / "last.pt")["config"]
     assert (cfg["degradation"], cfg["val_degradation"], cfg["usm"]) == ("realesrgan",
                                                                         "bicubic", True)
-    r = CliRunner().invoke(main, [*tiny, "--out", str(tmp_path / "b"), "--degradation", "box"])
+    r = train(db, tmp_path / "b", *tiny, "--degradation", "box")
     assert r.exit_code == 2 and "'box' is not one of 'nn', 'bicubic', 'realesrgan'" in r.output
-    r = CliRunner().invoke(main, [*tiny, "--out", str(tmp_path / "c"), "--lr-db",
-                                  str(packed("png")), "--degradation", "bicubic"])
+    r = train(db, tmp_path / "c", *tiny, "--lr-db", db, "--degradation", "bicubic")
     assert r.exit_code == 1 and "paired database brings its own LR" in r.output

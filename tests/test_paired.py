@@ -235,7 +235,7 @@ def test_a_patch_schedule_switches_both_sides_in_both_loaders(paired):
         assert (lo.sampler.plan(1)[:, [Y, X]] % 4 == 0).all()
     for name in ("torch", "dali"):
         for epoch, side in ((0, 24), (1, 48)):
-            for (lr, hr), (rlr, rhr) in zip(got[name][epoch], got["torch"][epoch]):
+            for (lr, hr), (rlr, rhr) in zip(got[name][epoch], got["torch"][epoch], strict=True):
                 assert hr.shape[1:] == (side, side, 3) and lr.shape[1:] == (side // 4,) * 2 + (3,)
                 assert np.array_equal(hr, rhr) and np.array_equal(lr, rlr)
                 assert all(np.array_equal(a, area(b, 4)) for a, b in zip(lr, hr))
