@@ -91,7 +91,7 @@ def encode_image(rgb: np.ndarray, codec: str, quality: int = 95,
     assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == CHANNELS, rgb.shape
     if codec == "raw":
         return np.ascontiguousarray(rgb).tobytes()
-    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
     if codec == "jpeg":
         factor = {"444": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
                   "420": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420}[subsampling]
@@ -121,7 +121,9 @@ def decode_image(buf: bytes, codec: str, shape: tuple[int, int, int]) -> np.ndar
         raise DBError(f"{codec} record does not decode ({len(buf)} bytes)")
     if bgr.shape != tuple(shape):
         raise DBError(f"record decodes to {bgr.shape}, expected {tuple(shape)}")
-    return np.ascontiguousarray(bgr[:, :, ::-1])
+    # cvtColor, not a reversed-axis copy: numpy copies 3-byte pixels one element at a time,
+    # which cost a third of a 512² JPEG's decode (0.64 of 1.65 ms) in the torch loader
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def crc32(buf: bytes) -> int:
