@@ -3,7 +3,8 @@
 DALI's parallel external source pickles the callback into spawned worker processes, which
 import the module that defines it to unpickle it: keeping these out of
 ``srdata.dali_loader`` (which imports torch) saves every worker seconds at start.
-Imports: numpy, ``.format``, ``.sampler`` and ``._proc`` only.
+Imports: numpy, ``.format``, ``.sampler``, ``.handoff`` and ``._proc`` only. The database
+and the sampler reach the workers through a file (``srdata.handoff``), not the start pipe.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from . import format as fmt
 from ._proc import die_with_parent
+from .handoff import Handoff
 from .sampler import HFLIP, ID, TRANSPOSE, X, Y, RowParams, crop_and_flip, lr_row
 
 
@@ -31,13 +33,21 @@ class PatchSource:
 
     def __init__(self, db, sampler, first_epoch: int, skip: int, padded_len: int,
                  realesrgan_scale: int = 0):
-        self.db, self.sampler = db, sampler
+        self._shared = Handoff((db, sampler))  # their arrays grow with the database
         self.first_epoch, self.skip, self.padded_len = first_epoch, skip, padded_len
         self.realesrgan_scale = realesrgan_scale
         self._epoch, self._rows, self._params, self._j = None, None, None, 0
         # DALI starts the worker processes from the thread that builds the pipeline: this one
         self._parent, self._pid = os.getpid(), os.getpid()
         self._by_main_thread = threading.current_thread() is threading.main_thread()
+
+    @property
+    def db(self):
+        return self._shared.get()[0]
+
+    @property
+    def sampler(self):
+        return self._shared.get()[1]
 
     def _row(self, info) -> np.ndarray:
         """The sampler's row for this sample (StopIteration past the epoch's end)."""
@@ -97,7 +107,11 @@ class PairedSource(PatchSource):
     def __init__(self, db, lr, sampler, scale: int, first_epoch: int, skip: int,
                  padded_len: int):
         super().__init__(db, sampler, first_epoch, skip, padded_len)
-        self.lr, self.scale = lr, scale
+        self._lr, self.scale = Handoff(lr), scale
+
+    @property
+    def lr(self):
+        return self._lr.get()
 
     def __call__(self, info):
         row = self._row(info)

@@ -16,6 +16,7 @@ import cv2
 from torch.utils.data import DataLoader, Dataset
 
 from . import format as fmt
+from .handoff import Handoff
 from .loader import Loader
 from .sampler import ID, crop_and_flip, lr_row
 
@@ -26,25 +27,27 @@ class PatchDataset(Dataset):
     """Indexed by a sampler row, not an integer: the row says which image and how to cut.
 
     The batch sampler appends the patch side to each row (``row[PATCH]``): the persistent
-    workers hold copies of this dataset, and a patch schedule changes the side per epoch."""
+    workers hold copies of this dataset, and a patch schedule changes the side per epoch.
+    The database reaches them through a file (``srdata.handoff``): in the start pipe its
+    index made the workers start one after another."""
 
     def __init__(self, db):
-        self.db = db
+        self._db = Handoff(db)
 
     def __getitem__(self, row):
-        return crop_and_flip(self.db.image(int(row[ID])), row, row[PATCH])
+        return crop_and_flip(self._db.get().image(int(row[ID])), row, row[PATCH])
 
 
 class PairedPatchDataset(Dataset):
     """A row -> (LR patch, HR patch): the same crop, on each database's own grid."""
 
     def __init__(self, db, lr, scale: int):
-        self.db, self.lr, self.scale = db, lr, scale
+        self._dbs, self.scale = Handoff((db, lr)), scale  # see PatchDataset
 
     def __getitem__(self, row):
-        i, patch = int(row[ID]), row[PATCH]
-        hr = crop_and_flip(self.db.image(i), row, patch)
-        lr = crop_and_flip(self.lr.image(i), lr_row(row, self.scale), patch // self.scale)
+        (db, lr), i, patch = self._dbs.get(), int(row[ID]), row[PATCH]
+        hr = crop_and_flip(db.image(i), row, patch)
+        lr = crop_and_flip(lr.image(i), lr_row(row, self.scale), patch // self.scale)
         return lr, hr
 
 

@@ -1,0 +1,77 @@
+import gc
+import multiprocessing
+import os
+import pickle
+import tempfile
+
+import numpy as np
+import pytest
+
+from srdata.handoff import PREFIX, Handoff
+
+
+def _theirs():  # files of other programs in the temporary folder are none of our business
+    return {n for n in os.listdir(tempfile.gettempdir()) if not n.startswith(PREFIX)}
+
+
+def _ours():
+    return sorted(n for n in os.listdir(tempfile.gettempdir()) if n.startswith(PREFIX))
+
+
+def _total(h: Handoff) -> int:
+    return int(h.get().sum())
+
+
+def test_a_handoff_pickles_small_and_reads_back_in_a_spawned_worker(monkeypatch, tmp_path):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # TMPDIR is read once, then cached
+    big = np.arange(1_000_000, dtype=np.int64)  # 8 MB: far more than a pipe holds
+    h = Handoff(big)
+    assert h.get() is big and _ours() == []  # no file until the first pickling
+    assert len(pickle.dumps(h)) < 500 and len(pickle.dumps(h)) < 500
+    assert len(_ours()) == 1  # written once, however often it is pickled
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        assert pool.map(_total, [h, h]) == [int(big.sum())] * 2
+    del h
+    gc.collect()
+    assert _ours() == []  # the owner removes its file
+
+
+def test_only_the_owner_removes_the_file_and_nothing_else(monkeypatch, tmp_path):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    (tmp_path / "users-file.pkl").write_bytes(b"keep")
+    before = _theirs()
+    h = Handoff({"rows": list(range(1000))})
+    copy = pickle.loads(pickle.dumps(h))  # what a worker holds
+    assert copy.get() == h.get()
+    del copy
+    gc.collect()
+    assert len(_ours()) == 1  # a worker's copy leaves the owner's file alone
+    del h
+    gc.collect()
+    assert _ours() == [] and _theirs() == before
+    assert (tmp_path / "users-file.pkl").read_bytes() == b"keep"
+
+
+def test_a_vanished_file_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    h = Handoff([1, 2, 3])
+    data = pickle.dumps(h)
+    os.unlink(tmp_path / _ours()[0])
+    with pytest.raises(RuntimeError, match=r"srpipe-handoff-.*\.pkl is gone.*start the run"):
+        pickle.loads(data)
+
+
+def test_loader_sources_pickle_to_a_constant_size(packed):
+    """A worker's arguments must stay far under a pipe's 64 KB at any database size: a
+    bigger payload made the workers start one after another (60 s for 15 torch workers)."""
+    from srdata.dali_source import PatchSource
+    from srdata.reader import open_db
+    from srdata.sampler import Sampler
+    from srdata.torch_loader import PatchDataset
+    db = open_db(packed("jpeg"))
+    sampler = Sampler(np.full(100_000, 512), np.full(100_000, 512), 4, 32)  # 2.4 MB of sizes
+    assert len(pickle.dumps(PatchDataset(db))) < 1000
+    assert len(pickle.dumps(PatchSource(db, sampler, 0, 0, 100))) < 1000
