@@ -151,6 +151,36 @@ if torch.cuda.is_available():
           f"{p.multi_processor_count} SMs, bf16 {torch.cuda.is_bf16_supported()}")
     print("torch.ones(1).cuda():", torch.ones(1).cuda())
 EOF
+# What a torch loader worker pays per image, and what starting one costs: the first H100
+# run's torch loader made half the probe's img/s per worker and took 60 s to start 15.
+timeout 120 "$PY" - >> "$RES/env.txt" 2>&1 <<'EOF'
+import time
+
+import cv2
+
+from srdata.samples import synthetic_image
+cv2.setNumThreads(1)
+print("== decoding one 512x512 JPEG q95 (one thread)")
+print([line.strip() for line in cv2.getBuildInformation().splitlines() if "JPEG:" in line])
+ok, buf = cv2.imencode(".jpg", cv2.cvtColor(synthetic_image(512, 512, 0), cv2.COLOR_RGB2BGR),
+                       [cv2.IMWRITE_JPEG_QUALITY, 95])
+for name, fn in (("cv2.imdecode", lambda: cv2.imdecode(buf, cv2.IMREAD_COLOR)),
+                 ("+ cvtColor to RGB", lambda: cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR),
+                                                            cv2.COLOR_BGR2RGB))):
+    fn()
+    t = time.perf_counter()
+    for _ in range(200):
+        fn()
+    print(f"{name}: {(time.perf_counter() - t) / 200 * 1e3:.2f} ms ({len(buf)} bytes)")
+EOF
+{
+  echo "== python -c 'import torch': alone, then 15 at once"
+  "$PY" -c "import time; t = time.time(); import torch; print(f'alone: {time.time() - t:.1f} s')"
+  t=$SECONDS
+  for _ in $(seq 15); do "$PY" -c "import torch" & done
+  wait
+  echo "15 at once: $((SECONDS - t)) s"
+} >> "$RES/env.txt" 2>&1
 echo "== facts took $((SECONDS - T0)) s" >> "$RES/env.txt"
 pack
 

@@ -69,8 +69,9 @@ PRESETS = {
     # the users' setting: 512² JPEGs, 256² patches, esrgan at batch 32; 4000 images, as
     # loader rates do not depend on the database's size beyond a few thousand (the headline
     # is still the users' 10K-image epoch). ``est``: seconds each step is expected to take
-    # with a GPU and 16 cores (the read-through's estimate: about half of it is start-up),
-    # what --budget plans with.
+    # with a GPU and 16 cores, what --budget plans with: as measured on the first H100 run
+    # (benchmarks/results/h100-2026-11-27, where a 60 s estimate for `train` cut the step
+    # off at 100 s), most of it loader start-up; compile is still a guess.
     "full": {"count": 4000, "size": 512, "patch": 256, "batch": 64, "train_batch": 32,
              "steps": 30, "warmup": 10, "batches": 50, "codec_count": 1000, "photos": 48,
              "models": "fast,srcnn", "workers": "4,0", "cold": False, "kernels": True, "tuning": True,
@@ -78,9 +79,9 @@ PRESETS = {
              "batch_model": "esrgan", "batch_sizes": "8,16,32,64", "codecs": CODECS,
              "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
              "degradation_loaders": "dali,torch",
-             "est": {"db": 40, "headline": 90, "loaders": 90, "tuning": 90, "kernels": 45, "compile": 150,
-                     "train": 60, "batch": 90, "ttq": 150, "degradations": 90, "codecs": 60,
-                     "quality": 200}},
+             "est": {"db": 40, "headline": 130, "loaders": 165, "tuning": 150, "kernels": 85,
+                     "compile": 150, "train": 200, "batch": 150, "ttq": 150,
+                     "degradations": 200, "codecs": 60, "quality": 200}},
     # the same images and patches on a few CPU cores, where esrgan trains at ~0.5 img/s:
     # few steps and small batches: ~11 minutes on 2 cores, and ~25 more for quality
     "cpu": {"count": 2000, "size": 512, "patch": 256, "batch": 32, "train_batch": 4,
@@ -227,7 +228,8 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
                 cores = workers + 1 if workers else len(os.sched_getaffinity(0))
                 s.run("loaders", py, "loader_throughput.py", "--db", db, "--loaders", "dali",
                       "--batch-sizes", p["batch"], "--workers", workers or 0,
-                      "--dali-threads", f"{max(1, cores // 2)},{max(1, cores - 1)}",
+                      # six pipelines: twelve (two thread counts) outran the step's timeout
+                      "--dali-threads", max(1, cores - 1),
                       "--hw-decoder-load", "0.65,0.9,1", "--prealloc", "off,on",
                       "--patch", p["patch"], "--batches", p["batches"], "--no-cold",
                       "--out", out / "loader_tuning.jsonl", "--md", out / "loader_tuning.md",
@@ -280,7 +282,8 @@ def kernels(s: Suite, train: list) -> None:
         return
     step = [py, "train_throughput.py", "--loaders", "synthetic", "--models", "esrgan",
             "--batch-sizes", p["train_batch"], *train, "--out", s.out / "kernels.jsonl"]
-    s.run("train", *step, "--cudnn-benchmark", "on,off", est="kernels")
+    s.run("train", *step, "--cudnn-benchmark", "on,off", "--op-table", s.out / "op_table.txt",
+          est="kernels")
     s.run("train", *step, "--amp", "off", "--tf32", "on,off", est="kernels")
     if p["compile"]:
         s.run("train", *step, "--compile", est="compile")

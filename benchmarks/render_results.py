@@ -4,8 +4,9 @@
 
 Reads whichever of these exist: headline.jsonl, loader_throughput.{md,png},
 train_esrgan.jsonl, train_throughput.jsonl, kernels.jsonl, batch_sizes.jsonl,
-codec_compare.jsonl, codec_loaders.jsonl, loader_degradation.md, model_quality.md, suite.jsonl, environment.json. Writes results.md, train_throughput.png,
-batch_sizes.png and codecs.png next to them.
+codec_compare.jsonl, codec_loaders.jsonl, loader_degradation.md, model_quality.md,
+suite.jsonl, environment.json, and notes.md (how the run went, by hand: shown under the
+title). Writes results.md, train_throughput.png, batch_sizes.png and codecs.png next to them.
 """
 from __future__ import annotations
 
@@ -153,6 +154,8 @@ def _rate(img_per_s: float) -> str:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 120:  # the goal is an epoch in 30 s: "0.8 min" hides how far off it is
+        return f"{seconds:.0f} s"
     h, m = divmod(round(seconds / 60), 60)
     return f"{h} h {m:02d} min" if h else f"{seconds / 60:.1f} min"
 
@@ -181,6 +184,8 @@ def render(out: Path) -> Path:
           + (", **quick mode: tiny sizes, not a measurement**" if quick else ""),
           "", "Produced by `python benchmarks/gpu_suite.py"
           + (f" --preset {preset}" if preset != "full" else "") + "`.", ""]
+    if (out / "notes.md").exists():  # how the run went, written by whoever committed it
+        md += [(out / "notes.md").read_text().strip(), ""]
     heads = read_lines(out / "headline.jsonl")
     if heads:
         md += ["## Headline", "", f"One epoch of the users' {heads[0]['images']:,} images "
@@ -200,7 +205,11 @@ def render(out: Path) -> Path:
         "threads, the share of JPEGs the hardware decoder takes (`hw_decoder_load`, DALI's "
         "default 0.65) and preallocation hints sized to the images (make_loader's "
         "`dali_threads`, `hw_decoder_load`, `decoder_hints`).")
-    md += train_section(out) + kernels_section(out) + batch_section(out)
+    md += train_section(out) + kernels_section(out)
+    if (out / "op_table.txt").exists():
+        md += ["Where the step's time goes: [op_table.txt](op_table.txt), torch.profiler's "
+               "ops by their own device time.", ""]
+    md += batch_section(out)
     md += _file_section(
         out, "loader_degradation", "LR degradations", "Loader img/s making the LR by nearest "
         "neighbour, MATLAB bicubic or Real-ESRGAN's degradation (torch: on the device after "

@@ -48,8 +48,12 @@ def _table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def synthetic_rate(cfg, model, dev, steps: int, warmup: int) -> dict:
-    """The training step alone, on one random batch of the loader's dtype and layout."""
+def synthetic_rate(cfg, model, dev, steps: int, warmup: int,
+                   trace: Path | None = None) -> dict:
+    """The training step alone, on one random batch of the loader's dtype and layout.
+
+    ``trace``: then also profile a few more steps and append the ops that took the most
+    device time (CPU time without a GPU) to this file: where the step's time goes."""
     import torch
 
     from srdata.sampler import nn_downscale
@@ -60,13 +64,36 @@ def synthetic_rate(cfg, model, dev, steps: int, warmup: int) -> dict:
     hr = torch.rand(cfg.batch_size, 3, cfg.patch, cfg.patch, device=dev,
                     dtype=AMP_DTYPES[cfg.amp]).contiguous(memory_format=fmt)
     lr = nn_downscale(hr, cfg.scale).contiguous(memory_format=fmt)  # the loaders' nn LR
-    rate = step_rate(timing_stepper(cfg, model, dev, cfg.amp), repeat(lr, hr), steps, warmup,
-                     dev)
+    stepper = timing_stepper(cfg, model, dev, cfg.amp)
+    rate = step_rate(stepper, repeat(lr, hr), steps, warmup, dev)
+    if trace is not None:
+        write_op_table(stepper, lr, hr, dev, trace, f"{cfg.model}, batch {cfg.batch_size}, patch "
+                 f"{cfg.patch}, amp {cfg.amp}, compile {cfg.compile}, cudnn.benchmark "
+                 f"{cfg.cudnn_benchmark}, tf32 {cfg.tf32}: {rate:.1f} img/s")
     return {"synthetic_img_per_s": rate, "loader_img_per_s": None, "loader_efficiency": None}
 
 
-def measure(cfg, dev, steps: int, warmup: int) -> dict | None:
-    """One configuration's img/s (synthetic and fed) and peak GPU memory; None on OOM."""
+def write_op_table(stepper, lr, hr, dev, path: Path, title: str, steps: int = 5) -> None:
+    """torch.profiler's table of ``steps`` steps, the ops by their own device time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    cuda = dev.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            stepper(lr, hr)
+        if cuda:
+            torch.cuda.synchronize(dev)
+    table = prof.key_averages().table(
+        sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(f"## {title}; {steps} steps\n\n{table}\n\n")
+
+
+def measure(cfg, dev, steps: int, warmup: int, trace: Path | None = None) -> dict | None:
+    """One configuration's img/s (synthetic and fed) and peak GPU memory; None on OOM.
+    ``trace``: see synthetic_rate (synthetic data only)."""
     import torch
 
     from srtrain.models import build_model
@@ -79,7 +106,7 @@ def measure(cfg, dev, steps: int, warmup: int) -> dict | None:
             dev, memory_format=torch.channels_last if cfg.channels_last
             else torch.preserve_format)
         if cfg.loader == "synthetic":
-            r = synthetic_rate(cfg, model, dev, steps, warmup)
+            r = synthetic_rate(cfg, model, dev, steps, warmup, trace)
         else:
             r = loader_efficiency(cfg, model, dev, cfg.amp, steps, warmup)
     except torch.cuda.OutOfMemoryError:
@@ -120,8 +147,10 @@ def _switch(ctx, param, value: str) -> list[bool]:
 @click.option("--warmup", default=10, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--md", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--op-table", type=click.Path(dir_okay=False, path_type=Path),
+              help="Synthetic rows: append the profiler's ops by device time to this file.")
 def main(db, count, size, models, loaders, batch_sizes, patch, scale, amp, channels_last,
-         compile_, cudnn, tf32, workers, device, steps, warmup, out, md):
+         compile_, cudnn, tf32, workers, device, steps, warmup, out, md, op_table):
     from srtrain.config import TrainConfig, resolve_amp
     from srdata.loader import resolve_device
     env = _common.environment() | _common.accelerator_environment()
@@ -141,7 +170,7 @@ def main(db, count, size, models, loaders, batch_sizes, patch, scale, amp, chann
                               channels_last=channels_last, compile=compile_,
                               workers=workers, schedule="constant", cudnn_benchmark=bench,
                               tf32=tf)
-            r = measure(cfg, dev, steps, warmup)
+            r = measure(cfg, dev, steps, warmup, op_table if loader == "synthetic" else None)
             if r is None:
                 warnings.warn(f"{name} at batch {bs} ran out of GPU memory; skipped")
                 continue

@@ -98,6 +98,8 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
     kernels = [json.loads(x) for x in (out / "kernels.jsonl").read_text().splitlines()]
     assert [(k["amp"], k["cudnn_benchmark"], k["tf32"]) for k in kernels] == [
         ("off", True, True), ("off", False, True), ("off", True, True), ("off", True, False)]
+    ops = (out / "op_table.txt").read_text()  # where the step's time goes, per switch
+    assert ops.count("## esrgan, batch 2") == 2 and "aten::" in ops and "op_table.txt" in md
     assert "| progressive | 16:0,32:1 |" in (out / "time_to_quality.md").read_text()
     for png in ("loader_throughput.png", "train_throughput.png", "batch_sizes.png",
                 "time_to_quality.png"):
@@ -193,3 +195,17 @@ def test_train_benchmark_skips_a_batch_that_runs_out_of_memory(monkeypatch):
     monkeypatch.setattr(srtrain.train, "loader_efficiency", oom)
     cfg = TrainConfig(db="db", model="srcnn", amp="off", schedule="constant")
     assert train_throughput.measure(cfg, torch.device("cpu"), steps=1, warmup=0) is None
+
+
+def test_results_page_shows_short_epochs_in_seconds_and_the_runs_notes(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import render_results
+    head = {"part": "headline", "model": "esrgan", "loader": "dali", "batch_size": 32,
+            "patch": 256, "img_per_s": 202.4, "images": 10000, "seconds_per_epoch": 49.4,
+            "baseline_seconds_per_epoch": 7200, "speedup": 145.75}
+    (tmp_path / "headline.jsonl").write_text(json.dumps(head) + "\n")
+    (tmp_path / "notes.md").write_text("Two calls on one machine.\n")
+    md = render_results.render(tmp_path).read_text()
+    assert "| esrgan | dali | 32 | 202.4 | 49 s | 145.75× |" in md  # not "0.8 min"
+    assert "starting point: 2 h 00 min per epoch" in md
+    assert "Two calls on one machine." in md
