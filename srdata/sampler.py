@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 
 ID, Y, X, HFLIP, VFLIP, TRANSPOSE = range(6)
@@ -160,17 +161,21 @@ class RowParams:
         return {k: v[start - o:stop - o] for k, v in self._params.items()}
 
 
+_FLIP_CODES = {(True, False): 1, (False, True): 0, (True, True): -1}  # cv2.flip's codes
+
+
 def crop_and_flip(img: np.ndarray, row, patch: int) -> np.ndarray:
-    """The HR patch a plan row describes, as a contiguous HxWxC array (the reference)."""
+    """The HR patch a plan row describes, as a contiguous HxWxC array (the reference):
+    ``img[y:y+patch, x:x+patch]``, mirrored left-right (``HFLIP``), then upside down
+    (``VFLIP``), then transposed (``TRANSPOSE``)."""
     y, x = int(row[Y]), int(row[X])
     hr = img[y:y + patch, x:x + patch]
-    if row[HFLIP]:
-        hr = hr[:, ::-1]
-    if row[VFLIP]:
-        hr = hr[::-1]
-    if row[TRANSPOSE]:
-        hr = hr.transpose(1, 0, 2)
-    return np.ascontiguousarray(hr)
+    # OpenCV, not a copy of numpy's reversed or transposed view: numpy copies those 3-byte
+    # pixels one element at a time, 0.21 ms for a 256² patch against cv2's 0.006-0.019,
+    # on every sample the torch loader cuts
+    code = _FLIP_CODES.get((bool(row[HFLIP]), bool(row[VFLIP])))
+    hr = np.ascontiguousarray(hr) if code is None else cv2.flip(hr, code)
+    return cv2.transpose(hr) if row[TRANSPOSE] else hr
 
 
 def lr_row(row, scale: int) -> np.ndarray:

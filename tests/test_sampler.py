@@ -100,6 +100,21 @@ def test_crop_and_flip_order_is_hflip_vflip_transpose():
     assert got.flags.c_contiguous and np.array_equal(got, expect)
 
 
+@pytest.mark.parametrize("flips", [(h, v, t) for h in (0, 1) for v in (0, 1) for t in (0, 1)])
+def test_crop_and_flip_is_numpys_flips_of_the_crop(flips):
+    """OpenCV does the flips for speed: the patch is exactly numpy's, for every combination,
+    an odd patch and a crop at the image's edge."""
+    img = np.random.default_rng(1).integers(0, 256, (23, 19, 3), dtype=np.uint8)
+    for (y, x), patch in (((2, 3), 7), ((16, 12), 7), ((0, 0), 19)):
+        ref = img[y:y + patch, x:x + patch]
+        ref = ref[:, ::-1] if flips[0] else ref
+        ref = ref[::-1] if flips[1] else ref
+        ref = ref.transpose(1, 0, 2) if flips[2] else ref
+        got = crop_and_flip(img, np.array([0, y, x, *flips]), patch)
+        assert got.flags.c_contiguous and got.shape == (patch, patch, 3)
+        assert np.array_equal(got, ref)
+
+
 @pytest.mark.parametrize("s", [2, 3, 4])
 def test_nn_downscale_picks_the_centre_pixel(s):
     hr = np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)
