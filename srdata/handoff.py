@@ -15,6 +15,7 @@ A process killed with SIGKILL leaves the file behind in the temporary folder, na
 """
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import tempfile
@@ -24,7 +25,9 @@ import weakref
 PREFIX = "srpipe-handoff-"
 
 
-def _remove(path: str) -> None:
+def _remove(path: str, owner: int) -> None:
+    if os.getpid() != owner:  # a forked child inherits the finalizer, not the file
+        return
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -45,15 +48,19 @@ class Handoff:
         with self._lock:
             if self._path is None:  # pickled for the first time: write the object once
                 fd, path = tempfile.mkstemp(prefix=PREFIX, suffix=".pkl")
-                weakref.finalize(self, _remove, path)  # also at exit
+                weakref.finalize(self, _remove, path, os.getpid())  # also at exit
                 try:
                     with os.fdopen(fd, "wb") as f:
                         pickle.dump(self._obj, f, protocol=pickle.HIGHEST_PROTOCOL)
                 except BaseException:
-                    _remove(path)
+                    _remove(path, os.getpid())
                     raise
                 self._path = path
         return {"path": self._path}
+
+    def __deepcopy__(self, memo) -> "Handoff":
+        # a copy of its own: through pickling it would share (and outlive) our file
+        return Handoff(copy.deepcopy(self._obj, memo))
 
     def __setstate__(self, state: dict) -> None:
         # Read at once: the owner is inside Process.start() and keeps the file until then.

@@ -1,3 +1,4 @@
+import copy
 import gc
 import multiprocessing
 import os
@@ -52,6 +53,33 @@ def test_only_the_owner_removes_the_file_and_nothing_else(monkeypatch, tmp_path)
     gc.collect()
     assert _ours() == [] and _theirs() == before
     assert (tmp_path / "users-file.pkl").read_bytes() == b"keep"
+
+
+def test_a_deep_copy_owns_no_file_of_the_original(monkeypatch, tmp_path):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    h = Handoff({"rows": [1, 2]})
+    pickle.dumps(h)
+    twin = copy.deepcopy(h)
+    assert twin.get() == h.get() and twin.get() is not h.get()
+    del h
+    gc.collect()
+    assert _ours() == []
+    assert pickle.loads(pickle.dumps(twin)).get() == {"rows": [1, 2]}  # a file of its own
+
+
+def test_a_forked_child_leaves_the_owners_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    h = Handoff([1])
+    pickle.dumps(h)
+    pid = os.fork()
+    if pid == 0:  # the child runs the inherited finalizers at exit, as a forked worker might
+        import atexit
+        atexit._run_exitfuncs()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert len(_ours()) == 1
 
 
 def test_a_vanished_file_is_named(monkeypatch, tmp_path):
