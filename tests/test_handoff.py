@@ -19,13 +19,19 @@ def _ours():
     return sorted(n for n in os.listdir(tempfile.gettempdir()) if n.startswith(PREFIX))
 
 
+@pytest.fixture
+def temp(monkeypatch, tmp_path):
+    """The temporary folder, for this test alone."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # TMPDIR is read once, then cached
+    return tmp_path
+
+
 def _total(h: Handoff) -> int:
     return int(h.get().sum())
 
 
-def test_a_handoff_pickles_small_and_reads_back_in_a_spawned_worker(monkeypatch, tmp_path):
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(tempfile, "tempdir", None)  # TMPDIR is read once, then cached
+def test_a_handoff_pickles_small_and_reads_back_in_a_spawned_worker(temp):
     big = np.arange(1_000_000, dtype=np.int64)  # 8 MB: far more than a pipe holds
     h = Handoff(big)
     assert h.get() is big and _ours() == []  # no file until the first pickling
@@ -38,10 +44,8 @@ def test_a_handoff_pickles_small_and_reads_back_in_a_spawned_worker(monkeypatch,
     assert _ours() == []  # the owner removes its file
 
 
-def test_only_the_owner_removes_the_file_and_nothing_else(monkeypatch, tmp_path):
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(tempfile, "tempdir", None)
-    (tmp_path / "users-file.pkl").write_bytes(b"keep")
+def test_only_the_owner_removes_the_file_and_nothing_else(temp):
+    (temp / "users-file.pkl").write_bytes(b"keep")
     before = _theirs()
     h = Handoff({"rows": list(range(1000))})
     copy = pickle.loads(pickle.dumps(h))  # what a worker holds
@@ -52,12 +56,10 @@ def test_only_the_owner_removes_the_file_and_nothing_else(monkeypatch, tmp_path)
     del h
     gc.collect()
     assert _ours() == [] and _theirs() == before
-    assert (tmp_path / "users-file.pkl").read_bytes() == b"keep"
+    assert (temp / "users-file.pkl").read_bytes() == b"keep"
 
 
-def test_a_deep_copy_owns_no_file_of_the_original(monkeypatch, tmp_path):
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(tempfile, "tempdir", None)
+def test_a_deep_copy_owns_no_file_of_the_original(temp):
     h = Handoff({"rows": [1, 2]})
     pickle.dumps(h)
     twin = copy.deepcopy(h)
@@ -68,9 +70,7 @@ def test_a_deep_copy_owns_no_file_of_the_original(monkeypatch, tmp_path):
     assert pickle.loads(pickle.dumps(twin)).get() == {"rows": [1, 2]}  # a file of its own
 
 
-def test_a_forked_child_leaves_the_owners_file(monkeypatch, tmp_path):
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(tempfile, "tempdir", None)
+def test_a_forked_child_leaves_the_owners_file(temp):
     h = Handoff([1])
     pickle.dumps(h)
     pid = os.fork()
@@ -82,12 +82,10 @@ def test_a_forked_child_leaves_the_owners_file(monkeypatch, tmp_path):
     assert len(_ours()) == 1
 
 
-def test_a_vanished_file_is_named(monkeypatch, tmp_path):
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(tempfile, "tempdir", None)
+def test_a_vanished_file_is_named(temp):
     h = Handoff([1, 2, 3])
     data = pickle.dumps(h)
-    os.unlink(tmp_path / _ours()[0])
+    os.unlink(temp / _ours()[0])
     with pytest.raises(RuntimeError, match=r"srpipe-handoff-.*\.pkl is gone.*start the run"):
         pickle.loads(data)
 
