@@ -16,6 +16,7 @@ import cv2
 from torch.utils.data import DataLoader, Dataset
 
 from . import format as fmt
+from ._proc import WorkerDied
 from .handoff import Handoff
 from .loader import Loader
 from .sampler import ID, crop_and_flip, lr_row
@@ -107,6 +108,12 @@ class TorchLoader(Loader):
             # last line is ours and names the database and key.
             raise fmt.DBError(_last_line(str(e)) + f"; run `srdata verify {self.db.path}` "
                               "to list every bad record") from None
+        except EOFError:
+            # A worker killed while it sent a batch leaves half a message in the pipe. If
+            # it is not yet reaped, the DataLoader passes the EOFError on rather than
+            # saying that a worker died.
+            raise WorkerDied("a DataLoader worker exited unexpectedly: its batch broke off "
+                             "mid-transfer") from None
 
 
 def _last_line(message: str) -> str:

@@ -206,6 +206,21 @@ def test_torch_workers_survive_opencv_threads_in_the_parent(packed, tmp_path):
     assert done.stdout.split() == ["8"]  # 10 images, batch 4, drop_last
 
 
+def test_a_batch_cut_off_by_a_dying_torch_worker_is_a_worker_death(packed, monkeypatch):
+    """A worker killed while it sends a batch leaves half a message: the DataLoader then
+    raises EOFError, which the CLI does not read as a dead worker ("Aborted!" instead)."""
+    from srdata._proc import WorkerDied
+    lo = srdata.make_loader(packed("jpeg"), loader="torch", batch_size=4, patch_size=32,
+                            scale=4, workers=0, device="cpu")
+
+    def broken():
+        raise EOFError
+        yield
+    monkeypatch.setattr(lo, "_dl", broken())
+    with pytest.raises(WorkerDied, match="DataLoader worker exited unexpectedly"):
+        next(iter(lo))
+
+
 @pytest.mark.dali
 def test_dali_tuning_knobs_are_validated_and_applied(packed):
     from srdata.dali_loader import decoder_args
