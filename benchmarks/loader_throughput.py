@@ -113,6 +113,11 @@ def crc_cost(db, repeats: int) -> dict:
             "crc_share_of_decode": round(crc / dec, 4)}
 
 
+def _seconds(value) -> str:
+    # a fresh loader's wait for its first batch: workers starting, a pipeline building
+    return "-" if value is None else f"{value:.1f} s"
+
+
 def render_markdown(records: list[dict]) -> str:
     rows = [r for r in records if r.get("kind") == "throughput"]
     def key(r):
@@ -122,7 +127,8 @@ def render_markdown(records: list[dict]) -> str:
     nn_rate = {(r["loader"], *key(r)[:3]): r["images_per_s"] for r in rows
                if r.get("degradation", "nn") == "nn"}
     lines = ["| loader | batch | CPU workers | crc32 check | LR | img/s | x torch (same batch, "
-             "workers, check, LR) | x nn LR |", "|---|---:|---:|---|---|---:|---:|---:|"]
+             "workers, check, LR) | x nn LR | first batch |",
+             "|---|---:|---:|---|---|---:|---:|---:|---:|"]
     for r in rows:
         base = torch_rate.get(key(r))
         ratio = f"{r['images_per_s'] / base:.2f}" if base else "-"
@@ -131,7 +137,8 @@ def render_markdown(records: list[dict]) -> str:
         tuned = "".join(f", {k} {v}" for k, v in r.get("tuning", {}).items())
         lines.append(f"| {r['loader']}{tuned} | {r['batch_size']} | {r['workers']} | "
                      f"{'on' if r.get('crc', True) else 'off'} | {r.get('degradation', 'nn')} | "
-                     f"{r['images_per_s']:,.0f} | {ratio} | {vs_nn} |")
+                     f"{r['images_per_s']:,.0f} | {ratio} | {vs_nn} | "
+                     f"{_seconds(r.get('startup_s'))} |")
     for r in records:
         if r.get("kind") == "crc_cost":
             lines.append(f"\ncrc32 check per read: {r['crc_ms_per_record']:.3f} ms per "

@@ -1,6 +1,7 @@
 """The benchmarks run end to end on tiny inputs (their numbers are not checked here)."""
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -48,7 +49,9 @@ def test_loader_benchmark_writes_lines_table_and_plot(tmp_path):
     assert lines[-1]["kind"] == "cold_warm" and lines[0]["images_per_s"] > 0
     assert lines[0]["env"]["dali"] and "torch" in lines[0]["env"]
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 4
-    assert "| dali-roi | 2 | 1 |" in (tmp_path / "r.md").read_text()
+    md = (tmp_path / "r.md").read_text()
+    assert "| dali-roi | 2 | 1 |" in md
+    assert re.search(r"\| torch \| 2 \| 1 \|.* \| \d+\.\d s \|\n", md)  # its first batch
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     # DALI's knobs: one row per combination for dali, the untuned one for torch
     lines = bench("loader_throughput.py", "--count", 12, "--size", 96, "--patch", 48,
