@@ -228,8 +228,9 @@ def _check_out(out: str) -> None:
 def _failure(e: Exception, out: str) -> str | None:
     """One line for a failed read or write, or a dead loader worker; None for anything else
     (a bug, whose traceback is wanted)."""
-    if _worker_died(e):
-        return (f"a data loader worker process died ({_first_line(e)}); the system may have "
+    dead = _dead_worker(e)
+    if dead is not None:
+        return (f"a data loader worker process died ({_first_line(dead)}); the system may have "
                 "run out of memory (see `dmesg`): lower --workers or --batch-size, then "
                 "continue with --resume")
     if not isinstance(e, OSError):
@@ -253,15 +254,22 @@ def _write_failure(e: OSError, dst: str) -> str:
     return f"cannot write {where}: {e.strerror or e}"
 
 
-def _worker_died(e: Exception) -> bool:
+def _dead_worker(e: BaseException | None, depth: int = 0) -> BaseException | None:
+    """The exception saying that a loader worker died: ``e``, or one it was raised from or
+    while handling (PyTorch's SIGCHLD handler raises wherever the main thread is, e.g. in
+    the middle of torch.save, whose cleanup then fails with an error of its own)."""
     from srdata._proc import WorkerDied
-    if isinstance(e, (WorkerDied, ConnectionError)) or isinstance(e.__cause__, WorkerDied):
-        return True  # ConnectionError: the pipe to a worker broke (the only sockets we use)
+    if e is None or depth > 8:
+        return None
+    if isinstance(e, (WorkerDied, ConnectionError)):
+        return e  # ConnectionError: the pipe to a worker broke (the only sockets we use)
     # torch: "DataLoader worker (pid(s) N) exited unexpectedly" or "... is killed by signal";
     # DALI's pool: "Worker data receiving interrupted" when one of its processes is gone
-    return isinstance(e, RuntimeError) and bool(
-        re.search(r"DataLoader worker \(pid.*(exited unexpectedly|killed by signal)", str(e))
-        or "Worker data receiving interrupted" in str(e))
+    if isinstance(e, RuntimeError) and bool(
+            re.search(r"DataLoader worker \(pid.*(exited unexpectedly|killed by signal)", str(e))
+            or "Worker data receiving interrupted" in str(e)):
+        return e
+    return _dead_worker(e.__cause__, depth + 1) or _dead_worker(e.__context__, depth + 1)
 
 
 def _first_line(e: Exception) -> str:

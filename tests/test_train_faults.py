@@ -212,6 +212,22 @@ def start_training(db, out, loader):
     return p, workers
 
 
+def test_a_worker_death_that_breaks_a_checkpoint_write_is_named():
+    """PyTorch's SIGCHLD handler raised in the middle of torch.save (seen in CI), whose
+    cleanup then failed with a zip-writer error: the message names the worker's death."""
+    from srtrain.cli import _failure
+    try:
+        try:
+            raise RuntimeError("DataLoader worker (pid 30382) is killed by signal: Killed. ")
+        except RuntimeError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+    except RuntimeError as e:
+        message = _failure(e, "runs/x")
+    assert message.startswith("a data loader worker process died (DataLoader worker (pid "
+                              "30382) is killed by signal: Killed)") and "--resume" in message
+    assert _failure(RuntimeError("CUDA error: an illegal memory access"), "runs/x") is None
+
+
 @pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=pytest.mark.dali)])
 def test_a_killed_loader_worker_gets_a_message(packed, tmp_path, loader):
     if loader == "dali":
