@@ -220,6 +220,47 @@ def test_a_batch_cut_off_by_a_dying_torch_worker_is_a_worker_death(packed, monke
     with pytest.raises(WorkerDied, match="DataLoader worker exited unexpectedly"):
         next(iter(lo))
 
+    def raised_by_a_worker():  # how the DataLoader re-raises a worker's own exception
+        raise EOFError("Caught EOFError in DataLoader worker process 0.")
+        yield
+    monkeypatch.setattr(lo, "_dl", raised_by_a_worker())
+    with pytest.raises(EOFError, match="in DataLoader worker process"):
+        next(iter(lo))
+
+
+FORK_SCRIPT = """
+import os, sys, cv2, numpy as np
+from srdata.reader import open_db
+from srdata.sampler import crop_and_flip
+db = open_db(sys.argv[1])
+for i in range(len(db)):  # decode and cut as the torch loader's workers do
+    crop_and_flip(db.image(i), np.array([i, 0, 0, 1, 1, 1]), 32)
+pid = os.fork()
+if pid == 0:
+    cv2.setNumThreads(1)  # hangs if the parent had started OpenCV's thread pool
+    os._exit(0)
+os.waitpid(pid, 0)
+print("forked child done")
+"""
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "png"])
+def test_reading_images_leaves_the_process_safe_to_fork(tmp_path, codec):
+    """The reader promises forked workers (a user's own DataLoader): decoding and cutting
+    must not start OpenCV's thread pool, as cv2.cvtColor does on images this large."""
+    make_images(tmp_path / "im", [(640, 640)] * 2)
+    db = tmp_path / "db"
+    pack(tmp_path / "im", db, PackConfig(size=512, min_size=256, workers=1, codec=codec),
+         progress=False)
+    script = tmp_path / "fork.py"
+    script.write_text(FORK_SCRIPT)
+    try:
+        done = subprocess.run([sys.executable, script, db], capture_output=True, text=True,
+                              timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a process forked after reading images hung in cv2.setNumThreads")
+    assert done.returncode == 0 and done.stdout.strip() == "forked child done", done.stderr
+
 
 @pytest.mark.dali
 def test_dali_tuning_knobs_are_validated_and_applied(packed):
