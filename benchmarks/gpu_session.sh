@@ -175,10 +175,10 @@ for name, fn in (("cv2.imdecode", lambda: cv2.imdecode(buf, cv2.IMREAD_COLOR)),
 EOF
 {
   echo "== python -c 'import torch': alone, then 15 at once"
-  "$PY" -c "import time; t = time.time(); import torch; print(f'alone: {time.time() - t:.1f} s')"
+  timeout 120 "$PY" -c "import time; t = time.time(); import torch; print(f'alone: {time.time() - t:.1f} s')"
   t=$SECONDS
-  for _ in $(seq 15); do "$PY" -c "import torch" & done
-  wait
+  for _ in $(seq 15); do timeout 120 "$PY" -c "import torch" & done
+  wait  # each has its timeout: no hang here can eat the device call
   echo "15 at once: $((SECONDS - t)) s"
 } >> "$RES/env.txt" 2>&1
 echo "== facts took $((SECONDS - T0)) s" >> "$RES/env.txt"

@@ -55,7 +55,7 @@ USERS_EPOCH, USERS_SECONDS = 10_000, 7200  # the starting point: 2 h per epoch o
 # .png and logs/PART.log)
 PARTS = {"headline": ["train_esrgan.jsonl", "headline.jsonl"],
          "loaders": ["loader_throughput.jsonl", "loader_tuning.jsonl"],
-         "train": ["kernels.jsonl", "train_throughput.jsonl"],
+         "train": ["kernels.jsonl", "train_throughput.jsonl", "op_table.txt"],
          "batch": ["batch_sizes.jsonl"],
          "ttq": ["time_to_quality.jsonl"],
          "degradations": ["loader_degradation.jsonl"],

@@ -9,9 +9,10 @@ another. On the H100 box 15 torch workers took 60 s to deliver a first batch, 4 
 
 ``Handoff(obj)`` pickles as a file name: the first time it is pickled, it writes ``obj`` to
 a temporary file it owns, and each copy unpickled in a worker reads the object back from
-that file. The owner removes the file when the Handoff is collected or the process exits.
-A process killed with SIGKILL leaves the file behind in the temporary folder, named
-``srpipe-handoff-*.pkl``.
+that file. The owner removes the file when the Handoff is collected or the process exits normally.
+A process ended by a signal it does not handle (SIGKILL, and SIGTERM as schedulers send
+it) leaves its files behind in the temporary folder, named ``srpipe-handoff-*.pkl``: about
+44 bytes an image each, safe to delete once the run is gone.
 """
 from __future__ import annotations
 
@@ -52,11 +53,18 @@ class Handoff:
                 try:
                     with os.fdopen(fd, "wb") as f:
                         pickle.dump(self._obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+                except OSError as e:  # name our file: not the run's --out that is full
+                    _remove(path, os.getpid())
+                    raise OSError(e.errno, f"{e.strerror} (the data file for loader workers; "
+                                  "set TMPDIR to a folder with room)", path) from None
                 except BaseException:
                     _remove(path, os.getpid())
                     raise
                 self._path = path
         return {"path": self._path}
+
+    def __copy__(self) -> "Handoff":
+        return self  # through pickling, a copy would share (and outlive) our file
 
     def __deepcopy__(self, memo) -> "Handoff":
         # a copy of its own: through pickling it would share (and outlive) our file

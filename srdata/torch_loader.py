@@ -108,7 +108,9 @@ class TorchLoader(Loader):
             # last line is ours and names the database and key.
             raise fmt.DBError(_last_line(str(e)) + f"; run `srdata verify {self.db.path}` "
                               "to list every bad record") from None
-        except EOFError:
+        except EOFError as e:
+            if "in DataLoader worker process" in str(e):
+                raise  # raised by a worker's own code, and re-raised here: not a death
             # A worker killed while it sent a batch leaves half a message in the pipe. If
             # it is not yet reaped, the DataLoader passes the EOFError on rather than
             # saying that a worker died.

@@ -1,4 +1,5 @@
 import copy
+import errno
 import gc
 import multiprocessing
 import os
@@ -82,6 +83,21 @@ def test_a_process_other_than_the_owner_leaves_the_file(temp):
     assert path.exists()
     handoff._remove(str(path), os.getpid())
     assert not path.exists()
+
+
+def test_a_shallow_copy_is_the_same_handoff(temp):
+    h = Handoff([1])
+    assert copy.copy(h) is h
+
+
+def test_a_full_temporary_folder_is_named(temp, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(handoff.pickle, "dump", full)
+    with pytest.raises(OSError, match="data file for loader workers; set TMPDIR") as e:
+        pickle.dumps(Handoff([1]))
+    assert e.value.errno == errno.ENOSPC and PREFIX in e.value.filename
+    assert _ours() == []  # the half-written file is gone
 
 
 def test_a_vanished_file_is_named(temp):
