@@ -74,8 +74,8 @@ PRESETS = {
     # off at 100 s), most of it loader start-up; compile is still a guess.
     "full": {"count": 4000, "size": 512, "patch": 256, "batch": 64, "train_batch": 32,
              "steps": 30, "warmup": 10, "batches": 50, "codec_count": 1000, "photos": 48,
-             "models": "fast,srcnn", "workers": "4,0", "cold": False, "kernels": True, "tuning": True,
-             "compile": True, "timeout": STEP_TIMEOUT, "parts": GPU_PARTS,
+             "models": "fast,srcnn", "workers": "4,0", "cold": False, "kernels": True,
+             "tuning": True, "compile": True, "timeout": STEP_TIMEOUT, "parts": GPU_PARTS,
              "batch_model": "esrgan", "batch_sizes": "8,16,32,64", "codecs": CODECS,
              "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
              "degradation_loaders": "dali,torch",

@@ -67,9 +67,10 @@ def synthetic_rate(cfg, model, dev, steps: int, warmup: int,
     stepper = timing_stepper(cfg, model, dev, cfg.amp)
     rate = step_rate(stepper, repeat(lr, hr), steps, warmup, dev)
     if trace is not None:
-        write_op_table(stepper, lr, hr, dev, trace, f"{cfg.model}, batch {cfg.batch_size}, patch "
-                 f"{cfg.patch}, amp {cfg.amp}, compile {cfg.compile}, cudnn.benchmark "
-                 f"{cfg.cudnn_benchmark}, tf32 {cfg.tf32}: {rate:.1f} img/s")
+        title = (f"{cfg.model}, batch {cfg.batch_size}, patch {cfg.patch}, amp {cfg.amp}, "
+                 f"compile {cfg.compile}, cudnn.benchmark {cfg.cudnn_benchmark}, tf32 "
+                 f"{cfg.tf32}: {rate:.1f} img/s")
+        write_op_table(stepper, lr, hr, dev, trace, title)
     return {"synthetic_img_per_s": rate, "loader_img_per_s": None, "loader_efficiency": None}
 
 

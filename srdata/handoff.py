@@ -53,21 +53,22 @@ class Handoff:
                 try:
                     with os.fdopen(fd, "wb") as f:
                         pickle.dump(self._obj, f, protocol=pickle.HIGHEST_PROTOCOL)
-                except OSError as e:  # name our file: not the run's --out that is full
+                except BaseException as e:
                     _remove(path, os.getpid())
-                    raise OSError(e.errno, f"{e.strerror} (the data file for loader workers; "
-                                  "set TMPDIR to a folder with room)", path) from None
-                except BaseException:
-                    _remove(path, os.getpid())
+                    if isinstance(e, OSError):  # name our file: not the run's --out
+                        raise OSError(e.errno, f"{e.strerror} (the data file for loader "
+                                      "workers; set TMPDIR to a folder with room)",
+                                      path) from None
                     raise
                 self._path = path
         return {"path": self._path}
 
+    # Not through pickling, the default for copies: a copy would share our file and could
+    # outlive it. A shallow copy is this Handoff; a deep one holds a copy of the object.
     def __copy__(self) -> "Handoff":
-        return self  # through pickling, a copy would share (and outlive) our file
+        return self
 
     def __deepcopy__(self, memo) -> "Handoff":
-        # a copy of its own: through pickling it would share (and outlive) our file
         return Handoff(copy.deepcopy(self._obj, memo))
 
     def __setstate__(self, state: dict) -> None:

@@ -250,5 +250,6 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
 
 def _check_patch(patch_size: int, scale: int) -> None:
     if patch_size % scale:
+        below = patch_size - patch_size % scale
         raise ValueError(f"patch size {patch_size} is not divisible by scale {scale}; use "
-                         f"{patch_size - patch_size % scale} or {patch_size + scale - patch_size % scale}")
+                         f"{below} or {below + scale}")

@@ -265,7 +265,7 @@ def _dead_worker(e: BaseException | None, depth: int = 0) -> BaseException | Non
         return e  # ConnectionError: the pipe to a worker broke (the only sockets we use)
     # torch: "DataLoader worker (pid(s) N) exited unexpectedly" or "... is killed by signal";
     # DALI's pool: "Worker data receiving interrupted" when one of its processes is gone
-    if isinstance(e, RuntimeError) and bool(
+    if isinstance(e, RuntimeError) and (
             re.search(r"DataLoader worker \(pid.*(exited unexpectedly|killed by signal)", str(e))
             or "Worker data receiving interrupted" in str(e)):
         return e
