@@ -3,7 +3,8 @@
 # benchmark suite under a wall-time budget, all packed into one archive under $OUT.
 #
 #   OUT=DIR bash benchmarks/gpu_session.sh [--budget SECONDS] [--test-timeout SECONDS]
-#                                          [--workers N] [--parts LIST] [--skip-tests] [--quick]
+#                                          [--workers N] [--parts LIST] [--codecs LIST]
+#                                          [--skip-tests] [--quick]
 #
 # Run it from the project root. On the lent GPU machine, in the call that carries the
 # bundle's last part (../shared/device/bundle prints that call):
@@ -18,6 +19,7 @@
 #               when it is below the visible cores, else all cores but one)
 # --parts       the suite's parts (default: its GPU default); a rerun on the same warm
 #               machine reuses the packed database: --skip-tests --parts train,batch
+# --codecs      the codecs part's databases (the suite's --codecs), e.g. raw:95
 # --skip-tests  no `pytest -m gpu` (a rerun on the same machine)
 # --quick       tiny sizes (the suite's --quick): the whole script end to end on a CPU
 #
@@ -32,7 +34,7 @@ usage() { sed -n '2,/^set -u/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
 die() { echo "gpu_session.sh: $*" >&2; exit 2; }
 number() { [[ "$2" =~ ^[0-9]+$ ]] || die "$1 expects a whole number, got '$2'"; }
 
-BUDGET=300 TEST_TIMEOUT=150 WORKERS="" PARTS="" SKIP_TESTS=0 QUICK=0
+BUDGET=300 TEST_TIMEOUT=150 WORKERS="" PARTS="" CODECS="" SKIP_TESTS=0 QUICK=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --budget) [ $# -ge 2 ] || die "--budget needs a value"; number "$1" "$2"; BUDGET=$2; shift 2 ;;
@@ -41,6 +43,7 @@ while [ $# -gt 0 ]; do
     --workers) [ $# -ge 2 ] || die "--workers needs a value"; number "$1" "$2"
                [ "$2" -ge 1 ] || die "--workers must be at least 1"; WORKERS=$2; shift 2 ;;
     --parts) [ $# -ge 2 ] || die "--parts needs a value"; PARTS=$2; shift 2 ;;
+    --codecs) [ $# -ge 2 ] || die "--codecs needs a value"; CODECS=$2; shift 2 ;;
     --skip-tests) SKIP_TESTS=1; shift ;;
     --quick) QUICK=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -205,6 +208,7 @@ ARGS=(--out "$RES/suite" --work /tmp/srpipe-suite-work --budget "$BUDGET")
 [ "$QUICK" = 1 ] && ARGS+=(--quick)
 [ -n "$WORKERS" ] && ARGS+=(--workers "$WORKERS")
 [ -n "$PARTS" ] && ARGS+=(--parts "$PARTS")
+[ -n "$CODECS" ] && ARGS+=(--codecs "$CODECS")
 t=$SECONDS
 # the suite stops itself within its budget; the timeout is for a hang it cannot see
 timeout -k 10 $((BUDGET + 60)) "$PY" benchmarks/gpu_suite.py "${ARGS[@]}" \

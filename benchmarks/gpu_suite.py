@@ -10,15 +10,19 @@ most valuable first, so that a budget that runs out loses the least:
 1. ``headline``: esrgan's train img/s fed by each loader and on synthetic data, and the
    seconds per epoch of the users' 10K images that follow;
 2. ``loaders``: loader throughput (dali, dali ROI decode, torch; 4 workers and all cores);
-3. ``train``: the kernel switches on/off for esrgan (cudnn.benchmark, TF32 at fp32,
-   torch.compile: they decide srtrain's defaults), then the other presets with each loader;
-4. ``batch``: one model's img/s and peak memory over a range of batch sizes;
-5. ``ttq``: time to quality, validation PSNR against wall time for a fixed patch, a
+3. ``tuning``: ``dali`` at all cores with DALI's knobs (hw_decoder_load, preallocation);
+4. ``compile``: esrgan's step alone under torch.compile (the lever toward its goal);
+5. ``kernels``: the same step with cudnn.benchmark and TF32 (at fp32) on and off, and where
+   its time goes (``op_table.txt``);
+6. ``train``: the other presets fed by each loader;
+7. ``batch``: one model's img/s and peak memory over a range of batch sizes;
+8. ``ttq``: time to quality, validation PSNR against wall time for a fixed patch, a
    progressive patch schedule and ``--sample-ratio 0.3`` (esrgan on a GPU);
-6. ``degradations``: loader img/s (dali, torch; all cores) making the LR by nearest
+9. ``degradations``: loader img/s (dali, torch; all cores) making the LR by nearest
    neighbour, MATLAB bicubic and Real-ESRGAN's degradation;
-7. ``codecs``: jpeg q90/q95/q100, png, raw: bytes and PSNR, and DALI and torch img/s;
-8. ``quality``: each model preset's validation PSNR over bicubic after the demo's training.
+10. ``codecs``: jpeg q90/q95/q100, png, raw (``--codecs`` picks): bytes and PSNR, and DALI
+    and torch img/s;
+11. ``quality``: each model preset's validation PSNR over bicubic after the demo's training.
 
 The GPU default (``--preset full``) leaves out codecs (CPU-side) and quality (presets
 already ranked); ``--parts codecs,quality`` runs them. Every part uses one database, packed
@@ -54,15 +58,18 @@ USERS_EPOCH, USERS_SECONDS = 10_000, 7200  # the starting point: 2 h per epoch o
 # each part, in the order the parts run, and the result files it writes (besides its .md,
 # .png and logs/PART.log)
 PARTS = {"headline": ["train_esrgan.jsonl", "headline.jsonl"],
-         "loaders": ["loader_throughput.jsonl", "loader_tuning.jsonl"],
-         "train": ["kernels.jsonl", "train_throughput.jsonl", "op_table.txt"],
+         "loaders": ["loader_throughput.jsonl"],
+         "tuning": ["loader_tuning.jsonl"],
+         "compile": ["compile.jsonl"],
+         "kernels": ["kernels.jsonl", "op_table.txt"],
+         "train": ["train_throughput.jsonl"],
          "batch": ["batch_sizes.jsonl"],
          "ttq": ["time_to_quality.jsonl"],
          "degradations": ["loader_degradation.jsonl"],
          "codecs": ["codec_compare.jsonl", "codec_loaders.jsonl"],
          "quality": ["model_quality.jsonl"]}
 # codecs: CPU-side; quality: presets ranked already
-GPU_PARTS = "headline,loaders,train,batch,ttq,degradations"
+GPU_PARTS = "headline,loaders,tuning,compile,kernels,train,batch,ttq,degradations"
 STEP_TIMEOUT = 240  # s: a hung step costs at most this much of a GPU session
 CODECS = [("jpeg", 90), ("jpeg", 95), ("jpeg", 100), ("png", 95), ("raw", 95)]
 PRESETS = {
@@ -74,20 +81,21 @@ PRESETS = {
     # off at 100 s), most of it loader start-up; compile is still a guess.
     "full": {"count": 4000, "size": 512, "patch": 256, "batch": 64, "train_batch": 32,
              "steps": 30, "warmup": 10, "batches": 50, "codec_count": 1000, "photos": 48,
-             "models": "fast,srcnn", "workers": "4,0", "cold": False, "kernels": True,
-             "tuning": True, "compile": True, "timeout": STEP_TIMEOUT, "parts": GPU_PARTS,
+             "models": "fast,srcnn", "workers": "4,0", "cold": False,
+             "timeout": STEP_TIMEOUT, "parts": GPU_PARTS,
              "batch_model": "esrgan", "batch_sizes": "8,16,32,64", "codecs": CODECS,
              "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
              "degradation_loaders": "dali,torch",
-             "est": {"db": 40, "headline": 130, "loaders": 165, "tuning": 150, "kernels": 85,
-                     "compile": 150, "train": 200, "batch": 150, "ttq": 150,
+             "est": {"db": 40, "headline": 130, "loaders": 165, "tuning": 150, "kernels": 30,
+                     "tf32": 85, "compile": 150, "train": 200, "batch": 150, "ttq": 150,
                      "degradations": 200, "codecs": 60, "quality": 200}},
     # the same images and patches on a few CPU cores, where esrgan trains at ~0.5 img/s:
     # few steps and small batches: ~11 minutes on 2 cores, and ~25 more for quality
     "cpu": {"count": 2000, "size": 512, "patch": 256, "batch": 32, "train_batch": 4,
             "steps": 6, "warmup": 1, "batches": 20, "codec_count": 300, "photos": 24,
-            "models": "fast,srcnn", "workers": "1", "cold": True, "kernels": False, "tuning": False,
-            "compile": False, "timeout": 2400, "parts": ",".join(PARTS),
+            "models": "fast,srcnn", "workers": "1", "cold": True, "timeout": 2400,
+            # the kernel switches act on CUDA only; DALI's knobs are GPU decoder ones
+            "parts": "headline,loaders,train,batch,ttq,degradations,codecs,quality",
             "batch_model": "fast", "batch_sizes": "1,2,4,8", "codecs": CODECS,
             "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
             "degradation_loaders": "dali,torch",
@@ -98,8 +106,8 @@ PRESETS = {
     # tiny sizes: the suite end to end in a test, not a measurement
     "quick": {"count": 48, "size": 96, "patch": 48, "batch": 4, "train_batch": 2, "steps": 2,
               "warmup": 1, "batches": 3, "codec_count": 12, "photos": 4,
-              "models": "srcnn", "workers": "1", "cold": True, "kernels": True, "tuning": False,
-              "compile": False, "timeout": STEP_TIMEOUT, "parts": GPU_PARTS,
+              "models": "srcnn", "workers": "1", "cold": True, "timeout": STEP_TIMEOUT,
+              "parts": "headline,loaders,kernels,train,batch,ttq,degradations",
               "batch_model": "srcnn", "batch_sizes": "1,2", "codecs": [("jpeg", 95), ("raw", 95)],
               "quality_models": "srcnn", "quality_epochs": 1,
               "degradation_loaders": "dali",  # three pipeline builds: the plumbing only
@@ -206,10 +214,10 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
     loader_workers = p["workers"] if not workers else ",".join(
         str(w if w != "0" else workers) for w in p["workers"].split(","))
     train = ["--patch", p["patch"], "--steps", p["steps"], "--warmup", p["warmup"]]
-    db = s.db(p["count"]) if {"headline", "loaders", "train", "batch",
-                              "degradations"} & set(parts) else None
+    needs_db = {"headline", "loaders", "tuning", "train", "batch", "degradations"}
+    db = s.db(p["count"]) if needs_db & set(parts) else None
     for part in parts:
-        if db is None and part in ("headline", "loaders", "batch", "degradations"):
+        if db is None and part in needs_db:
             _common.emit({"part": part, "ok": True, "skipped": "no database (see the db step)",
                           "command": ""}, s.log)
         if part == "headline" and db:
@@ -224,22 +232,21 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
                   "--cold" if p["cold"] else "--no-cold",
                   "--out", out / "loader_throughput.jsonl", "--md", out / "loader_throughput.md",
                   "--plot", out / "loader_throughput.png")
-            if p["tuning"]:  # DALI's knobs at all cores: the rows that set make_loader's defaults
-                cores = workers + 1 if workers else len(os.sched_getaffinity(0))
-                s.run("loaders", py, "loader_throughput.py", "--db", db, "--loaders", "dali",
-                      "--batch-sizes", p["batch"], "--workers", workers or 0,
-                      # six pipelines: twelve (two thread counts) outran the step's timeout
-                      "--dali-threads", max(1, cores - 1),
-                      "--hw-decoder-load", "0.65,0.9,1", "--prealloc", "off,on",
-                      "--patch", p["patch"], "--batches", p["batches"], "--no-cold",
-                      "--out", out / "loader_tuning.jsonl", "--md", out / "loader_tuning.md",
-                      est="tuning")
-        if part == "train":
-            kernels(s, train)
-            if db:
-                s.run("train", py, "train_throughput.py", "--db", db, "--models", p["models"],
-                      "--loaders", "dali,torch", "--batch-sizes", p["train_batch"], *train,
-                      *train_workers, "--out", out / "train_throughput.jsonl")
+        if part == "tuning" and db:  # DALI's knobs at all cores: make_loader's defaults
+            cores = workers + 1 if workers else len(os.sched_getaffinity(0))
+            s.run("tuning", py, "loader_throughput.py", "--db", db, "--loaders", "dali",
+                  "--batch-sizes", p["batch"], "--workers", workers or 0,
+                  # six pipelines: twelve (two thread counts) outran the step's timeout
+                  "--dali-threads", max(1, cores - 1),
+                  "--hw-decoder-load", "0.65,0.9,1", "--prealloc", "off,on",
+                  "--patch", p["patch"], "--batches", p["batches"], "--no-cold",
+                  "--out", out / "loader_tuning.jsonl", "--md", out / "loader_tuning.md")
+        if part in ("kernels", "compile"):
+            kernels(s, part, train)
+        if part == "train" and db:
+            s.run("train", py, "train_throughput.py", "--db", db, "--models", p["models"],
+                  "--loaders", "dali,torch", "--batch-sizes", p["train_batch"], *train,
+                  *train_workers, "--out", out / "train_throughput.jsonl")
         if part == "batch" and db:
             s.run("batch", py, "train_throughput.py", "--db", db, "--models", p["batch_model"],
                   "--loaders", "dali", "--batch-sizes", p["batch_sizes"], *train,
@@ -274,19 +281,19 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
         render(out)  # each part's results on the page as soon as it is done
 
 
-def kernels(s: Suite, train: list) -> None:
-    """esrgan's step alone with each kernel switch on and off: the rows that set srtrain's
-    defaults (cudnn.benchmark and TF32 act on CUDA only)."""
+def kernels(s: Suite, part: str, train: list) -> None:
+    """esrgan's step alone with each kernel switch on and off (cudnn.benchmark and TF32 act
+    on CUDA only), or compiled: the rows that set srtrain's defaults."""
     p, py = s.p, sys.executable
-    if not p["kernels"]:
-        return
     step = [py, "train_throughput.py", "--loaders", "synthetic", "--models", "esrgan",
-            "--batch-sizes", p["train_batch"], *train, "--out", s.out / "kernels.jsonl"]
-    s.run("train", *step, "--cudnn-benchmark", "on,off", "--op-table", s.out / "op_table.txt",
-          est="kernels")
-    s.run("train", *step, "--amp", "off", "--tf32", "on,off", est="kernels")
-    if p["compile"]:
-        s.run("train", *step, "--compile", est="compile")
+            "--batch-sizes", p["train_batch"], *train]
+    if part == "kernels":
+        step += ["--out", s.out / "kernels.jsonl"]
+        s.run("kernels", *step, "--cudnn-benchmark", "on,off", "--op-table",
+              s.out / "op_table.txt")
+        s.run("kernels", *step, "--amp", "off", "--tf32", "on,off", est="tf32")
+    else:
+        s.run("compile", *step, "--compile", "--out", s.out / "compile.jsonl")
 
 
 def render(out: Path) -> None:
@@ -341,6 +348,20 @@ def _parts(ctx, param, value: str | None) -> list[str] | None:
     return [p for p in PARTS if p in parts]  # most valuable first, whatever the order given
 
 
+def _codecs(ctx, param, value: str | None) -> list[tuple[str, int]] | None:
+    if value is None:
+        return None
+    try:
+        pairs = [(c, int(q)) for c, q in (item.split(":") for item in value.split(","))]
+    except ValueError:
+        raise click.BadParameter(f"got {value!r}, expected CODEC:QUALITY pairs such as "
+                                 "raw:95,jpeg:90") from None
+    bad = [c for c, _ in pairs if c not in {c for c, _ in CODECS}]
+    if bad:
+        raise click.BadParameter(f"got {','.join(bad)}, expected some of jpeg,png,raw")
+    return pairs
+
+
 @click.command()
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="full", show_default=True,
               help="Sizes: full (a GPU and 16 cores), cpu (a few cores), quick (a test).")
@@ -353,6 +374,9 @@ def _parts(ctx, param, value: str | None) -> list[str] | None:
 @click.option("--parts", callback=_parts,
               help=f"Run only these (of {','.join(PARTS)}); the results of the others stay "
                    f"as they are  [default: {GPU_PARTS}; every part with --preset cpu]")
+@click.option("--codecs", callback=_codecs, metavar="CODEC:Q,...",
+              help="The codecs part's databases  [default: jpeg:90,jpeg:95,jpeg:100,png:95,"
+                   "raw:95]; raw:95 alone measures the raw codec's loaders in a minute.")
 @click.option("--budget", type=click.FloatRange(min=0), metavar="SECONDS",
               help="Start no step whose estimate no longer fits in this wall time.")
 @click.option("--workers", type=click.IntRange(min=1),
@@ -361,11 +385,13 @@ def _parts(ctx, param, value: str | None) -> list[str] | None:
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path),
               help="Keep the generated photos and databases here for the next run  "
                    "[default: a temporary folder]")
-def main(preset, quick, results, out, count, parts, budget, workers, work):
+def main(preset, quick, results, out, count, parts, codecs, budget, workers, work):
     preset = "quick" if quick else preset
     p = dict(PRESETS[preset])
     if count:
         p["count"] = count
+    if codecs:
+        p["codecs"] = codecs
     p["time_to_quality"] = TIME_TO_QUALITY[preset]
     parts = parts or p["parts"].split(",")
     env = _common.environment() | _common.accelerator_environment()

@@ -3,7 +3,7 @@
     python benchmarks/render_results.py benchmarks/results/<gpu>-<date>
 
 Reads whichever of these exist: headline.jsonl, loader_throughput.{md,png},
-train_esrgan.jsonl, train_throughput.jsonl, kernels.jsonl, batch_sizes.jsonl,
+train_esrgan.jsonl, train_throughput.jsonl, kernels.jsonl, compile.jsonl, batch_sizes.jsonl,
 codec_compare.jsonl, codec_loaders.jsonl, loader_degradation.md, model_quality.md,
 suite.jsonl, environment.json, and notes.md (how the run went, by hand: shown under the
 title). Writes results.md, train_throughput.png, batch_sizes.png and codecs.png next to them.
@@ -74,7 +74,7 @@ def train_section(out: Path) -> list[str]:
 def kernels_section(out: Path) -> list[str]:
     """The training step alone with each kernel switch on and off, against srtrain's
     defaults at the same precision (cudnn.benchmark and TF32 on, no compile)."""
-    rows = read_lines(out / "kernels.jsonl")
+    rows = read_lines(out / "kernels.jsonl") + read_lines(out / "compile.jsonl")
     if not rows:
         return []
     on = lambda b: "on" if b else "off"  # noqa: E731

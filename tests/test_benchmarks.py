@@ -85,9 +85,9 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
     bench("gpu_suite.py", "--quick", "--out", "results", cwd=tmp_path, timeout=600)
     steps = [json.loads(x) for x in (out / "suite.jsonl").read_text().splitlines()]
     assert steps and all(s["ok"] and not s.get("skipped") for s in steps), steps
-    # the GPU default, most valuable first; the kernel switches are rows of the train part
+    # the quick default (the GPU one less DALI tuning and compile), most valuable first
     assert list(dict.fromkeys(s["part"] for s in steps)) == ["db", "headline", "loaders",
-                                                             "train", "batch", "ttq",
+                                                             "kernels", "train", "batch", "ttq",
                                                              "degradations"]
     md = (out / "results.md").read_text()
     for section in ("## Headline", "## Loader throughput", "## Training throughput",
@@ -108,8 +108,8 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
                 "time_to_quality.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     # the parts left out of the GPU default run on request and keep the others' results
-    bench("gpu_suite.py", "--quick", "--parts", "quality,codecs", "--out", out, cwd=tmp_path,
-          timeout=600)
+    bench("gpu_suite.py", "--quick", "--parts", "quality,codecs", "--codecs", "raw:95",
+          "--out", out, cwd=tmp_path, timeout=600)
     md = (out / "results.md").read_text()
     for section in ("## Headline", "## Training throughput", "## Codecs",
                     "## Model presets: quality"):
@@ -121,10 +121,15 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
     assert len((out / "headline.jsonl").read_text().splitlines()) == 3  # dali, torch, synthetic
 
 
-def test_gpu_suite_names_an_unknown_part(tmp_path):
+def test_gpu_suite_names_an_unknown_part_or_codec(tmp_path):
     r = subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), "--parts", "train,nope",
                         "--out", tmp_path], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "got nope, expected some of headline,loaders," in r.stderr
+    for bad, said in (("raw", "got 'raw', expected CODEC:QUALITY pairs"),
+                      ("webp:90", "got webp, expected some of jpeg,png,raw")):
+        r = subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), "--codecs", bad,
+                            "--out", tmp_path], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and said in r.stderr, r.stderr
 
 
 def test_gpu_session_script_end_to_end(tmp_path):
