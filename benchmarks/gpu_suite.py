@@ -76,9 +76,10 @@ PRESETS = {
     # the users' setting: 512² JPEGs, 256² patches, esrgan at batch 32; 4000 images, as
     # loader rates do not depend on the database's size beyond a few thousand (the headline
     # is still the users' 10K-image epoch). ``est``: seconds each step is expected to take
-    # with a GPU and 16 cores, what --budget plans with: as measured on the first H100 run
-    # (benchmarks/results/h100-2026-11-27, where a 60 s estimate for `train` cut the step
-    # off at 100 s), most of it loader start-up; compile is still a guess.
+    # with a GPU and 16 cores, what --budget plans with: as measured on the H100 runs
+    # (benchmarks/results/h100-2026-11-27*: a 60 s estimate for `train` cut that step off at
+    # 100 s; compile took 140 s at batch 32 and did not finish in 125 s at 64 on a fresh
+    # machine), leaving each step some margin.
     "full": {"count": 4000, "size": 512, "patch": 256, "batch": 64, "train_batch": 32,
              "steps": 30, "warmup": 10, "batches": 50, "codec_count": 1000, "photos": 48,
              "models": "fast,srcnn", "workers": "4,0", "cold": False,
@@ -86,8 +87,8 @@ PRESETS = {
              "batch_model": "esrgan", "batch_sizes": "8,16,32,64", "codecs": CODECS,
              "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
              "degradation_loaders": "dali,torch",
-             "est": {"db": 40, "headline": 130, "loaders": 165, "tuning": 150, "kernels": 30,
-                     "tf32": 85, "compile": 150, "train": 200, "batch": 150, "ttq": 150,
+             "est": {"db": 40, "headline": 130, "loaders": 70, "tuning": 50, "kernels": 80,
+                     "tf32": 90, "compile": 150, "train": 200, "batch": 150, "ttq": 150,
                      "degradations": 200, "codecs": 60, "quality": 200}},
     # the same images and patches on a few CPU cores, where esrgan trains at ~0.5 img/s:
     # few steps and small batches: ~11 minutes on 2 cores, and ~25 more for quality
@@ -232,9 +233,9 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
                   "--cold" if p["cold"] else "--no-cold",
                   "--out", out / "loader_throughput.jsonl", "--md", out / "loader_throughput.md",
                   "--plot", out / "loader_throughput.png")
-        if part == "tuning" and db:  # DALI's knobs at all cores: make_loader's defaults
+        if part == "tuning" and db:  # DALI's knobs for make_loader's default (ROI decode)
             cores = workers + 1 if workers else len(os.sched_getaffinity(0))
-            s.run("tuning", py, "loader_throughput.py", "--db", db, "--loaders", "dali",
+            s.run("tuning", py, "loader_throughput.py", "--db", db, "--loaders", "dali-roi",
                   "--batch-sizes", p["batch"], "--workers", workers or 0,
                   # six pipelines: twelve (two thread counts) outran the step's timeout
                   "--dali-threads", max(1, cores - 1),
@@ -399,8 +400,9 @@ def main(preset, quick, results, out, count, parts, codecs, budget, workers, wor
     out.mkdir(parents=True, exist_ok=True)
     forget(out, parts)
     (out / "environment.json").write_text(json.dumps(
-        env | {"preset": preset, "parts": parts, "budget": budget, "workers": workers,
-               **{k: v for k, v in p.items() if k != "est"}}, indent=2))
+        env | {k: v for k, v in p.items() if k not in ("est", "parts")}
+        | {"preset": preset, "parts": parts, "budget": budget, "max_workers": workers},
+        indent=2))
     t0 = time.perf_counter()
     # a `timeout` around the suite: end like Ctrl-C, so the running step's group is killed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -118,6 +118,7 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
     parts = [json.loads(x)["part"] for x in (out / "suite.jsonl").read_text().splitlines()]
     assert parts[:parts.index("codecs")] == [s["part"] for s in steps[1:]]  # kept, db redone
     assert set(parts[parts.index("codecs"):]) == {"db", "codecs", "quality"}
+    assert json.loads((out / "environment.json").read_text())["parts"] == ["codecs", "quality"]
     assert len((out / "headline.jsonl").read_text().splitlines()) == 3  # dali, torch, synthetic
 
 
