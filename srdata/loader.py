@@ -159,7 +159,7 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
                 scale: int = 4, seed: int = 0, sample_ratio: float = 1.0, rank: int = 0,
                 world_size: int = 1, device=None, dtype: torch.dtype = torch.float32,
                 channels_last: bool = True, augment: bool = True, drop_last: bool = True,
-                workers: int | None = None, roi_decode: bool | None = None,
+                workers: int | None = None, roi_decode: bool = True,
                 ids=None, lr_db=None, patch_schedule=None, degradation: str = "nn",
                 usm: bool = False, dali_threads: int | None = None,
                 hw_decoder_load: float | None = None, decoder_hints: dict | None = None
@@ -167,10 +167,10 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
     """An iterable of ``(lr, hr)`` batches from the database ``db`` (a path or an open one).
 
     ``workers``: CPU processes reading the database (torch: DataLoader workers; dali:
-    external-source workers); default all cores but one. ``roi_decode`` (dali only): decode
-    just the patch's region of each JPEG; by default on when DALI decodes on the CPU (1.7x
-    the full decode on a 2-core machine, benchmarks/results/cpu-2core-2026-11-26) and off
-    with ``mixed`` GPU decode, whose hardware JPEG decoder takes whole images. ``ids``:
+    external-source workers); default all cores but one. ``roi_decode`` (dali only, default
+    on): decode just the patch's region of each JPEG; 1.7x the full decode on the CPU
+    (benchmarks/results/cpu-2core-2026-11-26) and as fast or faster with ``mixed`` decode on
+    an H100 (+1% to +40%, benchmarks/results/h100-2026-11-27-session2). ``ids``:
     draw from these images only (e.g. the training part of a train/validation split).
     ``lr_db``: paired training (a path or an open database): ``lr`` is the crop of this
     database's image of the same name (see ``srdata.paired``) instead of a downscale of
@@ -183,11 +183,12 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
     (Real-ESRGAN's second-order degradation, every parameter drawn by the sampler per row;
     see ``srdata.degrade``). ``usm``: USM-sharpen the ``hr`` targets (Real-ESRGAN's
     ``gt_usm``).
-    DALI tuning, left at DALI's defaults until the GPU suite measures them: ``dali_threads``
-    (the pipeline's CPU threads; default ``workers``), and for GPU decode ``hw_decoder_load``
-    (the share of JPEGs sent to the hardware decoder) and ``decoder_hints`` (the decoders'
+    DALI tuning: ``dali_threads`` (the pipeline's CPU threads; default ``workers``), and for
+    GPU decode ``hw_decoder_load`` (the share of JPEGs sent to the hardware decoder; default
+    1.0, not DALI's 0.65, as measured on an H100) and ``decoder_hints`` (the decoders'
     ``device_memory_padding``, ``host_memory_padding``, ``preallocate_width_hint``,
-    ``preallocate_height_hint``, ``hybrid_huffman_threshold``).
+    ``preallocate_height_hint``, ``hybrid_huffman_threshold``; DALI's defaults, which the
+    H100 run found as fast as hints sized to the images).
     """
     from .reader import open_db
     if loader not in LOADERS:
@@ -240,8 +241,6 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
         return TorchLoader(db, sampler, scale, device, dtype, channels_last, workers, lr=lr,
                            degradation=degradation, usm=usm, schedule=patch_schedule)
     from .dali_loader import DaliLoader
-    if roi_decode is None:
-        roi_decode = device.type != "cuda"
     return DaliLoader(db, sampler, scale, device, dtype, channels_last, workers, roi_decode,
                       lr=lr, degradation=degradation, usm=usm, schedule=patch_schedule,
                       threads=dali_threads, hw_decoder_load=hw_decoder_load,

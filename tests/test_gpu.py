@@ -25,8 +25,9 @@ def epoch(loader):
     return [(lr.cpu(), hr.cpu()) for lr, hr in loader]
 
 
-@pytest.mark.parametrize("codec, roi, tol", [("png", False, 0), ("raw", False, 0),
-                                             ("jpeg", False, 1), ("jpeg", True, 1)])
+@pytest.mark.parametrize("codec, roi, tol", [("png", False, 0), ("png", True, 0),
+                                             ("raw", True, 0), ("jpeg", False, 1),
+                                             ("jpeg", True, 1)])
 def test_mixed_decode_matches_the_torch_loader(packed, codec, roi, tol):
     path = packed(codec)
     dali = srdata.make_loader(path, "dali", roi_decode=roi, **KW)

@@ -40,7 +40,7 @@ def assert_same(a, b, tol=0.0):
 
 
 @pytest.mark.parametrize("loader", ["torch", "dali"])
-@pytest.mark.parametrize("codec, scale, roi", [("png", 4, None), ("raw", 3, None),
+@pytest.mark.parametrize("codec, scale, roi", [("png", 4, True), ("raw", 3, True),
                                                ("png", 2, False)])
 def test_loaders_yield_the_sampler_s_samples_bit_exact(packed, loader, codec, scale, roi):
     path = packed(codec)
@@ -275,6 +275,7 @@ def test_dali_tuning_knobs_are_validated_and_applied(packed):
     assert hr.shape[-2:] == (32, 32) and lr.shape[-2:] == (8, 8)
     assert decoder_args(True, 0.9, {"device_memory_padding": 1 << 20}) == {
         "hw_decoder_load": 0.9, "device_memory_padding": 1 << 20}
+    assert decoder_args(True, None, None) == {"hw_decoder_load": 1.0}  # measured, not 0.65
     for bad, match in (({"dali_threads": 0}, "dali_threads=0"),
                        ({"hw_decoder_load": 1.5}, "hw_decoder_load=1.5"),
                        ({"decoder_hints": {"bogus": 1}}, "decoder_hints bogus")):
