@@ -11,7 +11,8 @@ most valuable first, so that a budget that runs out loses the least:
    seconds per epoch of the users' 10K images that follow;
 2. ``loaders``: loader throughput (dali, dali ROI decode, torch; 4 workers and all cores);
 3. ``tuning``: ``dali`` at all cores with DALI's knobs (hw_decoder_load, preallocation);
-4. ``compile``: esrgan's step alone under torch.compile (the lever toward its goal);
+4. ``compile``: esrgan's step alone under torch.compile, per block and whole (the lever
+   toward its goal);
 5. ``kernels``: the same step with cudnn.benchmark and TF32 (at fp32) on and off, and where
    its time goes (``op_table.txt``);
 6. ``train``: the other presets fed by each loader;
@@ -88,7 +89,7 @@ PRESETS = {
              "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
              "degradation_loaders": "dali,torch",
              "est": {"db": 40, "headline": 130, "loaders": 70, "tuning": 50, "kernels": 80,
-                     "tf32": 90, "compile": 150, "train": 200, "batch": 150, "ttq": 150,
+                     "tf32": 90, "compile": 190, "compile_fed": 120, "train": 200, "batch": 150, "ttq": 150,
                      "degradations": 200, "codecs": 60, "quality": 200}},
     # the same images and patches on a few CPU cores, where esrgan trains at ~0.5 img/s:
     # few steps and small batches: ~11 minutes on 2 cores, and ~25 more for quality
@@ -215,7 +216,7 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
     loader_workers = p["workers"] if not workers else ",".join(
         str(w if w != "0" else workers) for w in p["workers"].split(","))
     train = ["--patch", p["patch"], "--steps", p["steps"], "--warmup", p["warmup"]]
-    needs_db = {"headline", "loaders", "tuning", "train", "batch", "degradations"}
+    needs_db = {"headline", "loaders", "tuning", "compile", "train", "batch", "degradations"}
     db = s.db(p["count"]) if needs_db & set(parts) else None
     for part in parts:
         if db is None and part in needs_db:
@@ -244,6 +245,10 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
                   "--out", out / "loader_tuning.jsonl", "--md", out / "loader_tuning.md")
         if part in ("kernels", "compile"):
             kernels(s, part, train)
+        if part == "compile" and db:  # the compiled step fed: the epoch it gives
+            s.run("compile", py, "train_throughput.py", "--db", db, "--models", "esrgan",
+                  "--loaders", "dali", "--batch-sizes", p["train_batch"], "--compile", "blocks",
+                  *train, *train_workers, "--out", out / "compile.jsonl", est="compile_fed")
         if part == "train" and db:
             s.run("train", py, "train_throughput.py", "--db", db, "--models", p["models"],
                   "--loaders", "dali,torch", "--batch-sizes", p["train_batch"], *train,
@@ -294,7 +299,8 @@ def kernels(s: Suite, part: str, train: list) -> None:
               s.out / "op_table.txt")
         s.run("kernels", *step, "--amp", "off", "--tf32", "on,off", est="tf32")
     else:
-        s.run("compile", *step, "--compile", "--out", s.out / "compile.jsonl")
+        # blocks first: seconds to compile, where the whole model took 2 minutes
+        s.run("compile", *step, "--compile", "blocks,model", "--out", s.out / "compile.jsonl")
 
 
 def render(out: Path) -> None:

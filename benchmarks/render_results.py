@@ -78,19 +78,27 @@ def kernels_section(out: Path) -> list[str]:
     if not rows:
         return []
     on = lambda b: "on" if b else "off"  # noqa: E731
+    # compile was a flag before its modes (off, model, blocks)
+    how = lambda r: {False: "off", True: "model"}.get(r["compile"], r["compile"])  # noqa: E731
     base = {r["amp"]: r["synthetic_img_per_s"] for r in rows
-            if r["cudnn_benchmark"] and r["tf32"] and not r["compile"]}
+            if r["cudnn_benchmark"] and r["tf32"] and how(r) == "off"}
     lines = ["## Kernel switches", "", "The training step alone on one pre-made batch: what "
              "each switch is worth, against srtrain's defaults at the same precision "
-             "(cudnn.benchmark on, TF32 on, no compile).", "",
+             "(cudnn.benchmark on, TF32 on, no compile). `first step`: with compile, mostly "
+             "the compile's cost. `fed`: the same step fed by a loader, and its loader "
+             "efficiency.", "",
              "| model | batch | amp | cudnn.benchmark | TF32 | compile | img/s | × default "
-             "| peak GiB |", "|---|---:|---|---|---|---|---:|---:|---:|"]
+             "| first step | fed | peak GiB |", "|---|---:|---|---|---|---|---:|---:|---:|---|---:|"]
     for r in rows:
         rate, ref = r["synthetic_img_per_s"], base.get(r["amp"])
         mem = f"{r['peak_gpu_gib']:.1f}" if r["peak_gpu_gib"] is not None else "-"
+        first = f"{r['first_step_s']:.1f} s" if r.get("first_step_s") is not None else "-"
+        fed = (f"{r['loader']}: {_rate(r['loader_img_per_s'])} "
+               f"({100 * r['loader_efficiency']:.0f}%)" if r.get("loader_img_per_s") else "-")
         lines.append(f"| {r['model']} | {r['batch_size']} | {r['amp']} | "
-                     f"{on(r['cudnn_benchmark'])} | {on(r['tf32'])} | {on(r['compile'])} | "
-                     f"{_rate(rate)} | {f'{rate / ref:.2f}' if ref else '-'} | {mem} |")
+                     f"{on(r['cudnn_benchmark'])} | {on(r['tf32'])} | {how(r)} | "
+                     f"{_rate(rate)} | {f'{rate / ref:.2f}' if ref else '-'} | {first} | {fed} | "
+                     f"{mem} |")
     if not rows[0]["env"].get("gpu"):
         lines += ["", "No GPU: cudnn.benchmark and TF32 change nothing on the CPU."]
     return lines + [""]

@@ -3,7 +3,7 @@ and fed by each loader, and loader efficiency = fed img/s / synthetic img/s.
 
     python benchmarks/train_throughput.py [--db DB | --count 2048] \
         [--models esrgan,fast,srcnn] [--loaders dali,torch] [--batch-sizes 32] [--patch 256] \
-        [--amp auto] [--compile] [--cudnn-benchmark on,off] [--tf32 on,off] \
+        [--amp auto] [--compile off,model,blocks] [--cudnn-benchmark on,off] [--tf32 on,off] \
         [--out F.jsonl] [--md F.md]
 
 The step is srtrain's own (``srtrain.train.Stepper``: autocast, channels_last, fused AdamW,
@@ -13,13 +13,15 @@ differ only by the loader. One JSON line per model x loader x batch size, with p
 memory (``--batch-sizes 8,16,32,64``: how throughput and memory grow with the batch).
 
 ``--loaders synthetic`` times the step alone on one random batch (no database, no loader):
-what the kernel switches (``--cudnn-benchmark``, ``--tf32``, ``--compile``; CUDA only) are
-measured with, each given as ``on``, ``off`` or ``on,off`` (one configuration each).
+what the kernel switches (``--cudnn-benchmark``, ``--tf32``; CUDA only) are measured with,
+each given as ``on``, ``off`` or ``on,off`` (one configuration each), and ``--compile``'s
+modes (srtrain's: ``off``, ``model``, ``blocks``; a comma list, one configuration each).
 """
 from __future__ import annotations
 
 import itertools
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -65,13 +67,19 @@ def synthetic_rate(cfg, model, dev, steps: int, warmup: int,
                     dtype=AMP_DTYPES[cfg.amp]).contiguous(memory_format=fmt)
     lr = nn_downscale(hr, cfg.scale).contiguous(memory_format=fmt)  # the loaders' nn LR
     stepper = timing_stepper(cfg, model, dev, cfg.amp)
-    rate = step_rate(stepper, repeat(lr, hr), steps, warmup, dev)
+    first = time.perf_counter()  # the first step: with --compile, the compile's cost
+    stepper(lr, hr)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    first = time.perf_counter() - first
+    rate = step_rate(stepper, repeat(lr, hr), steps, max(0, warmup - 1), dev)
     if trace is not None:
         title = (f"{cfg.model}, batch {cfg.batch_size}, patch {cfg.patch}, amp {cfg.amp}, "
                  f"compile {cfg.compile}, cudnn.benchmark {cfg.cudnn_benchmark}, tf32 "
                  f"{cfg.tf32}: {rate:.1f} img/s")
         write_op_table(stepper, lr, hr, dev, trace, title)
-    return {"synthetic_img_per_s": rate, "loader_img_per_s": None, "loader_efficiency": None}
+    return {"synthetic_img_per_s": rate, "loader_img_per_s": None, "loader_efficiency": None,
+            "first_step_s": first}
 
 
 def write_op_table(stepper, lr, hr, dev, path: Path, title: str, steps: int = 5) -> None:
@@ -124,6 +132,14 @@ def _switch(ctx, param, value: str) -> list[bool]:
     return [n == "on" for n in names]
 
 
+def _compiles(ctx, param, value: str) -> list[str]:
+    from srtrain.config import COMPILES
+    modes = value.split(",")
+    if set(modes) - set(COMPILES):
+        raise click.BadParameter(f"got {value}, expected some of {','.join(COMPILES)}")
+    return modes
+
+
 @click.command()
 @click.option("--db", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--count", default=2048, show_default=True,
@@ -137,7 +153,8 @@ def _switch(ctx, param, value: str) -> list[bool]:
 @click.option("--scale", default=4, show_default=True)
 @click.option("--amp", default="auto", show_default=True)
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True)
-@click.option("--compile", "compile_", is_flag=True)
+@click.option("--compile", "compile_", default="off", show_default=True, callback=_compiles,
+              help="off, model, blocks or a comma list: srtrain's --compile modes.")
 @click.option("--cudnn-benchmark", "cudnn", default="on", show_default=True, callback=_switch,
               help="on, off or on,off: torch.backends.cudnn.benchmark (CUDA).")
 @click.option("--tf32", default="on", show_default=True, callback=_switch,
@@ -163,12 +180,12 @@ def main(db, count, size, models, loaders, batch_sizes, patch, scale, amp, chann
                                      f"synthetic {size}x{size} jpeg q95")
         if loaders != "synthetic":  # the step alone needs no database
             db = db or _common.build_jpeg_db(tmp, count, size, min_size=patch)
-        for name, loader, bs, bench, tf in itertools.product(
+        for name, loader, bs, how, bench, tf in itertools.product(
                 models.split(","), loaders.split(","), [int(b) for b in batch_sizes.split(",")],
-                cudnn, tf32):
+                compile_, cudnn, tf32):
             cfg = TrainConfig(db=str(db), loader=loader, model=name, scale=scale,
                               batch_size=bs, patch=patch, amp=amp,
-                              channels_last=channels_last, compile=compile_,
+                              channels_last=channels_last, compile=how,
                               workers=workers, schedule="constant", cudnn_benchmark=bench,
                               tf32=tf)
             r = measure(cfg, dev, steps, warmup, op_table if loader == "synthetic" else None)
@@ -178,7 +195,7 @@ def main(db, count, size, models, loaders, batch_sizes, patch, scale, amp, chann
             records.append({
                 "benchmark": "train_throughput", "source": source, "model": name,
                 "loader": loader, "batch_size": bs, "patch": patch, "scale": scale,
-                "amp": amp, "channels_last": channels_last, "compile": compile_,
+                "amp": amp, "channels_last": channels_last, "compile": how,
                 "cudnn_benchmark": bench, "tf32": tf, "steps": steps, "warmup": warmup, **r,
                 "env": env})
             _common.emit(records[-1], out)

@@ -27,7 +27,7 @@ from srdata import DBError
 from srdata.sampler import DEGRADATIONS
 from srdata.schedule import BATCH_SCHEDULES, MAX_BATCH_GROWTH, PatchSchedule
 
-from .config import AMPS, SCHEDULES, TrainConfig
+from .config import AMPS, COMPILES, SCHEDULES, TrainConfig
 from .demo import EPOCHS as DEMO_EPOCHS, IMAGES as DEMO_IMAGES
 from .models import MODELS
 
@@ -73,7 +73,11 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 @click.option("--amp", default="auto", type=click.Choice(AMPS),
               help="auto: bf16 where the GPU has it, else fp16 (with a GradScaler); off on CPU.")
 @click.option("--channels-last/--no-channels-last", default=True)
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--compile", "compile_", type=click.Choice(COMPILES), default="off",
+              is_flag=False, flag_value="model",
+              help="torch.compile the whole model (--compile alone), or each of its repeated "
+                   "blocks: 'blocks' compiles RRDBNet's one block once for all of them, in "
+                   "seconds rather than minutes.")
 @click.option("--ema", default=0.999, type=click.FloatRange(0, 1, max_open=True),
               help="Decay of the exponential moving average of the weights that validation, "
                    "export and upscale use (warmed up over the first ~9k steps); 0: none.")

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 import torch
 
 AMPS = ("auto", "bf16", "fp16", "off")
+# torch.compile: none, the whole model, or each repeated block (srtrain.train.compile_net)
+COMPILES = ("off", "model", "blocks")
 SCHEDULES = ("onecycle", "cosine", "constant", "cosine_restarts")
 
 # What a resumed run may change: where and how fast it runs, never what it computes.
 RESUMABLE_CHANGES = {"resume", "device", "workers", "log_every", "progress", "profile_loader",
-                     "cudnn_benchmark", "tf32",
+                     "cudnn_benchmark", "tf32", "compile",
                      # a run folder may move; init weights only matter before the first step
                      "out", "init_weights", "tensorboard",
                      # compared by database identity, not path text (Trainer._check_data)
@@ -40,7 +42,7 @@ class TrainConfig:
     accum: int = 1
     amp: str = "auto"
     channels_last: bool = True
-    compile: bool = False
+    compile: str = "off"
     ema: float = 0.999
     val_db: str | None = None
     val_split: float = 0.02
@@ -80,6 +82,8 @@ class TrainConfig:
         d = {k: v for k, v in d.items() if k in known}
         if "ema" in d and d["ema"] is None:
             d["ema"] = 0.0  # checkpoints from before EMA was on by default: no EMA
+        if isinstance(d.get("compile"), bool):  # from before the block mode: a flag
+            d["compile"] = "model" if d["compile"] else "off"
         return cls(**d)
 
     def resume_conflicts(self, saved: "TrainConfig") -> list[str]:

@@ -156,6 +156,11 @@ MODELS = {
 }
 
 
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks a model repeats (RRDBNet's RRDBs), for regional compilation; [] if none."""
+    return [m for m in model.modules() if isinstance(m, RRDB)]
+
+
 def build_model(name: str, scale: int, num_feat: int | None = None,
                 num_block: int | None = None, num_grow_ch: int | None = None) -> nn.Module:
     """The model ``--model name --scale scale`` asks for."""
