@@ -10,7 +10,8 @@ most valuable first, so that a budget that runs out loses the least:
 1. ``headline``: esrgan's train img/s fed by each loader and on synthetic data, and the
    seconds per epoch of the users' 10K images that follow;
 2. ``loaders``: loader throughput (dali, dali ROI decode, torch; 4 workers and all cores);
-3. ``tuning``: ``dali`` at all cores with DALI's knobs (hw_decoder_load, preallocation);
+3. ``tuning``: ``dali-roi`` (the default) at all cores with DALI's knobs (hw_decoder_load,
+   preallocation hints);
 4. ``compile``: esrgan's step alone under torch.compile, per block and whole (the lever
    toward its goal);
 5. ``kernels``: the same step with cudnn.benchmark and TF32 (at fp32) on and off, and where
@@ -89,8 +90,9 @@ PRESETS = {
              "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
              "degradation_loaders": "dali,torch",
              "est": {"db": 40, "headline": 130, "loaders": 70, "tuning": 50, "kernels": 80,
-                     "tf32": 90, "compile": 190, "compile_fed": 120, "train": 200, "batch": 150, "ttq": 150,
-                     "degradations": 200, "codecs": 60, "quality": 200}},
+                     "tf32": 90, "compile": 190, "compile_fed": 120, "train": 200,
+                     "batch": 150, "ttq": 150, "degradations": 200, "codecs": 60,
+                     "quality": 200}},
     # the same images and patches on a few CPU cores, where esrgan trains at ~0.5 img/s:
     # few steps and small batches: ~11 minutes on 2 cores, and ~25 more for quality
     "cpu": {"count": 2000, "size": 512, "patch": 256, "batch": 32, "train_batch": 4,
@@ -383,7 +385,7 @@ def _codecs(ctx, param, value: str | None) -> list[tuple[str, int]] | None:
                    f"as they are  [default: {GPU_PARTS}; every part with --preset cpu]")
 @click.option("--codecs", callback=_codecs, metavar="CODEC:Q,...",
               help="The codecs part's databases  [default: jpeg:90,jpeg:95,jpeg:100,png:95,"
-                   "raw:95]; raw:95 alone measures the raw codec's loaders in a minute.")
+                   "raw:95]; raw:95 alone packs one database instead of five.")
 @click.option("--budget", type=click.FloatRange(min=0), metavar="SECONDS",
               help="Start no step whose estimate no longer fits in this wall time.")
 @click.option("--workers", type=click.IntRange(min=1),

@@ -88,7 +88,8 @@ def kernels_section(out: Path) -> list[str]:
              "the compile's cost. `fed`: the same step fed by a loader, and its loader "
              "efficiency.", "",
              "| model | batch | amp | cudnn.benchmark | TF32 | compile | img/s | × default "
-             "| first step | fed | peak GiB |", "|---|---:|---|---|---|---|---:|---:|---:|---|---:|"]
+             "| first step | fed | peak GiB |",
+             "|---|---:|---|---|---|---|---:|---:|---:|---|---:|"]
     for r in rows:
         rate, ref = r["synthetic_img_per_s"], base.get(r["amp"])
         mem = f"{r['peak_gpu_gib']:.1f}" if r["peak_gpu_gib"] is not None else "-"
