@@ -218,6 +218,9 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
     loader_workers = p["workers"] if not workers else ",".join(
         str(w if w != "0" else workers) for w in p["workers"].split(","))
     train = ["--patch", p["patch"], "--steps", p["steps"], "--warmup", p["warmup"]]
+    # esrgan's step alone on one pre-made batch: the rows that set srtrain's defaults
+    alone = [py, "train_throughput.py", "--loaders", "synthetic", "--models", "esrgan",
+             "--batch-sizes", p["train_batch"], *train]
     needs_db = {"headline", "loaders", "tuning", "compile", "train", "batch", "degradations"}
     db = s.db(p["count"]) if needs_db & set(parts) else None
     for part in parts:
@@ -245,12 +248,19 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
                   "--hw-decoder-load", "0.65,0.9,1", "--prealloc", "off,on",
                   "--patch", p["patch"], "--batches", p["batches"], "--no-cold",
                   "--out", out / "loader_tuning.jsonl", "--md", out / "loader_tuning.md")
-        if part in ("kernels", "compile"):
-            kernels(s, part, train)
-        if part == "compile" and db:  # the compiled step fed: the epoch it gives
-            s.run("compile", py, "train_throughput.py", "--db", db, "--models", "esrgan",
-                  "--loaders", "dali", "--batch-sizes", p["train_batch"], "--compile", "blocks",
-                  *train, *train_workers, "--out", out / "compile.jsonl", est="compile_fed")
+        if part == "compile":
+            # blocks first: seconds to compile, where the whole model took 2 minutes
+            s.run("compile", *alone, "--compile", "blocks,model", "--out", out / "compile.jsonl")
+            if db:  # the compiled step fed: the epoch it gives
+                s.run("compile", py, "train_throughput.py", "--db", db, "--models", "esrgan",
+                      "--loaders", "dali", "--batch-sizes", p["train_batch"], "--compile",
+                      "blocks", *train, *train_workers, "--out", out / "compile.jsonl",
+                      est="compile_fed")
+        if part == "kernels":  # cudnn.benchmark and TF32 act on CUDA only
+            s.run("kernels", *alone, "--out", out / "kernels.jsonl", "--cudnn-benchmark",
+                  "on,off", "--op-table", out / "op_table.txt")
+            s.run("kernels", *alone, "--out", out / "kernels.jsonl", "--amp", "off",
+                  "--tf32", "on,off", est="tf32")
         if part == "train" and db:
             s.run("train", py, "train_throughput.py", "--db", db, "--models", p["models"],
                   "--loaders", "dali,torch", "--batch-sizes", p["train_batch"], *train,
@@ -287,22 +297,6 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
                   "--epochs", p["quality_epochs"], "--out", out / "model_quality.jsonl",
                   "--md", out / "model_quality.md")
         render(out)  # each part's results on the page as soon as it is done
-
-
-def kernels(s: Suite, part: str, train: list) -> None:
-    """esrgan's step alone with each kernel switch on and off (cudnn.benchmark and TF32 act
-    on CUDA only), or compiled: the rows that set srtrain's defaults."""
-    p, py = s.p, sys.executable
-    step = [py, "train_throughput.py", "--loaders", "synthetic", "--models", "esrgan",
-            "--batch-sizes", p["train_batch"], *train]
-    if part == "kernels":
-        step += ["--out", s.out / "kernels.jsonl"]
-        s.run("kernels", *step, "--cudnn-benchmark", "on,off", "--op-table",
-              s.out / "op_table.txt")
-        s.run("kernels", *step, "--amp", "off", "--tf32", "on,off", est="tf32")
-    else:
-        # blocks first: seconds to compile, where the whole model took 2 minutes
-        s.run("compile", *step, "--compile", "blocks,model", "--out", s.out / "compile.jsonl")
 
 
 def render(out: Path) -> None:
