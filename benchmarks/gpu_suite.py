@@ -223,14 +223,15 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
              "--batch-sizes", p["train_batch"], *train]
     needs_db = {"headline", "loaders", "tuning", "compile", "train", "batch", "degradations"}
     db = s.db(p["count"]) if needs_db & set(parts) else None
+    # the step fed from the database by a loader (used where db is not None)
+    fed = [py, "train_throughput.py", "--db", db, *train, *train_workers]
     for part in parts:
         if db is None and part in needs_db:
             _common.emit({"part": part, "ok": True, "skipped": "no database (see the db step)",
                           "command": ""}, s.log)
         if part == "headline" and db:
-            s.run("headline", py, "train_throughput.py", "--db", db, "--models", "esrgan",
-                  "--loaders", "dali,torch", "--batch-sizes", p["train_batch"], *train,
-                  *train_workers, "--out", out / "train_esrgan.jsonl")
+            s.run("headline", *fed, "--models", "esrgan", "--loaders", "dali,torch",
+                  "--batch-sizes", p["train_batch"], "--out", out / "train_esrgan.jsonl")
             headline(out)
         if part == "loaders" and db:
             s.run("loaders", py, "loader_throughput.py", "--db", db, "--loaders",
@@ -252,23 +253,20 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
             # blocks first: seconds to compile, where the whole model took 2 minutes
             s.run("compile", *alone, "--compile", "blocks,model", "--out", out / "compile.jsonl")
             if db:  # the compiled step fed: the epoch it gives
-                s.run("compile", py, "train_throughput.py", "--db", db, "--models", "esrgan",
-                      "--loaders", "dali", "--batch-sizes", p["train_batch"], "--compile",
-                      "blocks", *train, *train_workers, "--out", out / "compile.jsonl",
-                      est="compile_fed")
+                s.run("compile", *fed, "--models", "esrgan", "--loaders", "dali",
+                      "--batch-sizes", p["train_batch"], "--compile", "blocks",
+                      "--out", out / "compile.jsonl", est="compile_fed")
         if part == "kernels":  # cudnn.benchmark and TF32 act on CUDA only
             s.run("kernels", *alone, "--out", out / "kernels.jsonl", "--cudnn-benchmark",
                   "on,off", "--op-table", out / "op_table.txt")
             s.run("kernels", *alone, "--out", out / "kernels.jsonl", "--amp", "off",
                   "--tf32", "on,off", est="tf32")
         if part == "train" and db:
-            s.run("train", py, "train_throughput.py", "--db", db, "--models", p["models"],
-                  "--loaders", "dali,torch", "--batch-sizes", p["train_batch"], *train,
-                  *train_workers, "--out", out / "train_throughput.jsonl")
+            s.run("train", *fed, "--models", p["models"], "--loaders", "dali,torch",
+                  "--batch-sizes", p["train_batch"], "--out", out / "train_throughput.jsonl")
         if part == "batch" and db:
-            s.run("batch", py, "train_throughput.py", "--db", db, "--models", p["batch_model"],
-                  "--loaders", "dali", "--batch-sizes", p["batch_sizes"], *train,
-                  *train_workers, "--out", out / "batch_sizes.jsonl",
+            s.run("batch", *fed, "--models", p["batch_model"], "--loaders", "dali",
+                  "--batch-sizes", p["batch_sizes"], "--out", out / "batch_sizes.jsonl",
                   "--md", out / "batch_sizes.md")
         if part == "ttq":
             s.run("ttq", py, "time_to_quality.py", *p["time_to_quality"],
@@ -359,9 +357,10 @@ def _codecs(ctx, param, value: str | None) -> list[tuple[str, int]] | None:
     except ValueError:
         raise click.BadParameter(f"got {value!r}, expected CODEC:QUALITY pairs such as "
                                  "raw:95,jpeg:90") from None
-    bad = [c for c, _ in pairs if c not in {c for c, _ in CODECS}]
+    known = sorted({c for c, _ in CODECS})
+    bad = [c for c, _ in pairs if c not in known]
     if bad:
-        raise click.BadParameter(f"got {','.join(bad)}, expected some of jpeg,png,raw")
+        raise click.BadParameter(f"got {','.join(bad)}, expected some of {','.join(known)}")
     return pairs
 
 
