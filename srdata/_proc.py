@@ -113,11 +113,16 @@ def _nudge(watched: list, seconds: float = 0.5) -> None:
     main = threading.main_thread()
     while main.is_alive():
         time.sleep(seconds)
-        for ref, check in list(watched):
-            owner = ref()
-            if owner is not None and check(owner):
-                signal.pthread_kill(main.ident, signal.SIGCHLD)
-                break
+        if any(_has_a_dead_worker(ref, check) for ref, check in list(watched)):
+            signal.pthread_kill(main.ident, signal.SIGCHLD)
+
+
+def _has_a_dead_worker(ref, check) -> bool:
+    # The owner is held only for this call: a loop variable in _nudge would keep the last
+    # owner (a loader with its pipeline, workers and device memory) alive while it sleeps,
+    # and so for good.
+    owner = ref()
+    return owner is not None and bool(check(owner))
 
 
 def killed(exitcode: int | None) -> str | None:

@@ -181,6 +181,38 @@ def test_missing_key_in_a_dali_worker_surfaces(image_dir, tmp_path):
         run(srdata.make_loader(db, "dali", **(KW | {"batch_size": 6})))
 
 
+FREE_SCRIPT = """
+import gc, multiprocessing, sys, time, srdata
+if __name__ == "__main__":
+    lo = srdata.make_loader(sys.argv[1], loader="dali", batch_size=4, patch_size=48, scale=4,
+                            workers=2, device="cpu")
+    for epoch in range(2):  # a break, then a rebuild for the next epoch
+        lo.set_epoch(epoch)
+        next(iter(lo))
+    time.sleep(1.5)  # the worker-death watch has looked at the loader
+    print(len(multiprocessing.active_children()))
+    del lo
+    gc.collect()
+    deadline = time.time() + 10
+    while multiprocessing.active_children() and time.time() < deadline:
+        time.sleep(0.1)
+    print(len(multiprocessing.active_children()), flush=True)
+"""
+
+
+@pytest.mark.dali
+def test_a_dropped_dali_loader_frees_its_workers(packed, tmp_path):
+    """The worker-death watch held the last loader it checked: its pipeline, workers and
+    device memory stayed until the process exited."""
+    pytest.importorskip("nvidia.dali")
+    script = tmp_path / "free.py"
+    script.write_text(FREE_SCRIPT)
+    done = subprocess.run([sys.executable, script, packed("jpeg")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["2", "0"], done.stderr[-3000:]
+
+
 HANG_SCRIPT = """
 import sys, cv2, numpy as np, srdata
 if __name__ == "__main__":
