@@ -10,29 +10,85 @@ another. On the H100 box 15 torch workers took 60 s to deliver a first batch, 4 
 ``Handoff(obj)`` pickles as a file name: the first time it is pickled, it writes ``obj`` to
 a temporary file it owns, and each copy unpickled in a worker reads the object back from
 that file. The owner removes the file when the Handoff is collected or the process exits normally.
-A process ended by a signal it does not handle (SIGKILL, and SIGTERM as schedulers send
-it) leaves its files behind in the temporary folder, named ``srpipe-handoff-*.pkl``: about
-44 bytes an image each, safe to delete once the run is gone.
+
+A process ended by a signal it does not handle (SIGKILL, the OOM killer, SIGTERM as
+schedulers send it) cannot remove its files, about 44 bytes an image each. So the owner
+holds an ``flock`` on each file while it lives (the kernel drops it however the process
+ends), and writing a new file removes the files of this kind in the same folder whose lock
+is free: their owner is gone. Only files named ``srpipe-handoff-<this host>-*.flock.pkl`` are
+swept (a shared folder's locks may not reach other machines), and only after a minute, so
+a file another process has just made and not yet locked, and the unlocked
+``srpipe-handoff-*.pkl`` of srpipe versions before the lock, are left alone.
 """
 from __future__ import annotations
 
 import copy
+import glob
 import os
 import pickle
+import re
+import socket
 import tempfile
 import threading
+import time
 import weakref
 
-PREFIX = "srpipe-handoff-"
+try:
+    import fcntl
+except ImportError:  # not on Windows: files are then left behind as before the lock
+    fcntl = None
+
+PREFIX, SUFFIX = "srpipe-handoff-", ".flock.pkl"
+GRACE_SECONDS = 60  # a swept file is older: its maker has locked it, if it still lives
 
 
-def _remove(path: str, owner: int) -> None:
+def _remove(path: str, owner: int, fd: int | None = None) -> None:
     if os.getpid() != owner:  # a forked child inherits the finalizer, not the file
         return
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
+    if fd is not None:
+        os.close(fd)  # and with it the lock
+
+
+def _mine() -> str:
+    """The start of the names of this machine's files."""
+    return PREFIX + re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) + "-"
+
+
+def _lock(fd: int) -> bool:
+    """Take the file's lock without waiting: False when another process holds it (or the
+    file system cannot lock: then nothing is swept, and nothing is lost)."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def sweep(folder: str) -> list[str]:
+    """Remove the handoff files in ``folder`` that no live process holds; return them."""
+    swept = []
+    for path in glob.glob(os.path.join(glob.escape(folder), f"{_mine()}*{SUFFIX}")):
+        try:
+            if time.time() - os.stat(path).st_mtime < GRACE_SECONDS:
+                continue
+            fd = os.open(path, os.O_RDONLY)  # another user's file: PermissionError, kept
+        except OSError:
+            continue
+        try:
+            if _lock(fd):  # under our lock, so no other sweeper races us to it
+                os.unlink(path)
+                swept.append(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return swept
 
 
 class Handoff:
@@ -48,13 +104,15 @@ class Handoff:
     def __getstate__(self) -> dict:
         with self._lock:
             if self._path is None:  # pickled for the first time: write the object once
-                fd, path = tempfile.mkstemp(prefix=PREFIX, suffix=".pkl")
-                weakref.finalize(self, _remove, path, os.getpid())  # also at exit
+                fd, path = tempfile.mkstemp(prefix=_mine(), suffix=SUFFIX)
+                _lock(fd)  # held while we live; the fd stays open for it
+                remove = weakref.finalize(self, _remove, path, os.getpid(), fd)  # at exit too
                 try:
-                    with os.fdopen(fd, "wb") as f:
+                    sweep(os.path.dirname(path))
+                    with os.fdopen(os.dup(fd), "wb") as f:
                         pickle.dump(self._obj, f, protocol=pickle.HIGHEST_PROTOCOL)
                 except BaseException as e:
-                    _remove(path, os.getpid())
+                    remove()
                     if isinstance(e, OSError):  # name our file: not the run's --out
                         raise OSError(e.errno, f"{e.strerror} (the data file for loader "
                                       "workers; set TMPDIR to a folder with room)",

@@ -4,13 +4,20 @@ import gc
 import multiprocessing
 import os
 import pickle
+import signal
+import subprocess
+import sys
 import tempfile
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from srdata import handoff
-from srdata.handoff import PREFIX, Handoff
+from srdata.handoff import PREFIX, SUFFIX, Handoff
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _theirs():  # files of other programs in the temporary folder are none of our business
@@ -119,3 +126,62 @@ def test_loader_sources_pickle_to_a_constant_size(packed):
     sampler = Sampler(np.full(100_000, 512), np.full(100_000, 512), 4, 32)  # 2.4 MB of sizes
     assert len(pickle.dumps(PatchDataset(db))) < 1000
     assert len(pickle.dumps(PatchSource(db, sampler, 0, 0, 100))) < 1000
+
+
+OWNER_SCRIPT = """
+import pickle, time
+from srdata.handoff import Handoff
+h = Handoff(list(range(1000)))
+pickle.dumps(h)  # as the loader does when it starts its workers
+print(h._path, flush=True)
+time.sleep(120)
+"""
+
+
+def _owner(temp):
+    """A process that owns a handoff file in ``temp``, as a training run: (process, path)."""
+    p = subprocess.Popen([sys.executable, "-c", OWNER_SCRIPT], stdout=subprocess.PIPE, text=True,
+                         env=os.environ | {"TMPDIR": str(temp), "PYTHONPATH": str(ROOT)})
+    return p, Path(p.stdout.readline().strip())
+
+
+def test_files_of_killed_runs_are_swept_and_nothing_else(temp):
+    """A run ended by SIGKILL or SIGTERM cannot remove its file; the next one does, and
+    leaves a live run's file, a file just made, another machine's, an older version's and a
+    user's alone."""
+    killed, terminated, live = _owner(temp), _owner(temp), _owner(temp)
+    try:
+        for (p, _), sig in ((killed, signal.SIGKILL), (terminated, signal.SIGTERM)):
+            p.send_signal(sig)
+            p.wait(timeout=30)
+        just_made = temp / f"{handoff._mine()}new{SUFFIX}"  # its maker has yet to lock it
+        other_host = temp / f"{PREFIX}elsewhere-x{SUFFIX}"  # its lock may not reach us
+        older_version = temp / f"{PREFIX}old.pkl"  # unlocked, by a run that may still live
+        users = temp / "users-file.flock.pkl"
+        for path in (just_made, other_host, older_version, users):
+            path.write_bytes(b"keep")
+        long_ago = time.time() - 2 * handoff.GRACE_SECONDS
+        for path in (killed[1], terminated[1], live[1], other_host, older_version, users):
+            os.utime(path, (long_ago, long_ago))
+        assert killed[1].exists() and terminated[1].exists()
+        pickle.dumps(Handoff([1]))  # a new run starts its workers
+        assert not killed[1].exists() and not terminated[1].exists()
+        assert pickle.loads(live[1].read_bytes()) == list(range(1000))  # the live run's
+        assert all(p.read_bytes() == b"keep"
+                   for p in (just_made, other_host, older_version, users))
+    finally:
+        for p, _ in (killed, terminated, live):
+            p.kill()
+            p.wait()
+            p.stdout.close()
+
+
+def test_a_collected_handoff_closes_its_file(temp):
+    """Each DALI pipeline build makes new handoffs: their locked files must not pile up
+    as open descriptors over a long run."""
+    gc.collect()  # descriptors that earlier tests left to the collector
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        pickle.dumps(Handoff([1]))
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before and _ours() == []
