@@ -18,16 +18,19 @@ ends), and writing a new file removes the files of this kind in the same folder 
 is free: their owner is gone. Only files named ``srpipe-handoff-<this host>-*.flock.pkl`` are
 swept (a shared folder's locks may not reach other machines), and only after a minute, so
 a file another process has just made and not yet locked, and the unlocked
-``srpipe-handoff-*.pkl`` of srpipe versions before the lock, are left alone.
+``srpipe-handoff-*.pkl`` of srpipe versions before the lock (and of a folder that cannot
+lock), are left alone; so are FIFOs, links and other users' files under such names.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import glob
 import os
 import pickle
 import re
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -49,8 +52,9 @@ def _remove(path: str, owner: int, fd: int | None = None) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-    if fd is not None:
-        os.close(fd)  # and with it the lock
+    finally:
+        if fd is not None:
+            os.close(fd)  # and with it the lock
 
 
 def _mine() -> str:
@@ -59,8 +63,8 @@ def _mine() -> str:
 
 
 def _lock(fd: int) -> bool:
-    """Take the file's lock without waiting: False when another process holds it (or the
-    file system cannot lock: then nothing is swept, and nothing is lost)."""
+    """Take the file's lock without waiting: False when another process holds it or the
+    file system cannot lock (then nothing is swept, and nothing is lost)."""
     if fcntl is None:
         return False
     try:
@@ -70,18 +74,37 @@ def _lock(fd: int) -> bool:
         return False
 
 
+def _create() -> tuple[str, int | None]:
+    """A new file for the object, and the descriptor that holds its lock; where the lock
+    cannot be taken, a file under a name no sweep matches, and None."""
+    fd, path = tempfile.mkstemp(prefix=_mine(), suffix=SUFFIX)
+    if _lock(fd):
+        return path, fd
+    os.close(fd)  # unlocked, it would look like a dead run's file to a sweep
+    os.unlink(path)
+    fd, path = tempfile.mkstemp(prefix=PREFIX, suffix=".pkl")
+    os.close(fd)
+    return path, None
+
+
 def sweep(folder: str) -> list[str]:
     """Remove the handoff files in ``folder`` that no live process holds; return them."""
     swept = []
+    if fcntl is None:  # no locks, so no locked files to tell from dead ones
+        return swept
     for path in glob.glob(os.path.join(glob.escape(folder), f"{_mine()}*{SUFFIX}")):
+        # Read only: where flock is emulated by POSIX locks (NFS), which a process's own
+        # files do not hold against it, the exclusive lock then fails and nothing is swept.
+        # Not blocking on a FIFO, not following a link.
         try:
-            if time.time() - os.stat(path).st_mtime < GRACE_SECONDS:
-                continue
-            fd = os.open(path, os.O_RDONLY)  # another user's file: PermissionError, kept
-        except OSError:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:  # gone, a link, or another user's
             continue
         try:
-            if _lock(fd):  # under our lock, so no other sweeper races us to it
+            st = os.fstat(fd)
+            if (stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()
+                    and time.time() - st.st_mtime >= GRACE_SECONDS
+                    and _lock(fd)):  # under our lock, so no other sweep races us to it
                 os.unlink(path)
                 swept.append(path)
         except OSError:
@@ -104,15 +127,15 @@ class Handoff:
     def __getstate__(self) -> dict:
         with self._lock:
             if self._path is None:  # pickled for the first time: write the object once
-                fd, path = tempfile.mkstemp(prefix=_mine(), suffix=SUFFIX)
-                _lock(fd)  # held while we live; the fd stays open for it
+                path, fd = _create()  # fd: the lock, held while we live
                 remove = weakref.finalize(self, _remove, path, os.getpid(), fd)  # at exit too
                 try:
                     sweep(os.path.dirname(path))
-                    with os.fdopen(os.dup(fd), "wb") as f:
+                    with open(path, "wb") as f:
                         pickle.dump(self._obj, f, protocol=pickle.HIGHEST_PROTOCOL)
                 except BaseException as e:
-                    remove()
+                    with contextlib.suppress(OSError):  # the error to report is e
+                        remove()
                     if isinstance(e, OSError):  # name our file: not the run's --out
                         raise OSError(e.errno, f"{e.strerror} (the data file for loader "
                                       "workers; set TMPDIR to a folder with room)",

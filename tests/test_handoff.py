@@ -176,12 +176,53 @@ def test_files_of_killed_runs_are_swept_and_nothing_else(temp):
             p.stdout.close()
 
 
-def test_a_collected_handoff_closes_its_file(temp):
-    """Each DALI pipeline build makes new handoffs: their locked files must not pile up
-    as open descriptors over a long run."""
+def _aged(path: Path) -> Path:
+    long_ago = time.time() - 2 * handoff.GRACE_SECONDS
+    os.utime(path, (long_ago, long_ago), follow_symlinks=False)
+    return path
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+def test_handoffs_and_sweeps_leave_no_descriptor_open(temp):
+    """Each DALI pipeline build makes new handoffs: their locks must not pile up as open
+    descriptors over a long run, nor the sweeps' looks at dead runs' files."""
     gc.collect()  # descriptors that earlier tests left to the collector
     before = len(os.listdir("/proc/self/fd"))
-    for _ in range(20):
+    for i in range(20):
+        dead = temp / f"{handoff._mine()}dead{i}{SUFFIX}"
+        dead.write_bytes(b"")
+        _aged(dead)
         pickle.dumps(Handoff([1]))
+        assert not dead.exists()
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) == before and _ours() == []
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_or_link_under_a_handoff_name_is_left_alone(temp, tmp_path_factory):
+    """Anyone may make such names in a shared /tmp: a FIFO must not hang the run, and a
+    link must not lead the sweep to its target."""
+    fifo = temp / f"{handoff._mine()}fifo{SUFFIX}"
+    os.mkfifo(fifo)
+    target = tmp_path_factory.mktemp("elsewhere") / "users-file"
+    target.write_bytes(b"keep")
+    _aged(target)
+    link = temp / f"{handoff._mine()}link{SUFFIX}"
+    link.symlink_to(target)
+    _aged(fifo), _aged(link)
+    pickle.dumps(Handoff([1]))
+    assert fifo.exists() and link.is_symlink() and target.read_bytes() == b"keep"
+
+
+def test_a_file_that_cannot_be_locked_is_never_swept(temp, monkeypatch):
+    """Where the lock fails, a live run's file would look like a dead run's to a sweep:
+    it takes a name no sweep matches, and still reaches the workers."""
+    monkeypatch.setattr(handoff, "_lock", lambda fd: False)
+    h = Handoff([1, 2])
+    data = pickle.dumps(h)
+    (name,) = _ours()
+    assert name.endswith(".pkl") and not name.endswith(SUFFIX)
+    assert pickle.loads(data).get() == [1, 2]
+    del h
+    gc.collect()
+    assert _ours() == []

@@ -1,6 +1,8 @@
+import json
+import os
 import subprocess
 import sys
-import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,8 @@ from srdata.sampler import ID, crop_and_flip, nn_downscale
 pytest.importorskip("nvidia.dali", reason="the parity tests need DALI: pip install '.[dali]'")
 pytestmark = pytest.mark.dali
 
+# scripts run in a subprocess import srdata from this tree, not from whatever is installed
+THIS_TREE = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 KW = dict(batch_size=4, patch_size=48, scale=4, seed=7, dtype=torch.uint8, workers=1,
           device="cpu")
 
@@ -200,15 +204,13 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.dali
 def test_a_dropped_dali_loader_frees_its_workers(packed, tmp_path):
     """The worker-death watch held the last loader it checked: its pipeline, workers and
     device memory stayed until the process exited."""
-    pytest.importorskip("nvidia.dali")
     script = tmp_path / "free.py"
     script.write_text(FREE_SCRIPT)
     done = subprocess.run([sys.executable, script, packed("jpeg")], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, env=THIS_TREE)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["2", "0"], done.stderr[-3000:]
 
@@ -231,7 +233,7 @@ def test_torch_workers_survive_opencv_threads_in_the_parent(packed, tmp_path):
     script.write_text(HANG_SCRIPT)
     try:
         done = subprocess.run([sys.executable, script, packed("jpeg")], capture_output=True,
-                              text=True, timeout=60)
+                              text=True, timeout=60, env=THIS_TREE)
     except subprocess.TimeoutExpired:
         pytest.fail("torch loader workers hung after OpenCV used threads in the parent")
     assert done.returncode == 0, done.stderr
@@ -288,7 +290,7 @@ def test_reading_images_leaves_the_process_safe_to_fork(tmp_path, codec):
     script.write_text(FORK_SCRIPT)
     try:
         done = subprocess.run([sys.executable, script, db], capture_output=True, text=True,
-                              timeout=60)
+                              timeout=60, env=THIS_TREE)
     except subprocess.TimeoutExpired:
         pytest.fail("a process forked after reading images hung in cv2.setNumThreads")
     assert done.returncode == 0 and done.stdout.strip() == "forked child done", done.stderr
