@@ -87,11 +87,10 @@ def _create() -> tuple[str, int | None]:
     return path, None
 
 
-def sweep(folder: str) -> list[str]:
-    """Remove the handoff files in ``folder`` that no live process holds; return them."""
-    swept = []
+def _sweep(folder: str) -> None:
+    """Remove the handoff files in ``folder`` that no live process holds."""
     if fcntl is None:  # no locks, so no locked files to tell from dead ones
-        return swept
+        return
     for path in glob.glob(os.path.join(glob.escape(folder), f"{_mine()}*{SUFFIX}")):
         # Read only: where flock is emulated by POSIX locks (NFS), which a process's own
         # files do not hold against it, the exclusive lock then fails and nothing is swept.
@@ -106,12 +105,10 @@ def sweep(folder: str) -> list[str]:
                     and time.time() - st.st_mtime >= GRACE_SECONDS
                     and _lock(fd)):  # under our lock, so no other sweep races us to it
                 os.unlink(path)
-                swept.append(path)
         except OSError:
             pass
         finally:
             os.close(fd)
-    return swept
 
 
 class Handoff:
@@ -130,7 +127,7 @@ class Handoff:
                 path, fd = _create()  # fd: the lock, held while we live
                 remove = weakref.finalize(self, _remove, path, os.getpid(), fd)  # at exit too
                 try:
-                    sweep(os.path.dirname(path))
+                    _sweep(os.path.dirname(path))
                     with open(path, "wb") as f:
                         pickle.dump(self._obj, f, protocol=pickle.HIGHEST_PROTOCOL)
                 except BaseException as e:
