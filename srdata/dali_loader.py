@@ -17,7 +17,7 @@ from . import dali_degrade as dd
 from . import format as fmt
 from ._proc import killed, raise_when_a_worker_dies
 from .dali_source import PairedSource, PatchSource
-from .loader import Loader
+from .loader_base import Loader
 from .sampler import ID
 
 try:

@@ -16,6 +16,8 @@ The patch side (and batch size) may change at an epoch boundary: by a ``patch_sc
 (``srdata.schedule.PatchSchedule``) the loader follows on its own, or by hand with
 ``set_epoch(e, patch_size=..., batch_size=...)``. A loader switched by hand resumes by
 switching to the saved epoch's patch before ``load_state_dict()``.
+
+``make_loader`` builds one; what the two share is ``srdata.loader_base.Loader``.
 """
 from __future__ import annotations
 
@@ -24,126 +26,11 @@ import os
 import torch
 
 from ._proc import main_script_problem
-from .sampler import DEGRADATIONS, RowParams, Sampler
+from .loader_base import Loader, check_patch
+from .sampler import DEGRADATIONS, Sampler
 from .schedule import PatchSchedule
 
 LOADERS = ("dali", "torch")
-
-
-class Loader:
-    """What both implementations share: the sampler, the position, the output format."""
-
-    def __init__(self, db, sampler: Sampler, scale: int, device: torch.device,
-                 dtype: torch.dtype, channels_last: bool, lr=None, degradation: str = "nn",
-                 usm: bool = False, schedule: PatchSchedule | None = None):
-        self.db, self.sampler, self.scale = db, sampler, scale
-        self.device, self.dtype, self.channels_last = device, dtype, channels_last
-        self.epoch, self.batch = 0, 0
-        self.lr = lr  # paired data: the LR database (srdata.paired.LRSource)
-        self.schedule = schedule  # epoch -> (patch, batch size); None: as last set by hand
-        self.degradation, self.usm = degradation, usm  # how LR is made; USM-sharpened targets
-        self._params = None  # realesrgan: RowParams of the epoch under way
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def set_epoch(self, epoch: int, patch_size: int | None = None,
-                  batch_size: int | None = None) -> None:
-        """Start ``epoch`` at its first batch (a no-op for the epoch already under way).
-
-        ``patch_size``/``batch_size``: train on these from ``epoch`` on (a loader made with
-        a ``patch_schedule`` takes them from it instead)."""
-        if epoch != self.epoch:
-            self.epoch, self.batch = epoch, 0
-        self._switch(epoch, patch_size, batch_size)
-
-    def batches_in(self, epoch: int) -> int:
-        """Batches per rank in ``epoch``, which a patch schedule may change per stage."""
-        if self.schedule is None:
-            return len(self.sampler)
-        return len(self.sampler.resized(*self.schedule(epoch)))
-
-    def _switch(self, epoch: int, patch_size=None, batch_size=None) -> None:
-        """Point the sampler at ``epoch``'s patch and batch size (an epoch boundary only)."""
-        s = self.sampler
-        if self.schedule is not None:
-            if patch_size is not None or batch_size is not None:
-                raise ValueError("this loader follows its patch_schedule; set_epoch takes no "
-                                 "patch_size or batch_size")
-            patch_size, batch_size = self.schedule(epoch)
-        patch_size, batch_size = patch_size or s.patch, batch_size or s.batch_size
-        if (patch_size, batch_size) == (s.patch, s.batch_size):
-            return
-        if self.batch:
-            raise ValueError(f"epoch {self.epoch} is under way (batch {self.batch}); change "
-                             "the patch or batch size at an epoch boundary")
-        _check_patch(patch_size, self.scale)
-        self.sampler = s.resized(patch_size, batch_size)
-
-    def state_dict(self) -> dict:
-        s = self.sampler
-        return {"epoch": self.epoch, "batch": self.batch, "seed": s.seed,
-                "batch_size": s.batch_size, "world_size": s.world_size, "rank": s.rank,
-                "draw": s.draw, "patch": s.patch}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.schedule is not None:  # the saved epoch's stage
-            self.batch = 0
-            self._switch(int(state["epoch"]))
-        s = self.sampler
-        mine = {"seed": s.seed, "batch_size": s.batch_size, "world_size": s.world_size,
-                "draw": s.draw}
-        theirs = {k: state.get(k) for k in mine}
-        if theirs != mine:
-            raise ValueError(f"loader state was saved with {theirs}, this loader has {mine}; "
-                             "resume with the same seed, batch size, sample ratio and GPUs")
-        if state.get("patch", s.patch) != s.patch:
-            raise ValueError(f"loader state was saved at patch {state['patch']}, this loader "
-                             f"has patch {s.patch} in epoch {state['epoch']}; resume with the "
-                             "same patch (schedule)")
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
-
-    def __iter__(self):
-        start = self.batch
-        for pair in self._batches(self.epoch, start):
-            self.batch += 1
-            yield pair
-        self.epoch, self.batch = self.epoch + 1, 0
-        self._switch(self.epoch)
-
-    def _batches(self, epoch: int, start: int):
-        raise NotImplementedError
-
-    def _row_params(self, epoch: int, start: int, stop: int) -> dict:
-        p = self._params
-        if p is None or (p.epoch, p.sampler) != (epoch, self.sampler):
-            self._params = p = RowParams(self.sampler, epoch)
-        return p.rows(start, stop)
-
-    def _degrade(self, hr: torch.Tensor, epoch: int, b: int) -> torch.Tensor:
-        """The LR of batch ``b`` of ``epoch`` (uint8 NCHW HR on the device -> uint8 LR),
-        made on the device after the batch arrived (the torch loader's way; DALI makes
-        bicubic and Real-ESRGAN LR in its graph)."""
-        from .degrade import make_lr
-        params = None
-        if self.degradation == "realesrgan":
-            first = b * self.sampler.batch_size
-            params = self._row_params(epoch, first, first + len(hr))
-        return make_lr(hr, self.scale, self.degradation, params)
-
-    def _target(self, hr: torch.Tensor) -> torch.Tensor:
-        """The uint8 NCHW HR batch -> the output target, USM-sharpened if asked for."""
-        if self.usm:
-            from .degrade import usm_sharpen
-            hr = usm_sharpen(hr.float().div_(255)).mul_(255).round_().to(torch.uint8)
-        return self._output(hr)
-
-    def _output(self, t: torch.Tensor) -> torch.Tensor:
-        """An NCHW uint8 view on the device -> the output dtype and memory format."""
-        if self.dtype != torch.uint8:
-            t = t.to(self.dtype).div_(255)  # .to keeps channels_last strides
-        return t.contiguous(memory_format=torch.channels_last if self.channels_last
-                            else torch.contiguous_format)
 
 
 def resolve_device(device) -> torch.device:
@@ -212,7 +99,7 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
             patch_schedule = PatchSchedule.parse(patch_schedule, batch_size)
         patch_schedule.check(scale)
         patch_size, batch_size = patch_schedule(0)
-    _check_patch(patch_size, scale)
+    check_patch(patch_size, scale)
     if dtype not in (torch.uint8, torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"got dtype={dtype}, expected uint8, float32, float16 or bfloat16")
     db = open_db(db) if isinstance(db, (str, os.PathLike)) else db
@@ -237,6 +124,7 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
         if given:
             raise ValueError(f"got {', '.join(given)} with loader='torch': they tune DALI; "
                              "drop them or use loader='dali'")
+        # Imported here, not at the top: a torch run never pays for DALI's import (~0.6 s)
         from .torch_loader import TorchLoader
         return TorchLoader(db, sampler, scale, device, dtype, channels_last, workers, lr=lr,
                            degradation=degradation, usm=usm, schedule=patch_schedule)
@@ -245,10 +133,3 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
                       lr=lr, degradation=degradation, usm=usm, schedule=patch_schedule,
                       threads=dali_threads, hw_decoder_load=hw_decoder_load,
                       decoder_hints=decoder_hints)
-
-
-def _check_patch(patch_size: int, scale: int) -> None:
-    if patch_size % scale:
-        below = patch_size - patch_size % scale
-        raise ValueError(f"patch size {patch_size} is not divisible by scale {scale}; use "
-                         f"{below} or {below + scale}")

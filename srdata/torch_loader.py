@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import format as fmt
 from ._proc import WorkerDied
 from .handoff import Handoff
-from .loader import Loader
+from .loader_base import Loader
 from .sampler import ID, crop_and_flip, lr_row
 
 PATCH = 6  # the column _RowBatches appends to a sampler row

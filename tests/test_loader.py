@@ -215,6 +215,20 @@ def test_a_dropped_dali_loader_frees_its_workers(packed, tmp_path):
     assert done.stdout.split() == ["2", "0"], done.stderr[-3000:]
 
 
+@pytest.mark.parametrize("module", ["srdata.torch_loader", "srdata.dali_loader"])
+def test_a_loader_does_not_import_the_factory(module):
+    """The imports run one way (factory -> implementations -> base class); the factory in
+    turn imports an implementation only when one is asked for, so a torch run never pays
+    for DALI's import."""
+    probe = (f"import sys, {module}\n"
+             "print(sorted(m for m in ('srdata.loader', 'srdata.torch_loader', "
+             "'srdata.dali_loader') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60, env=THIS_TREE)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [f"['{module}']"]
+
+
 HANG_SCRIPT = """
 import sys, cv2, numpy as np, srdata
 if __name__ == "__main__":
