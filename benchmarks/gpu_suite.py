@@ -12,8 +12,9 @@ most valuable first, so that a budget that runs out loses the least:
 2. ``loaders``: loader throughput (dali, dali ROI decode, torch; 4 workers and all cores);
 3. ``tuning``: ``dali-roi`` (the default) at all cores with DALI's knobs (hw_decoder_load,
    preallocation hints);
-4. ``compile``: esrgan's step alone under torch.compile, per block and whole (the lever
-   toward its goal);
+4. ``compile``: esrgan's step alone under torch.compile per block, without and with CUDA
+   graphs; the faster fed by DALI (the epoch it gives); then the whole model compiled (the
+   levers toward its goal);
 5. ``kernels``: the same step with cudnn.benchmark and TF32 (at fp32) on and off, and where
    its time goes (``op_table.txt``);
 6. ``train``: the other presets fed by each loader;
@@ -90,7 +91,8 @@ PRESETS = {
              "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
              "degradation_loaders": "dali,torch",
              "est": {"db": 40, "headline": 130, "loaders": 70, "tuning": 50, "kernels": 80,
-                     "tf32": 90, "compile": 190, "compile_fed": 120, "train": 200,
+                     "tf32": 90, "compile": 100, "compile_fed": 120, "compile_model": 160,
+                     "train": 200,
                      "batch": 150, "ttq": 150, "degradations": 200, "codecs": 60,
                      "quality": 200}},
     # the same images and patches on a few CPU cores, where esrgan trains at ~0.5 img/s:
@@ -251,11 +253,15 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
                   "--out", out / "loader_tuning.jsonl", "--md", out / "loader_tuning.md")
         if part == "compile":
             # blocks first: seconds to compile, where the whole model took 2 minutes
-            s.run("compile", *alone, "--compile", "blocks,model", "--out", out / "compile.jsonl")
+            s.run("compile", *alone, "--compile", "blocks", "--cuda-graphs", "off,on",
+                  "--out", out / "compile.jsonl")
             if db:  # the compiled step fed: the epoch it gives
                 s.run("compile", *fed, "--models", "esrgan", "--loaders", "dali",
                       "--batch-sizes", p["train_batch"], "--compile", "blocks",
+                      "--cuda-graphs", faster_graphs(out / "compile.jsonl"),
                       "--out", out / "compile.jsonl", est="compile_fed")
+            s.run("compile", *alone, "--compile", "model", "--out", out / "compile.jsonl",
+                  est="compile_model")
         if part == "kernels":  # cudnn.benchmark and TF32 act on CUDA only
             s.run("kernels", *alone, "--out", out / "kernels.jsonl", "--cudnn-benchmark",
                   "on,off", "--op-table", out / "op_table.txt")
@@ -295,6 +301,17 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
                   "--epochs", p["quality_epochs"], "--out", out / "model_quality.jsonl",
                   "--md", out / "model_quality.md")
         render(out)  # each part's results on the page as soon as it is done
+
+
+def faster_graphs(rows: Path) -> str:
+    """``on`` where the compiled blocks ran faster with CUDA graphs than without, in the
+    step-alone rows of ``rows``; ``off`` where they did not, or either row is missing."""
+    rate = {}
+    for line in rows.read_text().splitlines() if rows.is_file() else []:
+        r = json.loads(line)
+        if r.get("loader") == "synthetic" and r.get("compile") == "blocks":
+            rate[bool(r.get("cuda_graphs"))] = r["synthetic_img_per_s"]
+    return "on" if rate.get(True, 0) > rate.get(False, float("inf")) else "off"
 
 
 def render(out: Path) -> None:

@@ -71,6 +71,14 @@ def train_section(out: Path) -> list[str]:
     return ["## Training throughput", "", md, "![train](train_throughput.png)", ""]
 
 
+def _graphs(r: dict) -> str:
+    """The compile cell's CUDA graphs note: none, or whether torch.compile skipped some."""
+    if not r.get("cuda_graphs"):
+        return ""
+    skips = r.get("cudagraph_skips")
+    return " + CUDA graphs" + (f" ({skips} graphs skipped)" if skips else "")
+
+
 def kernels_section(out: Path) -> list[str]:
     """The training step alone with each kernel switch on and off, against srtrain's
     defaults at the same precision (cudnn.benchmark and TF32 on, no compile)."""
@@ -85,8 +93,8 @@ def kernels_section(out: Path) -> list[str]:
     lines = ["## Kernel switches", "", "The training step alone on one pre-made batch: what "
              "each switch is worth, against srtrain's defaults at the same precision "
              "(cudnn.benchmark on, TF32 on, no compile). `first step`: with compile, mostly "
-             "the compile's cost. `fed`: the same step fed by a loader, and its loader "
-             "efficiency.", "",
+             "the compile's cost (and the graphs' recording, with CUDA graphs). `fed`: the "
+             "same step fed by a loader, and its loader efficiency.", "",
              "| model | batch | amp | cudnn.benchmark | TF32 | compile | img/s | × default "
              "| first step | fed | peak GiB |",
              "|---|---:|---|---|---|---|---:|---:|---:|---|---:|"]
@@ -97,11 +105,13 @@ def kernels_section(out: Path) -> list[str]:
         fed = (f"{r['loader']}: {_rate(r['loader_img_per_s'])} "
                f"({100 * r['loader_efficiency']:.0f}%)" if r.get("loader_img_per_s") else "-")
         lines.append(f"| {r['model']} | {r['batch_size']} | {r['amp']} | "
-                     f"{on(r['cudnn_benchmark'])} | {on(r['tf32'])} | {how(r)} | "
+                     f"{on(r['cudnn_benchmark'])} | {on(r['tf32'])} | {how(r)}"
+                     f"{_graphs(r)} | "
                      f"{_rate(rate)} | {f'{rate / ref:.2f}' if ref else '-'} | {first} | {fed} | "
                      f"{mem} |")
     if not rows[0]["env"].get("gpu"):
-        lines += ["", "No GPU: cudnn.benchmark and TF32 change nothing on the CPU."]
+        lines += ["", "No GPU: cudnn.benchmark, TF32 and CUDA graphs change nothing on the "
+                  "CPU."]
     return lines + [""]
 
 

@@ -3,8 +3,8 @@ and fed by each loader, and loader efficiency = fed img/s / synthetic img/s.
 
     python benchmarks/train_throughput.py [--db DB | --count 2048] \
         [--models esrgan,fast,srcnn] [--loaders dali,torch] [--batch-sizes 32] [--patch 256] \
-        [--amp auto] [--compile off,model,blocks] [--cudnn-benchmark on,off] [--tf32 on,off] \
-        [--out F.jsonl] [--md F.md]
+        [--amp auto] [--compile off,model,blocks] [--cuda-graphs on,off] \
+        [--cudnn-benchmark on,off] [--tf32 on,off] [--out F.jsonl] [--md F.md]
 
 The step is srtrain's own (``srtrain.train.Stepper``: autocast, channels_last, fused AdamW,
 L1), on a fresh model per configuration: ``--warmup`` untimed steps, then ``--steps`` timed,
@@ -15,7 +15,8 @@ memory (``--batch-sizes 8,16,32,64``: how throughput and memory grow with the ba
 ``--loaders synthetic`` times the step alone on one random batch (no database, no loader):
 what the kernel switches (``--cudnn-benchmark``, ``--tf32``; CUDA only) are measured with,
 each given as ``on``, ``off`` or ``on,off`` (one configuration each), and ``--compile``'s
-modes (srtrain's: ``off``, ``model``, ``blocks``; a comma list, one configuration each).
+modes (srtrain's: ``off``, ``model``, ``blocks``; a comma list, one configuration each),
+with ``--cuda-graphs`` (compiled rows only; CUDA only).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ def _table(records: list[dict]) -> str:
     lines.append(f"\n{env.get('gpu') or 'no GPU'}, {env['cpus']} CPUs, torch {env['torch']}, "
                  f"DALI {env.get('dali')}, {env['date'][:10]}; patch "
                  f"{r['patch']}, scale {r['scale']}, amp {r['amp']}, compile {r['compile']}"
+                 + (", CUDA graphs" if r.get("cuda_graphs") else "")
                  + (f", cudnn.benchmark {r['cudnn_benchmark']}, tf32 {r['tf32']}"
                     if "tf32" in r else "") + ".")
     return "\n".join(lines) + "\n"
@@ -73,7 +75,7 @@ def synthetic_rate(cfg, model, dev, steps: int, warmup: int,
         torch.cuda.synchronize(dev)
     first = time.perf_counter() - first
     rate = step_rate(stepper, repeat(lr, hr), steps, max(0, warmup - 1), dev)
-    if trace is not None:
+    if trace is not None and not cfg.cuda_graphs:  # a graph is one op to the profiler
         title = (f"{cfg.model}, batch {cfg.batch_size}, patch {cfg.patch}, amp {cfg.amp}, "
                  f"compile {cfg.compile}, cudnn.benchmark {cfg.cudnn_benchmark}, tf32 "
                  f"{cfg.tf32}: {rate:.1f} img/s")
@@ -102,14 +104,17 @@ def write_op_table(stepper, lr, hr, dev, path: Path, title: str, steps: int = 5)
 
 def measure(cfg, dev, steps: int, warmup: int, trace: Path | None = None) -> dict | None:
     """One configuration's img/s (synthetic and fed) and peak GPU memory; None on OOM.
-    ``trace``: see synthetic_rate (synthetic data only)."""
+    ``trace``: see synthetic_rate (synthetic data only). With CUDA graphs, also how many
+    compiled graphs torch.compile ran without them (``cudagraph_skips``; all on a CPU)."""
     import torch
+    from torch._dynamo.utils import counters
 
     from srtrain.models import build_model
     from srtrain.train import loader_efficiency
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
+    counters["inductor"]["cudagraph_skips"] = 0
     try:
         model = build_model(cfg.model, cfg.scale).to(
             dev, memory_format=torch.channels_last if cfg.channels_last
@@ -121,8 +126,10 @@ def measure(cfg, dev, steps: int, warmup: int, trace: Path | None = None) -> dic
     except torch.cuda.OutOfMemoryError:
         return None
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+    skips = counters["inductor"]["cudagraph_skips"] if cfg.cuda_graphs else None
     return {**{k: None if v is None else round(v, 3) for k, v in r.items()},
-            "peak_gpu_gib": round(peak, 2) if peak is not None else None}
+            "peak_gpu_gib": round(peak, 2) if peak is not None else None,
+            "cudagraph_skips": skips}
 
 
 def _switch(ctx, param, value: str) -> list[bool]:
@@ -155,6 +162,8 @@ def _compiles(ctx, param, value: str) -> list[str]:
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True)
 @click.option("--compile", "compile_", default="off", show_default=True, callback=_compiles,
               help="off, model, blocks or a comma list: srtrain's --compile modes.")
+@click.option("--cuda-graphs", "graphs", default="off", show_default=True, callback=_switch,
+              help="on, off or on,off: srtrain's --cuda-graphs, for compiled rows (CUDA).")
 @click.option("--cudnn-benchmark", "cudnn", default="on", show_default=True, callback=_switch,
               help="on, off or on,off: torch.backends.cudnn.benchmark (CUDA).")
 @click.option("--tf32", default="on", show_default=True, callback=_switch,
@@ -168,7 +177,7 @@ def _compiles(ctx, param, value: str) -> list[str]:
 @click.option("--op-table", type=click.Path(dir_okay=False, path_type=Path),
               help="Synthetic rows: append the profiler's ops by device time to this file.")
 def main(db, count, size, models, loaders, batch_sizes, patch, scale, amp, channels_last,
-         compile_, cudnn, tf32, workers, device, steps, warmup, out, md, op_table):
+         compile_, graphs, cudnn, tf32, workers, device, steps, warmup, out, md, op_table):
     from srtrain.config import TrainConfig, resolve_amp
     from srdata.loader import resolve_device
     env = _common.environment() | _common.accelerator_environment()
@@ -180,14 +189,16 @@ def main(db, count, size, models, loaders, batch_sizes, patch, scale, amp, chann
                                      f"synthetic {size}x{size} jpeg q95")
         if loaders != "synthetic":  # the step alone needs no database
             db = db or _common.build_jpeg_db(tmp, count, size, min_size=patch)
-        for name, loader, bs, how, bench, tf in itertools.product(
+        for name, loader, bs, how, graph, bench, tf in itertools.product(
                 models.split(","), loaders.split(","), [int(b) for b in batch_sizes.split(",")],
-                compile_, cudnn, tf32):
+                compile_, graphs, cudnn, tf32):
+            if graph and how == "off":
+                continue  # the graphs replay compiled code (srtrain refuses the pair)
             cfg = TrainConfig(db=str(db), loader=loader, model=name, scale=scale,
                               batch_size=bs, patch=patch, amp=amp,
                               channels_last=channels_last, compile=how,
-                              workers=workers, schedule="constant", cudnn_benchmark=bench,
-                              tf32=tf)
+                              cuda_graphs=graph, workers=workers, schedule="constant",
+                              cudnn_benchmark=bench, tf32=tf)
             r = measure(cfg, dev, steps, warmup, op_table if loader == "synthetic" else None)
             if r is None:
                 warnings.warn(f"{name} at batch {bs} ran out of GPU memory; skipped")
@@ -196,8 +207,8 @@ def main(db, count, size, models, loaders, batch_sizes, patch, scale, amp, chann
                 "benchmark": "train_throughput", "source": source, "model": name,
                 "loader": loader, "batch_size": bs, "patch": patch, "scale": scale,
                 "amp": amp, "channels_last": channels_last, "compile": how,
-                "cudnn_benchmark": bench, "tf32": tf, "steps": steps, "warmup": warmup, **r,
-                "env": env})
+                "cuda_graphs": graph, "cudnn_benchmark": bench, "tf32": tf, "steps": steps,
+                "warmup": warmup, **r, "env": env})
             _common.emit(records[-1], out)
     if md:
         md.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ SCHEDULES = ("onecycle", "cosine", "constant", "cosine_restarts")
 
 # What a resumed run may change: where and how fast it runs, never what it computes.
 RESUMABLE_CHANGES = {"resume", "device", "workers", "log_every", "progress", "profile_loader",
-                     "cudnn_benchmark", "tf32", "compile",
+                     "cudnn_benchmark", "tf32", "compile", "cuda_graphs",
                      # a run folder may move; init weights only matter before the first step
                      "out", "init_weights", "tensorboard",
                      # compared by database identity, not path text (Trainer._check_data)
@@ -62,6 +62,8 @@ class TrainConfig:
     # CUDA only (srtrain.train.set_kernels): cuDNN autotuning and TF32 for fp32 math
     cudnn_benchmark: bool = True
     tf32: bool = True
+    # the compiled code's kernels replayed as CUDA graphs (torch.compile's reduce-overhead)
+    cuda_graphs: bool = False
     tensorboard: bool = False
     # progressive patches (srdata.schedule): "PATCH:EPOCH,..."; patch is then its final
     # patch, the validation size. batch_schedule: keep the images or the pixels per step.

@@ -43,6 +43,7 @@ class Stepper:
 
     def __init__(self, cfg: TrainConfig, model, net, device, amp: str, total_steps: int):
         self.model, self.net, self.accum = model, net, cfg.accum
+        self.graphs = cfg.cuda_graphs and cfg.compile != "off"
         self.dtype, self.device = AMP_DTYPES[amp], device
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                      weight_decay=cfg.weight_decay,
@@ -72,6 +73,8 @@ class Stepper:
 
     def __call__(self, lr: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Train on one batch; (its loss, still on the device; whether a step was taken)."""
+        if self.graphs:  # this step's outputs may overwrite the last step's
+            torch.compiler.cudagraph_mark_step_begin()
         last = (self.micro + 1) % self.accum == 0
         sync = self.net.no_sync() if hasattr(self.net, "no_sync") and not last else nullcontext()
         with sync:
@@ -280,6 +283,7 @@ class Trainer:
         self.out = Path(cfg.out)
         self.amp = resolve_amp(cfg.amp, device)
         set_kernels(cfg, device)
+        check_cuda_graphs(cfg, d.world_size)
         state = self._resume_state()
         torch.manual_seed(cfg.seed)
         db = open_db(cfg.db)
@@ -327,7 +331,7 @@ class Trainer:
         if d.enabled:
             net = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
-        net = compile_net(model, net, cfg.compile)
+        net = compile_net(model, net, cfg.compile, cfg.cuda_graphs)
         self.model = model
         self.total_steps = total_steps(cfg.epochs, cfg.accum, self.loader.batches_in)
         self.step_fn = Stepper(cfg, model, net, device, self.amp, self.total_steps)
@@ -590,27 +594,52 @@ def repeat(lr, hr):
         yield lr, hr
 
 
-def compile_net(model: torch.nn.Module, net: torch.nn.Module, how: str) -> torch.nn.Module:
+def compile_net(model: torch.nn.Module, net: torch.nn.Module, how: str,
+                graphs: bool = False) -> torch.nn.Module:
     """``net`` (``model``, or DDP around it) compiled as --compile says: ``model``, all of it
     by torch.compile; ``blocks``, each block ``model`` repeats, in place (regional
     compilation). RRDBNet's 23 RRDBs then share one compiled graph: esrgan's first step took
     12 s instead of 42 s on 2 CPU cores (benchmarks/results/cpu2-amd-2026-11-27). A model
     without repeated blocks (srcnn) is compiled whole. In-place compilation keeps the state
-    dict's keys; copies (the EMA) run eager."""
+    dict's keys; copies (the EMA) run eager.
+
+    ``graphs``: torch.compile's ``reduce-overhead`` mode, which records the compiled code's
+    kernels once per shape as CUDA graphs and then launches each graph with one call (CUDA
+    only; on the CPU the code is compiled as without it)."""
     if how == "off":
         return net
+    mode = "reduce-overhead" if graphs else None
     blocks = repeated_blocks(model) if how == "blocks" else []
     if not blocks:
-        return torch.compile(net)
+        return torch.compile(net, mode=mode)
     for block in blocks:
-        block.compile()
+        block.compile(mode=mode)
     return net
+
+
+def check_cuda_graphs(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Refuse --cuda-graphs where no GPU run has tried it. A graph's replay writes its
+    outputs where the last replay's were, so gradients that outlive a step (kept across
+    micro-batches by --accum, or handed to DDP's buckets) are not known to be safe."""
+    if not cfg.cuda_graphs:
+        return
+    if cfg.compile == "off":
+        raise ValueError("--cuda-graphs replays the compiled step: add --compile blocks "
+                         "(or --compile model)")
+    if cfg.accum != 1:
+        raise ValueError(f"--cuda-graphs takes --accum 1, got --accum {cfg.accum}; drop one "
+                         "of them")
+    if world_size != 1:
+        raise ValueError(f"--cuda-graphs runs on one GPU, got {world_size} processes; drop "
+                         "--cuda-graphs under torchrun")
 
 
 def timing_stepper(cfg: TrainConfig, model, device, amp: str) -> Stepper:
     """A Stepper over ``model`` (compiled as --compile says) for timing steps: its LR
     schedule spans far more steps than are timed, so the rate is a mid-run step's."""
-    return Stepper(cfg, model, compile_net(model, model, cfg.compile), device, amp, 10**6)
+    check_cuda_graphs(cfg)
+    net = compile_net(model, model, cfg.compile, cfg.cuda_graphs)
+    return Stepper(cfg, model, net, device, amp, 10**6)
 
 
 def loader_efficiency(cfg: TrainConfig, model, device, amp: str, steps: int = 20,

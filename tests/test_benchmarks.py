@@ -218,3 +218,27 @@ def test_results_page_shows_short_epochs_in_seconds_and_the_runs_notes(monkeypat
     assert "| esrgan | dali | 32 | 202.4 | 49 s | 145.75× |" in md  # not "0.8 min"
     assert "starting point: 2 h 00 min per epoch" in md
     assert "Two calls on one machine." in md
+
+
+def test_the_suite_feeds_the_faster_compiled_step_and_the_page_names_graphs(monkeypatch,
+                                                                            tmp_path):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_suite
+    import render_results
+    env = {"gpu": "H100", "cpus": 16, "torch": "2.11", "date": "2026-11-28"}
+    row = {"model": "esrgan", "loader": "synthetic", "batch_size": 32, "amp": "bf16",
+           "cudnn_benchmark": True, "tf32": True, "compile": "blocks", "peak_gpu_gib": 9.0,
+           "loader_img_per_s": None, "env": env}
+    rows = tmp_path / "compile.jsonl"
+    assert gpu_suite.faster_graphs(rows) == "off"  # nothing measured
+    write = lambda *rs: rows.write_text("".join(json.dumps(r) + "\n" for r in rs))  # noqa
+    plain = row | {"cuda_graphs": False, "synthetic_img_per_s": 280.0}
+    write(plain)
+    assert gpu_suite.faster_graphs(rows) == "off"  # the graphs' row failed
+    write(plain, row | {"cuda_graphs": True, "synthetic_img_per_s": 360.0, "cudagraph_skips": 0})
+    assert gpu_suite.faster_graphs(rows) == "on"
+    write(plain, row | {"cuda_graphs": True, "synthetic_img_per_s": 270.0, "cudagraph_skips": 3},
+          row | {"loader": "dali", "cuda_graphs": True, "synthetic_img_per_s": 999.0})
+    assert gpu_suite.faster_graphs(rows) == "off"  # step-alone rows only
+    md = "\n".join(render_results.kernels_section(tmp_path))
+    assert "| blocks | 280.0 |" in md and "| blocks + CUDA graphs (3 graphs skipped) |" in md

@@ -86,3 +86,90 @@ def test_compile_blocks_compiles_each_repeated_block_in_place():
     whole = compile_net(srcnn, srcnn, "blocks")
     assert whole is not srcnn and unwrap(whole) is srcnn
     assert compile_net(srcnn, srcnn, "off") is srcnn
+
+
+def test_cuda_graphs_reach_the_config_and_are_refused_where_untried(packed, monkeypatch,
+                                                                     tmp_path):
+    seen = []
+    monkeypatch.setattr(srtrain.train, "train", lambda cfg: seen.append(cfg) or {})
+    db = str(packed("jpeg"))
+    r = CliRunner().invoke(main, ["--db", db, "--patch", "48", "--compile", "blocks",
+                                  "--cuda-graphs", "-q"])
+    assert r.exit_code == 0, r.output
+    assert seen[0].cuda_graphs and TrainConfig(db=db).cuda_graphs is False
+    assert seen[0].resume_conflicts(TrainConfig(db=db, patch=48)) == []
+    monkeypatch.undo()
+    base = ["--db", db, "--out", str(tmp_path / "run"), "--patch", "48", "--model", "fast",
+            "--loader", "torch", "--epochs", "1", "-q", "--cuda-graphs"]
+    refused = {(): "--cuda-graphs replays the compiled step: add --compile blocks (or "
+                   "--compile model)",
+               ("--compile", "blocks", "--accum", "2"): "--cuda-graphs takes --accum 1, got "
+                                                        "--accum 2; drop one of them"}
+    for extra, said in refused.items():
+        r = CliRunner().invoke(main, [*base, *extra])
+        assert r.exit_code == 1 and r.output.strip() == f"Error: {said}", r.output
+    assert not (tmp_path / "run").exists()  # refused before any work
+    with pytest.raises(ValueError, match="runs on one GPU, got 2 processes"):
+        srtrain.train.check_cuda_graphs(TrainConfig(db=db, compile="model", cuda_graphs=True),
+                                        world_size=2)
+
+
+@pytest.mark.parametrize("how", ["model", "blocks"])
+def test_cuda_graphs_compile_in_reduce_overhead_mode_and_mark_each_step(how, monkeypatch):
+    """Each step begins a new CUDA graph iteration; on the CPU the compiled code runs as
+    without graphs."""
+    from srtrain.models import build_model
+    from srtrain.train import timing_stepper
+    modes, marks = [], []
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda *a, **kw: modes.append(kw.get("mode")) or compile_(*a, **kw))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    torch.manual_seed(0)
+    model = build_model("rrdbnet", 4, 8, 2, 4)
+    cfg = TrainConfig(db="db", model="rrdbnet", compile=how, cuda_graphs=True, amp="off",
+                      schedule="constant")
+    step = timing_stepper(cfg, model, torch.device("cpu"), "off")
+    losses = [float(step(torch.rand(2, 3, 8, 8), torch.rand(2, 3, 32, 32))[0])
+              for _ in range(2)]
+    assert modes == ["reduce-overhead"] * (1 if how == "model" else 2)
+    assert len(marks) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_train_as_the_eager_step_does():
+    """The compiled blocks replayed as CUDA graphs, against the eager step from the same
+    weights on the same batches (the last one smaller, as an epoch's last): the same losses,
+    kept on the device and read at the end as the trainer does. A replay that wrote over a
+    tensor still in use would change them; and no graph may be skipped, or this test
+    would not test graphs."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from srtrain.models import build_model
+    from srtrain.train import timing_stepper
+    dev = torch.device("cuda")
+    before = switches()
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    base = build_model("fast", 4).to(dev, memory_format=cl)
+    batches = [(torch.rand(n, 3, 16, 16, device=dev).contiguous(memory_format=cl),
+                torch.rand(n, 3, 64, 64, device=dev).contiguous(memory_format=cl))
+               for n in (4, 4, 4, 4, 2)]
+    losses = {}
+    try:
+        for graphs in (False, True):
+            cfg = TrainConfig(db="db", model="fast", amp="off", tf32=False, lr=1e-3,
+                              schedule="constant", compile="blocks" if graphs else "off",
+                              cuda_graphs=graphs)
+            set_kernels(cfg, dev)
+            counters["inductor"]["cudagraph_skips"] = 0
+            step = timing_stepper(cfg, copy.deepcopy(base), dev, "off")
+            kept = [step(lr, hr)[0] for lr, hr in batches]
+            losses[graphs] = torch.stack(kept).tolist()
+        assert counters["inductor"]["cudagraph_skips"] == 0
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = before[:2]
+        torch.set_float32_matmul_precision(before[2])
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3), losses
