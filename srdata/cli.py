@@ -170,9 +170,15 @@ def warm_cmd(db, evict, quiet):
 @click.option("--count", default=64, type=click.IntRange(min=1), help="How many images.")
 @click.option("--seed", default=0, help="Same seed, same images.")
 def make_samples_cmd(dest, count, seed):
-    """Write COUNT synthetic photo-like images (JPEG and PNG, 320-768 px) under DEST."""
+    """Write COUNT synthetic photo-like images (JPEG and PNG, 320-768 px) under DEST, as
+    new files only."""
     from .samples import make_folder
-    paths = make_folder(dest, count, seed=seed)
+    try:
+        paths = make_folder(dest, count, seed=seed)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:  # a folder that cannot be made, a full disk
+        raise click.ClickException(f"cannot write the images under {dest}: {e}") from None
     click.echo(f"wrote {len(paths)} images under {dest}")
 
 

@@ -38,25 +38,36 @@ def synthetic_image(height: int, width: int, seed: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def write_image(path: str | os.PathLike, rgb: np.ndarray, quality: int = 95) -> None:
-    ext = Path(path).suffix.lower()
+def encode_image(ext: str, rgb: np.ndarray, quality: int = 95) -> bytes:
+    """An RGB array as the bytes of a ``.jpg`` (at ``quality``) or ``.png`` file."""
+    ext = ext.lower()
     params = [cv2.IMWRITE_JPEG_QUALITY, quality] if ext in (".jpg", ".jpeg") else []
     ok, buf = cv2.imencode(ext, np.ascontiguousarray(rgb[:, :, ::-1]), params)
-    assert ok, path
-    Path(path).write_bytes(buf.tobytes())
+    assert ok, ext
+    return buf.tobytes()
+
+
+def write_image(path: str | os.PathLike, rgb: np.ndarray, quality: int = 95) -> None:
+    Path(path).write_bytes(encode_image(Path(path).suffix, rgb, quality))
 
 
 def make_folder(root: str | os.PathLike, count: int, min_side: int = 320,
                 max_side: int = 768, seed: int = 0) -> list[Path]:
-    """Write ``count`` images (JPEG, PNG, some in sub-folders) under ``root``."""
+    """Write ``count`` images (JPEG, PNG, some in sub-folders) under ``root``, only as new
+    files: a name that exists is refused (ValueError) before anything is written."""
     root = Path(root)
     rng = np.random.default_rng(seed)
-    paths = []
+    plan = []
     for i in range(count):
         h, w = (int(v) for v in rng.integers(min_side, max_side + 1, 2))
         ext = ".png" if i % 5 == 0 else ".jpg"
-        path = root / f"set{i % 3}" / f"img{i:04d}{ext}"
+        plan.append((root / f"set{i % 3}" / f"img{i:04d}{ext}", h, w, seed * 100_003 + i))
+    taken = [p for p, *_ in plan if os.path.lexists(p)]
+    if taken:
+        raise ValueError(f"{taken[0]} exists ({len(taken)} of the {count} names are taken); "
+                         "samples are written only as new files: choose a new or empty folder")
+    for path, h, w, s in plan:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_image(path, synthetic_image(h, w, seed * 100_003 + i))
-        paths.append(path)
-    return paths
+        with open(path, "xb") as f:  # one made since the check is refused, not overwritten
+            f.write(encode_image(path.suffix, synthetic_image(h, w, s)))
+    return [p for p, *_ in plan]

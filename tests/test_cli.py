@@ -87,6 +87,21 @@ def test_make_samples(tmp_path):
     assert r.exit_code == 0 and len(list((tmp_path / "s").rglob("*.*"))) == 3
 
 
+def test_make_samples_never_writes_over_a_file(tmp_path):
+    """A folder of the user's own whose names match the samples' keeps every byte."""
+    mine = tmp_path / "mine" / "set1" / "img0001.jpg"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"my photo")
+    r = run("make-samples", tmp_path / "mine", "--count", "3")
+    assert r.exit_code == 1 and r.output.startswith(f"Error: {mine} exists (1 of the 3 names")
+    assert mine.read_bytes() == b"my photo"
+    assert sorted(p.name for p in (tmp_path / "mine").rglob("*.*")) == ["img0001.jpg"]
+    (tmp_path / "file").write_text("x")
+    r = run("make-samples", tmp_path / "file" / "s", "--count", "1")
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
+    assert r.output.startswith(f"Error: cannot write the images under {tmp_path / 'file' / 's'}")
+
+
 def test_warm_and_evict(image_dir, tmp_path):
     db = tmp_path / "db"
     assert run("pack", image_dir, db, *SMALL).exit_code == 0
