@@ -146,12 +146,14 @@ def not_ours(dst: Path) -> str:
     for entry in sorted(os.scandir(dst), key=lambda e: e.name):
         if not _DB_ENTRIES.match(entry.name) or entry.is_symlink():
             return f"it holds {entry.name!r}, which srpipe did not write"
-        if entry.name.startswith("shard-"):
-            if not entry.is_dir():
-                return f"{entry.name} is not a folder"
-            extra = sorted({e.name for e in os.scandir(entry.path)} - _SHARD_ENTRIES)
-            if extra:
-                return f"it holds {entry.name}/{extra[0]}, which srpipe did not write"
+        shard = entry.name.startswith("shard-")
+        # a pack writes files by those names: a folder by one of them is someone else's
+        if entry.is_dir(follow_symlinks=False) != shard:
+            return f"{entry.name} is {'not ' if shard else ''}a folder"
+        if shard:
+            for e in sorted(os.scandir(entry.path), key=lambda e: e.name):
+                if e.name not in _SHARD_ENTRIES or not e.is_file(follow_symlinks=False):
+                    return f"it holds {entry.name}/{e.name}, which srpipe did not write"
     return ""
 
 

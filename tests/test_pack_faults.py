@@ -60,6 +60,21 @@ def test_overwrite_never_replaces_images_or_foreign_folders(image_dir, tmp_path)
     assert leftovers(tmp_path) == [] and leftovers(image_dir) == []
 
 
+@pytest.mark.parametrize("gone, folder", [("index.bin", "index.json"),
+                                          ("shard-00000/data.mdb", "shard-00000/data.mdb")])
+def test_overwrite_never_deletes_a_folder_named_like_a_database_file(image_dir, tmp_path,
+                                                                     gone, folder):
+    """A pack writes files by these names; a folder by one of them holds someone's files."""
+    db = tmp_path / "db"
+    assert cli(image_dir, db).exit_code == 0
+    (db / gone).unlink()
+    (db / folder).mkdir()
+    (db / folder / "thesis.txt").write_text("mine")
+    line = one_error_line(cli(image_dir, db, "--overwrite"))
+    assert "not an srpipe database" in line and folder.split("/")[0] in line
+    assert (db / folder / "thesis.txt").read_text() == "mine" and leftovers(tmp_path) == []
+
+
 def test_second_pack_fails_fast_naming_the_first(image_dir, tmp_path, caplog, small_cfg):
     dst = tmp_path / "db"
     # the first pack holds the lock and waits inside its packing step, as a slow one would
