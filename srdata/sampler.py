@@ -37,6 +37,16 @@ DEGRADATIONS = ("nn", "bicubic", "realesrgan")
 PARAM_STREAM, PARAM_BLOCK = 1, 256
 
 
+def _image_ids(ids) -> np.ndarray:
+    """``ids`` as int64, refusing what a cast would silently turn into other images: a
+    boolean mask (True, False -> 1, 0) and fractions (2.7 -> 2)."""
+    arr = np.asarray(ids)
+    if arr.size and arr.dtype.kind not in "iu":
+        hint = " (a boolean mask: pass np.flatnonzero(mask))" if arr.dtype.kind == "b" else ""
+        raise ValueError(f"got ids of dtype {arr.dtype}{hint}, expected integer image ids")
+    return arr.astype(np.int64)
+
+
 class Sampler:
     def __init__(self, heights, widths, batch_size: int, patch: int, seed: int = 0,
                  sample_ratio: float = 1.0, rank: int = 0, world_size: int = 1,
@@ -44,7 +54,7 @@ class Sampler:
         self.heights = np.asarray(heights, np.int64)
         self.widths = np.asarray(widths, np.int64)
         # the images this sampler draws from: all, or a subset (a held-out validation split)
-        self.ids = np.arange(len(self.heights)) if ids is None else np.asarray(ids, np.int64)
+        self.ids = np.arange(len(self.heights)) if ids is None else _image_ids(ids)
         n = len(self.ids)
         if n == 0:
             raise ValueError("the database holds no images")

@@ -131,3 +131,9 @@ def test_ids_restrict_the_draw_to_a_subset():
     assert Sampler([10, 100], [10, 100], batch_size=1, patch=64, ids=[1]).draw == 1
     with pytest.raises(ValueError, match="ids up to 10"):
         sampler(ids=[10])
+    # a cast would read a mask's True/False as images 1 and 0, and 2.7 as image 2
+    with pytest.raises(ValueError, match="dtype bool .a boolean mask: pass np.flatnonzero"):
+        sampler(ids=np.arange(10) < 8)
+    with pytest.raises(ValueError, match="got ids of dtype float64, expected integer"):
+        sampler(ids=[0.9, 2.7])
+    assert list(sampler(ids=np.array([2, 5], np.uint32), drop_last=False).ids) == [2, 5]
