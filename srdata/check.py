@@ -12,7 +12,28 @@ from .reader import PackedDB
 from .warm import shard_files
 
 
+def _check_described(db: PackedDB) -> None:
+    """The manifest's fields that only ``inspect`` shows (reading needs none of them, so
+    ``format.read_manifest`` leaves them be), checked before they are shown."""
+    m = db.manifest
+    path = db.path / fmt.MANIFEST
+    skipped = m.get("skipped")
+    if not isinstance(skipped, list) or not all(
+            isinstance(s, dict) and {"path", "reason"} <= s.keys() for s in skipped):
+        raise fmt._bad_manifest(path, "skipped is not a list of {\"path\": ..., "
+                                      "\"reason\": ...} entries")
+    if not isinstance(m.get("source_root"), str):
+        raise fmt._bad_manifest(path, f"source_root is {m.get('source_root')!r}, expected a "
+                                      "path")
+    sizes = [("bytes", m.get("bytes"))] + [(f"{s['name']}'s {k}", s.get(k))
+                                          for s in m["shards"] for k in ("count", "bytes")]
+    for key, value in sizes:
+        if value is not None and (type(value) is not int or value < 0):
+            raise fmt._bad_manifest(path, f"{key} is {value!r}, expected a whole number")
+
+
 def describe(db: PackedDB) -> dict:
+    _check_described(db)
     m = db.manifest  # a BasicSR LMDB's manifest lacks what srpipe records at pack time
     nbytes = m.get("bytes") or sum(f.stat().st_size for f in shard_files(db))
     short = np.minimum(db.heights, db.widths)
@@ -26,7 +47,7 @@ def describe(db: PackedDB) -> dict:
         "params": m.get("params", {}),
         "bytes": nbytes,
         "bytes_per_image": round(nbytes / len(db)),
-        "shards": [{k: s[k] for k in ("name", "count", "bytes")} for s in m["shards"]],
+        "shards": [{k: s.get(k) for k in ("name", "count", "bytes")} for s in m["shards"]],
         "sizes": {
             "height": {"min": int(db.heights.min()), "median": pct(db.heights, 50),
                        "max": int(db.heights.max())},

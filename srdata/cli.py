@@ -98,7 +98,10 @@ def pack_cmd(images_dir, db, size, fit, codec, quality, subsampling, min_size, m
 def inspect_cmd(db, as_json):
     """Describe the database DB: count, codec, sizes, bytes, skipped files."""
     from .check import describe
-    d = describe(_open(db))
+    try:
+        d = describe(_open(db))
+    except fmt.DBError as e:
+        raise click.ClickException(str(e)) from None
     if as_json:
         click.echo(json.dumps(d))
         return
@@ -151,11 +154,15 @@ def warm_cmd(db, evict, quiet):
     """Read DB once so the first training epoch finds it in memory (the page cache)."""
     from . import warm
     d = _open(db)
-    if evict:
-        click.echo(f"{db}: asked the kernel to drop {_human_bytes(warm.evict(d))} from the "
-                   "page cache")
-        return
-    r = warm.warm(d, progress=not quiet)
+    try:
+        if evict:
+            click.echo(f"{db}: asked the kernel to drop {_human_bytes(warm.evict(d))} from "
+                       "the page cache")
+            return
+        r = warm.warm(d, progress=not quiet)
+    except OSError as e:  # a shard missing or unreadable
+        raise click.ClickException(f"cannot read {e.filename or db}: {e.strerror or e}; "
+                                   f"`srdata verify {db}` lists what is damaged") from None
     click.echo(f"{db}: read {_human_bytes(r['bytes'])} in {r['seconds']:.1f} s "
                f"({r['gib_per_s']:.2f} GiB/s)")
     free = warm.available_memory()

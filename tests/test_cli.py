@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from conftest import corrupt_byte
@@ -29,6 +30,25 @@ def test_pack_inspect_verify(image_dir, tmp_path):
     assert "6 images, codec png" in r.output
     r = run("verify", db, "-q")
     assert r.exit_code == 0 and "all 6 records OK" in r.output
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda m: m.pop("skipped"), "skipped is not a list of"),
+    (lambda m: m.update(skipped=None), "skipped is not a list of"),
+    (lambda m: m.pop("source_root"), "source_root is None, expected a path"),
+    (lambda m: m["shards"][0].update(bytes="x"), "shard-00000's bytes is 'x', expected a whole"),
+    (lambda m: m.update(bytes=-1), "bytes is -1, expected a whole number")])
+def test_inspect_names_a_damaged_manifest_in_one_line(image_dir, tmp_path, edit, said):
+    from conftest import one_error_line
+    db = tmp_path / "db"
+    assert run("pack", image_dir, db, *SMALL).exit_code == 0
+    m = json.loads((db / "manifest.json").read_text())
+    edit(m)
+    (db / "manifest.json").write_text(json.dumps(m))
+    for args in ([], ["--json"]):
+        line = one_error_line(run("inspect", db, *args))
+        assert line.startswith(f"Error: {db / 'manifest.json'}: {said}"), line
+        assert line.endswith("the manifest was edited or damaged, pack the database again")
 
 
 def test_skips_are_reported_and_exit_is_zero(image_dir, tmp_path):
@@ -112,3 +132,14 @@ def test_warm_and_evict(image_dir, tmp_path):
     r = run("warm", tmp_path / "nope")
     assert r.exit_code == 1 and str(tmp_path / "nope") in r.output
     assert "Traceback" not in r.output
+
+
+def test_warm_and_evict_name_a_missing_shard(image_dir, tmp_path):
+    from conftest import one_error_line
+    db = tmp_path / "db"
+    assert run("pack", image_dir, db, *SMALL).exit_code == 0
+    (db / "shard-00000" / "data.mdb").unlink()
+    for args in (["-q"], ["--evict"]):
+        line = one_error_line(run("warm", db, *args))
+        assert line == (f"Error: cannot read {db / 'shard-00000' / 'data.mdb'}: No such file "
+                        f"or directory; `srdata verify {db}` lists what is damaged")
