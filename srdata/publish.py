@@ -114,6 +114,12 @@ def check_destination(dst: Path, overwrite: bool, src: Path | None = None) -> No
                             "replace the images: choose a DB path outside IMAGES")
     if (dst.exists() or dst.is_symlink()) and not dst.is_dir():
         raise PackError(f"{dst} exists and is not a directory; choose another DB path")
+    if os.path.ismount(dst):
+        # a pack builds beside DB (on the parent's disk) and renames the result into
+        # place, which a mount point refuses (EBUSY): say so before packing, not after
+        raise PackError(f"{dst} is a mount point, and a pack builds the database beside DB, "
+                        f"then renames it into place; pack into a folder inside it, such as "
+                        f"{dst / 'db'}")
     if not dst.is_dir() or not any(dst.iterdir()):
         return
     foreign = not_ours(dst)

@@ -75,6 +75,26 @@ def test_overwrite_never_deletes_a_folder_named_like_a_database_file(image_dir, 
     assert (db / folder / "thesis.txt").read_text() == "mine" and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_mount_point_is_refused_before_packing(image_dir, tmp_path, monkeypatch, overwrite):
+    """The pack ran to the end, building on the parent's disk, then failed to rename the
+    mount point (EBUSY) with advice to free space."""
+    dst = tmp_path / "disk"
+    if overwrite:
+        assert cli(image_dir, dst).exit_code == 0
+    else:
+        dst.mkdir()
+    mounts = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == dst or mounts(p))
+    walked = []
+    monkeypatch.setattr("srdata.pack.walk", lambda *a: walked.append(a))
+    line = one_error_line(cli(image_dir, dst, *(["--overwrite"] if overwrite else [])))
+    assert line == (f"Error: {dst} is a mount point, and a pack builds the database beside "
+                    f"DB, then renames it into place; pack into a folder inside it, such as "
+                    f"{dst / 'db'}")
+    assert not walked and leftovers(tmp_path) == []
+
+
 def test_second_pack_fails_fast_naming_the_first(image_dir, tmp_path, caplog, small_cfg):
     dst = tmp_path / "db"
     # the first pack holds the lock and waits inside its packing step, as a slow one would
