@@ -267,10 +267,14 @@ def read_manifest(db: str | os.PathLike) -> dict:
         raise DBError(f"database {db} does not exist; create it with "
                       f"`srdata pack IMAGES {db}`")
     path = db / MANIFEST
+    if db.name == MANIFEST and db.is_file():
+        raise DBError(f"{db} is a database's manifest; name the database folder, "
+                      f"{db.parent}")
     if not path.is_file():
-        raise DBError(f"{db} is not an srpipe database (no {MANIFEST}); an interrupted pack "
-                      f"never publishes one, so pack again with `srdata pack IMAGES {db} "
-                      f"--overwrite`")
+        # not a half-written database (a pack publishes the folder whole, manifest and
+        # all), so --overwrite would refuse it too: point elsewhere or pack a new one
+        raise DBError(f"{db} is not an srpipe database (no {MANIFEST}); name the folder "
+                      f"that `srdata pack IMAGES DB` wrote, or pack one into a new DB path")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:

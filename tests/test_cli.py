@@ -84,6 +84,11 @@ def test_user_mistakes_are_clear_errors(image_dir, tmp_path):
     assert r.exit_code == 1 and "srdata pack IMAGES" in r.output
     r = run("verify", image_dir)
     assert r.exit_code == 1 and "not an srpipe database" in r.output
+    # advice that works: pack --overwrite refuses a folder that is not a database
+    assert "--overwrite" not in r.output and "pack one into a new DB path" in r.output
+    r = run("inspect", tmp_path / "db" / "manifest.json")
+    assert r.output == (f"Error: {tmp_path / 'db' / 'manifest.json'} is a database's "
+                        f"manifest; name the database folder, {tmp_path / 'db'}\n")
 
 
 def test_verify_fails_naming_key(image_dir, tmp_path):
