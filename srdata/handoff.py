@@ -43,6 +43,7 @@ except ImportError:  # not on Windows: files are then left behind as before the 
 
 PREFIX, SUFFIX = "srpipe-handoff-", ".flock.pkl"
 GRACE_SECONDS = 60  # a swept file is older: its maker has locked it, if it still lives
+OWNER_EXIT_SECONDS = 3  # a worker that finds no file waits this long for its owner to end
 
 
 def _remove(path: str, owner: int, fd: int | None = None) -> None:
@@ -55,6 +56,21 @@ def _remove(path: str, owner: int, fd: int | None = None) -> None:
     finally:
         if fd is not None:
             os.close(fd)  # and with it the lock
+
+
+def _owner_ended(owner: int | None) -> bool:
+    """Whether the process that wrote a worker's file (the worker's parent: loaders start
+    their workers themselves) has ended, or ends within OWNER_EXIT_SECONDS. A run that
+    stops on an error it reports, or on Ctrl-C, removes its file while a worker may still
+    be starting; the kernel hands an orphan to another parent at once."""
+    if owner is None or owner == os.getpid():
+        return False
+    deadline = time.monotonic() + OWNER_EXIT_SECONDS
+    while os.getppid() == owner:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _mine() -> str:
@@ -115,7 +131,7 @@ class Handoff:
     """Holds ``obj``; ``.get()`` returns it, in the owner and in every worker."""
 
     def __init__(self, obj):
-        self._obj, self._path = obj, None
+        self._obj, self._path, self._owner = obj, None, None
         self._lock = threading.Lock()  # DALI may pickle from another thread than the owner
 
     def get(self):
@@ -138,8 +154,8 @@ class Handoff:
                                       "workers; set TMPDIR to a folder with room)",
                                       path) from None
                     raise
-                self._path = path
-        return {"path": self._path}
+                self._path, self._owner = path, os.getpid()
+        return {"path": self._path, "owner": self._owner}
 
     # Not through pickling, the default for copies: a copy would share our file and could
     # outlive it. A shallow copy is this Handoff; a deep one holds a copy of the object.
@@ -150,12 +166,17 @@ class Handoff:
         return Handoff(copy.deepcopy(self._obj, memo))
 
     def __setstate__(self, state: dict) -> None:
-        # Read at once: the owner is inside Process.start() and keeps the file until then.
+        # Read at once: the owner keeps the file while its loader lives, and so while the
+        # loader's workers start, unless the run stops meanwhile.
         path = state["path"]
         try:
             with open(path, "rb") as f:
                 obj = pickle.load(f)
         except FileNotFoundError:
+            if _owner_ended(state.get("owner")):
+                # the run has stopped and said why: a traceback here would be its last line
+                raise SystemExit(1) from None
             raise RuntimeError(f"the worker's data file {path} is gone (removed by a "
                                "temporary-file cleaner?); start the run again") from None
         self._obj, self._path, self._lock = obj, path, threading.Lock()
+        self._owner = state.get("owner")

@@ -115,6 +115,56 @@ def test_a_vanished_file_is_named(temp):
         pickle.loads(data)
 
 
+# A worker of OWNER (this script's parent when argv[2] says so) finds the file gone.
+ORPHAN = """
+import os, pickle, sys, time
+from srdata import handoff
+data = open(sys.argv[1], "rb").read()
+if sys.argv[2] == "parent-ended":
+    while os.getppid() == int(sys.argv[3]):  # the owner exits, and we are handed on
+        time.sleep(0.02)
+handoff.OWNER_EXIT_SECONDS = 0.3
+try:
+    pickle.loads(data)
+except SystemExit as e:  # what a spawned worker's start does with it: exit, no traceback
+    print("exit", e.code)
+    raise
+"""
+
+
+def test_a_worker_of_a_run_that_stopped_leaves_quietly(temp, tmp_path):
+    """A run that stops on an error removes its file while a worker may still be starting:
+    that worker's traceback ("the file is gone ... start the run again") was the last line
+    a user saw, under the run's own error. Only a live owner gets the message."""
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN)
+    out = tmp_path / "out.txt"
+    # the owner: pickles a Handoff (writing its file), starts a worker, and ends
+    owner = subprocess.run([sys.executable, "-c", f"""
+import pickle, subprocess, sys
+from srdata.handoff import Handoff
+h = Handoff(list(range(10)))
+open({str(tmp_path / "data")!r}, "wb").write(pickle.dumps(h))
+subprocess.Popen([sys.executable, {str(script)!r}, {str(tmp_path / "data")!r}, "parent-ended",
+                  str(__import__("os").getpid())], stdout=open({str(out)!r}, "w"),
+                 stderr=subprocess.STDOUT)
+"""], env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
+    assert owner.returncode == 0
+    deadline = time.time() + 30
+    while time.time() < deadline and "exit" not in out.read_text():
+        time.sleep(0.1)
+    assert out.read_text() == "exit 1\n"
+    # a live owner's worker: the file was removed under a running loader
+    h = Handoff([1, 2])
+    (tmp_path / "data").write_bytes(pickle.dumps(h))
+    os.unlink(temp / _ours()[0])
+    worker = subprocess.run([sys.executable, script, tmp_path / "data", "alive"],
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                            text=True, timeout=60)
+    assert worker.returncode == 1 and "is gone (removed by a temporary-file cleaner?)" in \
+        worker.stderr
+
+
 def test_loader_sources_pickle_to_a_constant_size(packed):
     """A worker's arguments must stay far under a pipe's 64 KB at any database size: a
     bigger payload made the workers start one after another (60 s for 15 torch workers)."""
