@@ -182,19 +182,33 @@ def _plan_folder(src: Path, dst: Path) -> tuple[list[tuple[Path, Path]], list[di
     if dst.exists() and not dst.is_dir():
         raise ValueError(f"the input {src} is a folder but the output {dst} is a file")
     inside = dst.resolve()
-    pairs, skipped, taken = [], [], {}
+    # only when OUTPUT lies inside INPUT can the walk meet earlier outputs; when INPUT lies
+    # inside OUTPUT every input has OUTPUT above it, and none of them may be skipped
+    dst_in_src = src.resolve() in inside.parents
+    pairs, skipped, taken, outputs = [], [], {}, 0
     for p in sorted(src.rglob("*")):
         if not p.is_file() or p.suffix.lower() not in IMAGE_EXTS:
             continue
-        if inside in p.resolve().parents:
-            continue  # outputs of an earlier run when dst lies inside src
+        if dst_in_src and inside in p.resolve().parents:
+            outputs += 1  # outputs of an earlier run
+            continue
         out = dst / p.relative_to(src).with_suffix(".png")
         if out in taken:  # a.jpg and a.png would both become a.png
             skipped.append({"path": str(p), "reason": f"{out} already comes from {taken[out]}"})
             continue
         taken[out] = p
         pairs.append((p, out))
+    if not pairs:
+        raise ValueError(_nothing_to_do(src, dst, outputs))
     return pairs, skipped
+
+
+def _nothing_to_do(src: Path, dst: Path, outputs: int) -> str:
+    if outputs:
+        return (f"the only images under {src} are the {outputs} in the output folder {dst}; "
+                "put the images to upscale outside it")
+    return (f"no images under {src} (looked for {', '.join(IMAGE_EXTS)}); "
+            "give a folder of images or an image file")
 
 
 def _plan_file(src: Path, dst: Path) -> list[tuple[Path, Path]]:

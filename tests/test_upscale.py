@@ -3,9 +3,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
 from torch import nn
 
+from conftest import one_error_line
 from srdata.samples import synthetic_image, write_image
+from srtrain.cli import main
 from srtrain.upscale import read_rgb, upscale_image, upscale_path
 
 H, W = 37, 53
@@ -213,3 +216,42 @@ def test_bad_path_args(rgb, tmp_path):
     with pytest.raises(ValueError, match="input file"):
         upscale_path(Tiny(), src, src, progress=False)
     assert not (tmp_path / "o.png").exists()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A checkpoint of an untrained x2 SRCNN: upscale runs it in milliseconds."""
+    from srtrain.models import build_model
+    path = tmp_path_factory.mktemp("ckpt") / "last.pt"
+    torch.save({"model": build_model("srcnn", 2).state_dict(), "ema": None,
+                "config": {"db": "x", "model": "srcnn", "scale": 2}}, path)
+    return path
+
+
+def upscale_cli(ckpt, *args):
+    return CliRunner().invoke(main, ["upscale", "--ckpt", str(ckpt), *map(str, args), "-q"])
+
+
+def test_cli_into_a_parent_of_the_input_folder(rgb, tmp_path, monkeypatch, ckpt):
+    """INPUT inside OUTPUT: every input is upscaled (they were all skipped as earlier outputs)."""
+    (tmp_path / "p2" / "in" / "sub").mkdir(parents=True)
+    write_image(tmp_path / "p2" / "in" / "a.png", rgb)
+    write_image(tmp_path / "p2" / "in" / "sub" / "b.jpg", rgb[:10, :12])
+    monkeypatch.chdir(tmp_path / "p2")
+    r = upscale_cli(ckpt, "in", ".")
+    assert r.exit_code == 0 and "wrote 2 image(s) to ." in r.output, r.output
+    assert read_rgb(tmp_path / "p2" / "a.png").shape == (2 * H, 2 * W, 3)
+    assert read_rgb(tmp_path / "p2" / "sub" / "b.png").shape == (20, 24, 3)
+
+
+def test_cli_says_why_nothing_is_upscaled(rgb, tmp_path, ckpt):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no image")
+    line = one_error_line(upscale_cli(ckpt, tmp_path / "empty", tmp_path / "out"))
+    assert f"no images under {tmp_path / 'empty'} (looked for .png" in line
+    # OUTPUT inside INPUT holding nothing but earlier outputs
+    (tmp_path / "src" / "out").mkdir(parents=True)
+    write_image(tmp_path / "src" / "out" / "old.png", rgb)
+    line = one_error_line(upscale_cli(ckpt, tmp_path / "src", tmp_path / "src" / "out"))
+    assert "the only images under" in line and "are the 1 in the output folder" in line
+    assert not (tmp_path / "out").exists()
