@@ -296,15 +296,17 @@ def _first_line(e: Exception) -> str:
 @click.option("--overlap", default=16, type=click.IntRange(min=0))
 @click.option("--device", help="cuda or cpu  [default: cuda if present]")
 @click.option("--ema/--no-ema", default=True, help="Use the EMA weights when the run kept them.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace output files that already exist (never an input).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def upscale_cmd(ckpt, src, dst, tile, overlap, device, ema, quiet):
+def upscale_cmd(ckpt, src, dst, tile, overlap, device, ema, overwrite, quiet):
     """Upscale the image or folder INPUT into OUTPUT with a trained model (fp16 on a GPU)."""
     from . import checkpoint, upscale
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model = checkpoint.load_model(ckpt, ema=ema).to(device)
         r = upscale.upscale_path(model, src, dst, tile=tile, overlap=overlap, device=device,
-                                 progress=not quiet)
+                                 progress=not quiet, overwrite=overwrite)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:  # images written before it are whole (written atomically)

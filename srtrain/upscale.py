@@ -185,13 +185,14 @@ def _plan_folder(src: Path, dst: Path) -> tuple[list[tuple[Path, Path]], list[di
     # only when OUTPUT lies inside INPUT can the walk meet earlier outputs; when INPUT lies
     # inside OUTPUT every input has OUTPUT above it, and none of them may be skipped
     dst_in_src = src.resolve() in inside.parents
-    pairs, skipped, taken, outputs = [], [], {}, 0
+    pairs, skipped, taken, inputs, outputs = [], [], {}, {}, 0
     for p in sorted(src.rglob("*")):
         if not p.is_file() or p.suffix.lower() not in IMAGE_EXTS:
             continue
         if dst_in_src and inside in p.resolve().parents:
             outputs += 1  # outputs of an earlier run
             continue
+        inputs[p.resolve()] = p
         out = dst / p.relative_to(src).with_suffix(".png")
         if out in taken:  # a.jpg and a.png would both become a.png
             skipped.append({"path": str(p), "reason": f"{out} already comes from {taken[out]}"})
@@ -200,6 +201,7 @@ def _plan_folder(src: Path, dst: Path) -> tuple[list[tuple[Path, Path]], list[di
         pairs.append((p, out))
     if not pairs:
         raise ValueError(_nothing_to_do(src, dst, outputs))
+    _check_inputs_kept(pairs, inputs)
     return pairs, skipped
 
 
@@ -209,6 +211,29 @@ def _nothing_to_do(src: Path, dst: Path, outputs: int) -> str:
                 "put the images to upscale outside it")
     return (f"no images under {src} (looked for {', '.join(IMAGE_EXTS)}); "
             "give a folder of images or an image file")
+
+
+def _check_inputs_kept(pairs: list[tuple[Path, Path]], inputs: dict[Path, Path]) -> None:
+    """With INPUT inside OUTPUT, in/x/a.png becomes x/a.png, which may be an input itself:
+    never write over an input, --overwrite or not. ``inputs``: resolved path -> input."""
+    for p, out in pairs:
+        if out.resolve() in inputs:
+            raise ValueError(f"the output {out} of {p} would replace the input "
+                             f"{inputs[out.resolve()]}; choose another OUTPUT folder")
+
+
+def _check_existing(pairs: list[tuple[Path, Path]], dst: Path, folder: bool) -> None:
+    """Refuse, before anything is written, to replace a file that is already there: it may be
+    a user's original, not an earlier output."""
+    existing = [out for _, out in pairs if out.exists()]
+    if not existing:
+        return
+    if not folder:
+        raise ValueError(f"{existing[0]} already exists; pass --overwrite to replace it, "
+                         "or choose another OUTPUT")
+    raise ValueError(f"{len(existing)} of the {len(pairs)} outputs already exist in {dst} "
+                     f"(such as {existing[0]}); pass --overwrite to replace them, or choose "
+                     "another OUTPUT folder")
 
 
 def _plan_file(src: Path, dst: Path) -> list[tuple[Path, Path]]:
@@ -224,11 +249,13 @@ def _plan_file(src: Path, dst: Path) -> list[tuple[Path, Path]]:
 
 def upscale_path(model, src, dst, tile: int = 256, overlap: int = 16,
                  device: str | torch.device = "cpu", half: bool | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, overwrite: bool = False) -> dict:
     """Upscale the image file ``src`` into the file ``dst``, or every image under the folder
     ``src`` into ``dst/<relative path>/<stem>.png``.
 
-    Unreadable images in a folder are skipped with a warning, not fatal. Returns
+    An output that already exists is replaced only with ``overwrite`` (checked for all of
+    them before anything is written); an input never is. Unreadable images in a folder are
+    skipped with a warning, not fatal. Returns
     ``{"written": [path, ...], "skipped": [{"path", "reason"}, ...], "seconds": float}``.
     """
     _check_tiling(tile, overlap)
@@ -240,6 +267,8 @@ def upscale_path(model, src, dst, tile: int = 256, overlap: int = 16,
         pairs, skipped = _plan_file(src, dst), []
     else:
         raise ValueError(f"the input {src} is neither a file nor a folder")
+    if not overwrite:
+        _check_existing(pairs, dst, src.is_dir())
     for s in skipped:
         warnings.warn(f"skipping {s['path']}: {s['reason']}", stacklevel=2)
     written = []

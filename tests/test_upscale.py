@@ -192,9 +192,11 @@ def test_path_folder_stem_clash_and_dst_inside(rgb, tmp_path):
     with pytest.warns(UserWarning, match="x.png"):
         res = upscale_path(Tiny(), src, dst, tile=0, progress=False)
     assert res["written"] == [str(dst / "x.png")] and len(res["skipped"]) == 1
-    # a second run does not pick up the first run's outputs
+    # a second run does not pick up the first run's outputs, and replaces them when asked
+    with pytest.raises(ValueError, match="1 of the 1 outputs already exist"):
+        upscale_path(Tiny(), src, dst, tile=0, progress=False)
     with pytest.warns(UserWarning):
-        res = upscale_path(Tiny(), src, dst, tile=0, progress=False)
+        res = upscale_path(Tiny(), src, dst, tile=0, progress=False, overwrite=True)
     assert res["written"] == [str(dst / "x.png")]
 
 
@@ -255,3 +257,46 @@ def test_cli_says_why_nothing_is_upscaled(rgb, tmp_path, ckpt):
     line = one_error_line(upscale_cli(ckpt, tmp_path / "src", tmp_path / "src" / "out"))
     assert "the only images under" in line and "are the 1 in the output folder" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_never_replaces_a_file_unless_asked(rgb, tmp_path, ckpt):
+    ow = tmp_path / "ow"
+    ow.mkdir()
+    write_image(ow / "photo.bmp", rgb)
+    (ow / "photo.png").write_bytes(b"the user's original")
+    line = one_error_line(upscale_cli(ckpt, ow / "photo.bmp", ow / "photo.png"))
+    assert f"{ow / 'photo.png'} already exists; pass --overwrite" in line
+    assert (ow / "photo.png").read_bytes() == b"the user's original"
+    r = upscale_cli(ckpt, ow / "photo.bmp", ow / "photo.png", "--overwrite")
+    assert r.exit_code == 0 and read_rgb(ow / "photo.png").shape == (2 * H, 2 * W, 3)
+    # a folder: all outputs are checked before any is written
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    write_image(src / "a.png", rgb)
+    write_image(src / "b.jpg", rgb)
+    (dst / "b.png").write_bytes(b"mine")
+    line = one_error_line(upscale_cli(ckpt, src, dst))
+    assert f"1 of the 2 outputs already exist in {dst}" in line and "--overwrite" in line
+    assert sorted(p.name for p in dst.iterdir()) == ["b.png"]
+    assert (dst / "b.png").read_bytes() == b"mine"
+    r = upscale_cli(ckpt, src, dst, "--overwrite")
+    assert r.exit_code == 0 and "wrote 2 image(s)" in r.output, r.output
+    assert read_rgb(dst / "b.png").shape == (2 * H, 2 * W, 3)
+    r = upscale_cli(ckpt, src, dst, "--overwrite")  # the same again, into the same folder
+    assert r.exit_code == 0 and "wrote 2 image(s)" in r.output, r.output
+    assert sorted(p.name for p in dst.iterdir()) == ["a.png", "b.png"]  # no temporary left
+    line = one_error_line(upscale_cli(ckpt, ow / "photo.png", ow / "photo.png", "--overwrite"))
+    assert "is the input file" in line
+
+
+def test_an_input_is_never_replaced(rgb, tmp_path):
+    """INPUT inside OUTPUT: in/in/a.png would become in/a.png, itself an input."""
+    (tmp_path / "in" / "in").mkdir(parents=True)
+    write_image(tmp_path / "in" / "a.png", rgb)
+    write_image(tmp_path / "in" / "in" / "a.png", rgb[:10, :10])
+    before = (tmp_path / "in" / "a.png").read_bytes()
+    with pytest.raises(ValueError, match="would replace the input"):
+        upscale_path(Tiny(), tmp_path / "in", tmp_path, progress=False, overwrite=True)
+    assert (tmp_path / "in" / "a.png").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
