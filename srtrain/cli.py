@@ -253,12 +253,15 @@ def _failure(e: Exception, out: str) -> str | None:
     return f"{e.filename}: {e.strerror}" if e.filename else str(e)
 
 
-def _write_failure(e: OSError, dst: str) -> str:
+def _write_failure(e: OSError, dst: str, what: str = "OUTPUT") -> str:
+    """One line for a sub-command's failed write to ``dst``, the argument ``what``."""
     where = e.filename or dst
     if e.errno in (errno.EEXIST, errno.ENOTDIR):  # making a folder where a file is
-        return f"cannot make the folder {where}: a file is in the way; choose another OUTPUT"
+        return f"cannot make the folder {where}: a file is in the way; choose another {what}"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"no space left on the device to write {where}"
+        return f"no space left on the device to write {where}; free some space"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write {where}: {e.strerror}; choose another {what}"
     return f"cannot write {where}: {e.strerror or e}"
 
 
@@ -331,6 +334,8 @@ def export_cmd(ckpt, dst, overwrite):
         facts = checkpoint.export(ckpt, dst, overwrite=overwrite)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # written atomically: OUTPUT holds what it held before, if anything
+        raise click.ClickException(_write_failure(e, dst)) from None
     click.echo(f"wrote {' and '.join(facts['keys'])} ({facts['tensors']} tensors each) of "
                f"--model {facts['model']} x{facts['scale']} to {dst}")
     if facts["model"] == "srcnn" or facts["scale"] == 3:

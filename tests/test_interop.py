@@ -1,7 +1,9 @@
 """The BasicSR / Real-ESRGAN habits: weights out, the reference recipe, longer and moved runs,
 TensorBoard and legible grids, alpha kept by upscale."""
+import errno
 import json
 import math
+import os
 import shutil
 import warnings
 
@@ -12,7 +14,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import SMALL, make_images
+from conftest import SMALL, make_images, one_error_line
 from srdata.reader import open_db
 from srdata.pack import PackConfig, pack
 from srtrain import checkpoint, metrics, tboard
@@ -112,6 +114,41 @@ def test_export_without_ema_and_of_srcnn(tmp_path):
     w = torch.load(tmp_path / "srcnn.pth", weights_only=True)
     assert set(w) == {"params"}
     assert load_weights(build_model("srcnn", 3), tmp_path / "srcnn.pth") == "params"
+
+
+def test_export_write_failures_are_one_line(tmp_path, monkeypatch):
+    """A path under a file, a full disk, a read-only place: one Error line naming OUTPUT,
+    and OUTPUT holds what it held before (nothing, or the user's file)."""
+    state = {"model": build_model("srcnn", 2).state_dict(), "ema": None,
+             "config": {"db": "x", "model": "srcnn", "scale": 2}}
+    ckpt = tmp_path / "last.pt"
+    torch.save(state, ckpt)
+
+    def export(dst, *args):
+        return CliRunner().invoke(main, ["export", "--ckpt", str(ckpt), str(dst), *args])
+    (tmp_path / "file").write_text("not a folder")
+    line = one_error_line(export(tmp_path / "file" / "sub" / "net_g.pth"))
+    assert f"cannot make the folder {tmp_path / 'file' / 'sub'}: a file is in the way" in line
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux)")
+    out = tmp_path / "out"
+    out.mkdir()
+    for existing in (None, b"the user's own file"):
+        dst = out / "net_g.pth"
+        if existing:
+            dst.write_bytes(existing)
+        (out / f".net_g.pth.tmp-{os.getpid()}").symlink_to("/dev/full")  # ENOSPC
+        line = one_error_line(export(dst, "--overwrite"))
+        assert line == f"Error: no space left on the device to write {dst}; free some space"
+        assert sorted(p.name for p in out.iterdir()) == (["net_g.pth"] if existing else [])
+        assert not existing or dst.read_bytes() == existing
+
+    def read_only(state, f):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(torch, "save", read_only)
+    line = one_error_line(export(out / "ro.pth"))
+    assert line == (f"Error: cannot write {out / 'ro.pth'}: Read-only file system; choose "
+                    "another OUTPUT")
 
 
 def expected_lrs(schedule, lr, total, steps):
