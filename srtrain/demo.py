@@ -30,6 +30,9 @@ HOLDOUT = 0.25             # the right-hand fraction of each photo: validation c
 VAL_PER_PHOTO = 4
 # What the demo writes in OUT; --overwrite removes these and nothing else.
 OWN = ("images", "val-images", "db", "val-db", "run", "report.txt")
+# Written in OUT before anything else: names alone cannot tell a demo from a user's folder
+# (images/, db/, run/ are common), so --overwrite empties only a folder carrying this mark.
+MARK = ".srtrain-demo"
 # The trainer's settings: measured on a 2-core CPU, 30 epochs of 160 crops take ~90 s and
 # end ~0.7 dB above bicubic; smaller batches or rates, or a bigger model, do worse in the time.
 PATCH, SCALE = 64, 4
@@ -70,22 +73,37 @@ def resolve_loader(loader: str) -> str:
 
 
 def prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty ``out`` unless ``overwrite``; even then remove only our own files,
-    so a mistyped --out never deletes a user's folder."""
+    """Refuse a non-empty ``out`` unless it is an earlier demo's and ``overwrite``; even then
+    remove only our own files, so a mistyped --out never deletes a user's folder. Marks
+    ``out`` as the demo's before anything else is written in it."""
     if out.exists() and not out.is_dir():
         raise DemoError(f"{out} exists and is not a directory; choose another --out")
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if entries and not overwrite:
-        raise DemoError(f"{out} is not empty; pass --overwrite to replace the demo there, "
+    entries = sorted(p.name for p in out.iterdir() if p.name != MARK) if out.is_dir() else []
+    if entries:
+        _check_earlier_demo(out, entries, overwrite)
+    for name in entries:
+        p = out / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARK).write_text("made by `srtrain demo`; `srtrain demo --overwrite` may delete "
+                            f"{', '.join(OWN)} here, and nothing else\n")
+
+
+def _check_earlier_demo(out: Path, entries: list[str], overwrite: bool) -> None:
+    """A non-empty ``out`` may be replaced only when the demo made it (it carries MARK) and
+    holds nothing the demo did not write."""
+    if not (out / MARK).is_file():
+        # a user's folder, or a demo from before the mark: its names prove nothing
+        raise DemoError(f"{out} is not empty and has no {MARK} file, so this srtrain demo did "
+                        "not make it; choose another --out (an older version's demo there is "
+                        "yours to delete)")
+    if not overwrite:
+        raise DemoError(f"{out} holds an earlier demo; pass --overwrite to replace it, "
                         "or choose another --out")
     foreign = [e for e in entries if e not in OWN]
     if foreign:
         raise DemoError(f"{out} holds files the demo did not write ({', '.join(foreign[:3])}"
                         f"{' ...' if len(foreign) > 3 else ''}); choose another --out")
-    for name in entries:
-        p = out / name
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def load_photos() -> dict[str, np.ndarray]:

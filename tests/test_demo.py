@@ -5,8 +5,9 @@ import cv2
 import pytest
 from click.testing import CliRunner
 
+from conftest import one_error_line
 from srtrain.cli import main
-from srtrain.demo import DemoError, describe_device, prepare_out, resolve_loader
+from srtrain.demo import MARK, DemoError, describe_device, prepare_out, resolve_loader
 
 # One epoch over 24 crops: the whole pipeline in seconds; the default run is measured by hand.
 TINY = ["--epochs", "1", "--images", "24", "-q"]
@@ -70,16 +71,18 @@ def test_refuses_a_non_empty_out_without_overwrite(demo_run):
     out, _ = demo_run
     before = (out / "report.txt").read_text()
     r = demo(out)
-    assert r.exit_code == 1 and "--overwrite" in r.output and "Traceback" not in r.output
+    assert "holds an earlier demo; pass --overwrite" in one_error_line(r)
     assert (out / "report.txt").read_text() == before and (out / "run" / "best.pt").is_file()
+    assert (out / MARK).is_file()  # what lets --overwrite replace it
 
 
 def test_overwrite_removes_only_what_the_demo_wrote(tmp_path):
+    (tmp_path / MARK).write_text("made by srtrain demo")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "last.pt").write_bytes(b"x")
     (tmp_path / "report.txt").write_text("old")
     prepare_out(tmp_path, overwrite=True)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [MARK]
     (tmp_path / "run").mkdir()
     (tmp_path / "thesis.tex").write_text("precious")
     with pytest.raises(DemoError, match="did not write.*thesis.tex"):
@@ -87,6 +90,26 @@ def test_overwrite_removes_only_what_the_demo_wrote(tmp_path):
     assert (tmp_path / "thesis.tex").read_text() == "precious" and (tmp_path / "run").is_dir()
     r = demo(tmp_path / "thesis.tex")
     assert r.exit_code != 0 and "Traceback" not in r.output
+
+
+def test_never_deletes_a_users_folder_whose_names_match_the_demos(tmp_path):
+    """myproj/images holds the user's photos: a folder the demo did not make (no MARK) is
+    refused with or without --overwrite, and the refusal does not advise --overwrite."""
+    photo = tmp_path / "myproj" / "images" / "photo.jpg"
+    photo.parent.mkdir(parents=True)
+    photo.write_bytes(b"my photo")
+    for args in ((), ("--overwrite",)):
+        line = one_error_line(demo(tmp_path / "myproj", *args))
+        assert f"{tmp_path / 'myproj'} is not empty and has no {MARK} file" in line
+        assert "--overwrite" not in line and "choose another --out" in line
+        assert photo.read_bytes() == b"my photo"
+        assert sorted(p.name for p in (tmp_path / "myproj").iterdir()) == ["images"]
+    # a demo folder from before the mark looks just the same: refused, left alone
+    (tmp_path / "old" / "run").mkdir(parents=True)
+    (tmp_path / "old" / "report.txt").write_text("srpipe demo: ...")
+    with pytest.raises(DemoError, match=f"no {MARK} file"):
+        prepare_out(tmp_path / "old", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["report.txt", "run"]
 
 
 def test_user_mistakes_are_clear_errors(tmp_path):
