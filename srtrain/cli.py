@@ -367,6 +367,8 @@ def demo_cmd(out, loader, epochs, images, degradation, overwrite, quiet):
                          degradation=degradation)
     except (ValueError, TrainingError, ImportError) as e:  # DemoError, PackError, DBError
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # a read-only --out, a full disk: the folder, not a bug
+        raise click.ClickException(_write_failure(e, out, "--out")) from None
     except KeyboardInterrupt:
         click.echo("\ninterrupted; run again with --overwrite to start over", err=True)
         sys.exit(130)

@@ -1,11 +1,15 @@
+import errno
 import json
+import os
 import re
+import subprocess
 
 import cv2
 import pytest
 from click.testing import CliRunner
 
 from conftest import one_error_line
+from srtrain import demo as demo_mod
 from srtrain.cli import main
 from srtrain.demo import MARK, DemoError, describe_device, prepare_out, resolve_loader
 
@@ -110,6 +114,40 @@ def test_never_deletes_a_users_folder_whose_names_match_the_demos(tmp_path):
     with pytest.raises(DemoError, match=f"no {MARK} file"):
         prepare_out(tmp_path / "old", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["report.txt", "run"]
+
+
+def read_only_folder(path):
+    """``path`` made as a folder nothing can be written in; returns the command undoing it."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        return ["chmod", "755", str(path)]
+    # root writes through permissions, not into an immutable folder
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+        pytest.skip("root, and chattr cannot make a read-only folder here")
+    return ["chattr", "-i", str(path)]
+
+
+def test_write_failures_are_one_line(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    line = one_error_line(demo(tmp_path / "file" / "d"))
+    assert f"{tmp_path / 'file' / 'd'}: a file is in the way; choose another --out" in line
+    ro = tmp_path / "ro"
+    undo = read_only_folder(ro)
+    try:
+        r = demo(ro / "d")
+    finally:
+        subprocess.run(undo, check=True)
+    line = one_error_line(r)
+    assert line.startswith(f"Error: cannot write {ro / 'd'}: ") and "choose another --out" in line
+    assert not (ro / "d").exists()
+
+    def full(path, rgb):  # the disk fills up while the crops are written
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(demo_mod, "save", full)
+    line = one_error_line(demo(tmp_path / "full"))
+    assert line.startswith(f"Error: no space left on the device to write {tmp_path / 'full'}/")
+    assert "free some space" in line
 
 
 def test_user_mistakes_are_clear_errors(tmp_path):
