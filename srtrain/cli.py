@@ -368,6 +368,8 @@ def demo_cmd(out, loader, epochs, images, degradation, overwrite, quiet):
     except (ValueError, TrainingError, ImportError) as e:  # DemoError, PackError, DBError
         raise click.ClickException(str(e)) from None
     except OSError as e:  # a read-only --out, a full disk: the folder, not a bug
+        if _dead_worker(e) is not None:  # a broken pipe to a loader worker, not the folder
+            raise
         raise click.ClickException(_write_failure(e, out, "--out")) from None
     except KeyboardInterrupt:
         click.echo("\ninterrupted; run again with --overwrite to start over", err=True)

@@ -149,6 +149,12 @@ def test_write_failures_are_one_line(tmp_path, monkeypatch):
     assert line.startswith(f"Error: no space left on the device to write {tmp_path / 'full'}/")
     assert "free some space" in line
 
+    def broken_pipe(path, rgb):  # a loader worker's pipe: not the folder's fault
+        raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+    monkeypatch.setattr(demo_mod, "save", broken_pipe)
+    r = demo(tmp_path / "pipe")
+    assert isinstance(r.exception, ConnectionResetError) and "cannot write" not in r.output
+
 
 def test_user_mistakes_are_clear_errors(tmp_path):
     r = demo(tmp_path / "out", "--images", "3")
