@@ -90,13 +90,14 @@ def prepare_out(out: Path, overwrite: bool) -> None:
 
 
 def _check_earlier_demo(out: Path, entries: list[str], overwrite: bool) -> None:
-    """A non-empty ``out`` may be replaced only when the demo made it (it carries MARK) and
-    holds nothing the demo did not write."""
-    if not (out / MARK).is_file():
-        # a user's folder, or a demo from before the mark: its names prove nothing
+    """A non-empty ``out`` may be replaced only when the demo made it (it carries MARK, or,
+    from before the mark, the report a finished demo writes) and holds nothing the demo did
+    not write."""
+    if not (out / MARK).is_file() and not _old_demo_report(out):
+        # a user's folder, or an unfinished demo from before the mark: names prove nothing
         raise DemoError(f"{out} is not empty and has no {MARK} file, so this srtrain demo did "
-                        "not make it; choose another --out (an older version's demo there is "
-                        "yours to delete)")
+                        "not make it; choose another --out (an older version's unfinished "
+                        "demo there is yours to delete)")
     if not overwrite:
         raise DemoError(f"{out} holds an earlier demo; pass --overwrite to replace it, "
                         "or choose another --out")
@@ -104,6 +105,16 @@ def _check_earlier_demo(out: Path, entries: list[str], overwrite: bool) -> None:
     if foreign:
         raise DemoError(f"{out} holds files the demo did not write ({', '.join(foreign[:3])}"
                         f"{' ...' if len(foreign) > 3 else ''}); choose another --out")
+
+
+def _old_demo_report(out: Path) -> bool:
+    """Whether ``out`` holds the report of a demo finished before MARK existed, so that
+    `make demo` still replaces it (with the name check that follows, as then)."""
+    try:
+        with open(out / "report.txt") as f:
+            return f.readline().startswith("srpipe demo: pack -> load -> train -> validate")
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def load_photos() -> dict[str, np.ndarray]:

@@ -108,12 +108,17 @@ def test_never_deletes_a_users_folder_whose_names_match_the_demos(tmp_path):
         assert "--overwrite" not in line and "choose another --out" in line
         assert photo.read_bytes() == b"my photo"
         assert sorted(p.name for p in (tmp_path / "myproj").iterdir()) == ["images"]
-    # a demo folder from before the mark looks just the same: refused, left alone
+    # an unfinished demo from before the mark looks just the same: refused, left alone
     (tmp_path / "old" / "run").mkdir(parents=True)
-    (tmp_path / "old" / "report.txt").write_text("srpipe demo: ...")
+    (tmp_path / "old" / "report.txt").write_text("my own report")
     with pytest.raises(DemoError, match=f"no {MARK} file"):
         prepare_out(tmp_path / "old", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["report.txt", "run"]
+    # a finished one left its report, and `make demo` (--overwrite) replaces it as before
+    (tmp_path / "old" / "report.txt").write_text(
+        "srpipe demo: pack -> load -> train -> validate, on scikit-image's sample photos\n")
+    prepare_out(tmp_path / "old", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == [MARK]
 
 
 def read_only_folder(path):
