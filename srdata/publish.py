@@ -43,9 +43,10 @@ def own_names(dst: Path) -> re.Pattern:
     return re.compile(rb"\.%s\.(lock|partial-\d+|old-\d+)\Z" % name)
 
 
-def _try_lock(dst: Path) -> tuple[int | None, str]:
-    """(fd holding ``.DB.lock``, "") or (None, the holder's pid as text, "" if unknown)."""
-    path = lock_path(dst)
+def try_lock(path: Path) -> tuple[int | None, str]:
+    """(fd holding an ``flock`` on the file ``path``, "") or (None, the holder's pid as
+    text, "" if unknown). The kernel releases the lock when its holder dies, even by
+    ``kill -9``, so a lock file left behind never blocks anyone."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -66,9 +67,10 @@ def _try_lock(dst: Path) -> tuple[int | None, str]:
         os.close(fd)
 
 
-def _unlock(dst: Path, fd: int) -> None:
+def unlock(path: Path, fd: int) -> None:
+    """Release the lock ``try_lock(path)`` took."""
     with contextlib.suppress(OSError):
-        lock_path(dst).unlink()
+        path.unlink()
     os.close(fd)
 
 
@@ -76,7 +78,7 @@ def _unlock(dst: Path, fd: int) -> None:
 def locked(dst: Path):
     """Hold ``.DB.lock`` or fail fast naming the pack that holds it."""
     try:
-        fd, holder = _try_lock(dst)
+        fd, holder = try_lock(lock_path(dst))
     except OSError as e:
         raise PackError(f"cannot write in {dst.parent}: {e.strerror}; choose another DB "
                         "path") from None
@@ -87,7 +89,7 @@ def locked(dst: Path):
     try:
         yield
     finally:
-        _unlock(dst, fd)
+        unlock(lock_path(dst), fd)
 
 
 def prepare_parent(dst: Path) -> None:
@@ -244,7 +246,7 @@ def recover_publish(dst: str | os.PathLike) -> list[str]:
     if not any(_leftovers(dst).values()):
         return []
     try:
-        fd, _ = _try_lock(dst)
+        fd, _ = try_lock(lock_path(dst))
     except OSError:
         return []
     if fd is None:
@@ -252,7 +254,7 @@ def recover_publish(dst: str | os.PathLike) -> list[str]:
     try:
         return repair(dst)  # lists again: another process may have repaired it meanwhile
     finally:
-        _unlock(dst, fd)
+        unlock(lock_path(dst), fd)
 
 
 def write_failure(dst: Path, e: BaseException) -> str:

@@ -8,7 +8,7 @@ waiting); on the CPU, the wall time spent in the loader.
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 import json
 import math
 import os
@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import srdata
 from srdata.format import write_json_atomic
+from srdata.publish import try_lock, unlock
 from srdata.reader import open_db
 from srdata.schedule import PatchSchedule
 
@@ -272,9 +273,38 @@ def train(cfg: TrainConfig) -> dict:
     """Train as ``cfg`` says; returns the last validation scores and counters."""
     d, device = ddp.setup(cfg.device)
     try:
-        return Trainer(cfg, d, device).run()
+        with run_lock(Path(cfg.out), d.main):
+            return Trainer(cfg, d, device).run()
     finally:
         ddp.teardown(d)
+
+
+LOCK = ".lock"
+
+
+@contextmanager
+def run_lock(out: Path, main: bool = True):
+    """Hold OUT/.lock for the run's life, so a second run (or a --resume) into OUT while
+    this one trains fails at once instead of mixing their files. Only the main process
+    writes in OUT, so only it locks. A folder made here and left empty (the run failed
+    before writing anything) is removed again."""
+    if not main:
+        yield
+        return
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    fd, holder = try_lock(out / LOCK)
+    if fd is None:
+        who = f"pid {holder}" if holder else "another process"
+        raise ValueError(f"another run ({who}) is training in {out}; wait for it to finish "
+                         "or stop it, or choose another --out")
+    try:
+        yield
+    finally:
+        unlock(out / LOCK, fd)
+        if made:
+            with suppress(OSError):  # not empty: the run wrote its files
+                out.rmdir()
 
 
 class Trainer:

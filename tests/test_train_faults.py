@@ -311,3 +311,28 @@ def test_json_written_whole_or_not_at_all(tmp_path):
     with pytest.raises(OSError, match="No space left"):
         write_json_atomic(path, {"new": 2})
     assert path.read_text() == '{"old": 1}' and not os.path.lexists(tmp)
+
+
+def test_a_second_run_into_a_folder_in_training_is_refused(packed, tmp_path, monkeypatch):
+    from srtrain import train as train_mod
+    db, out = packed("png"), tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text("4242\n")  # left by a run killed with -9: it locks nothing
+    real, second = train_mod.Stepper.__call__, []
+
+    def start_others_on_first_step(self, lr, hr):
+        if not second:  # the first run holds its folder: the others find it in use
+            second.append(train(db, out, "--epochs", 1))
+            second.append(train(db, out, "--epochs", 1, "--resume"))
+        return real(self, lr, hr)
+    monkeypatch.setattr(train_mod.Stepper, "__call__", start_others_on_first_step)
+    r = train(db, out, "--epochs", 1)
+    assert r.exit_code == 0, r.output
+    for other in second:
+        assert other.exit_code == 1
+        line = one_error_line(other)
+        assert f"another run (pid {os.getpid()}) is training in {out}" in line
+    starts = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["event"] == "train"]
+    assert starts == sorted(starts)  # one run's lines only
+    assert not (out / ".lock").exists()  # released, and removed, at the end
