@@ -279,6 +279,10 @@ def train(cfg: TrainConfig) -> dict:
         ddp.teardown(d)
 
 
+# What a run writes in --out (checkpoints, config, metrics, validation grids, TensorBoard
+# events): a fresh run refuses a folder holding any of them rather than replace or append
+# to another run's files.
+RUN_FILES = ("last.pt", "best.pt", "config.json", "metrics.jsonl", "samples", "tb")
 LOCK = ".lock"
 
 
@@ -305,6 +309,18 @@ def run_lock(out: Path, main: bool = True):
         if made:
             with suppress(OSError):  # not empty: the run wrote its files
                 out.rmdir()
+
+
+def check_fresh_out(out: Path) -> None:
+    """A run without --resume starts only in a folder that holds no run's files."""
+    there = [n for n in RUN_FILES if os.path.lexists(out / n)]
+    if not there:
+        return
+    if "last.pt" in there:
+        raise ValueError(f"{out} already holds a run ({', '.join(there)}); pass --resume to "
+                         "continue it, or choose another --out")
+    raise ValueError(f"{out} already holds {', '.join(there)} of a run with no last.pt to "
+                     "resume; choose another --out, or move those away to start over there")
 
 
 class Trainer:
@@ -376,9 +392,8 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------
     def _resume_state(self) -> dict | None:
         if not self.cfg.resume:
-            if self.d.main and (self.out / "last.pt").exists():
-                raise ValueError(f"{self.out} already holds a run (last.pt); pass --resume "
-                                 "to continue it or choose another --out")
+            if self.d.main:
+                check_fresh_out(self.out)
             return None
         state = checkpoint.load(self.out / "last.pt")
         conflicts = self.cfg.resume_conflicts(TrainConfig.from_dict(state["config"]))

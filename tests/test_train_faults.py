@@ -336,3 +336,19 @@ def test_a_second_run_into_a_folder_in_training_is_refused(packed, tmp_path, mon
               if json.loads(x)["event"] == "train"]
     assert starts == sorted(starts)  # one run's lines only
     assert not (out / ".lock").exists()  # released, and removed, at the end
+
+
+@pytest.mark.parametrize("names", [["config.json", "metrics.jsonl", "samples"], ["best.pt"]])
+def test_a_fresh_run_never_writes_over_a_runs_files(packed, tmp_path, names):
+    out = tmp_path / "run"
+    (out / "samples").mkdir(parents=True)
+    for name in names:
+        if name != "samples":
+            (out / name).write_text("mine\n")
+    (out / "samples" / "epoch0000.png").write_text("mine\n")
+    before = {p: p.read_text() for p in out.rglob("*") if p.is_file()}
+    r = train(packed("png"), out, "--epochs", 1)
+    assert r.exit_code == 1
+    line = one_error_line(r)
+    assert f"{out} already holds {', '.join(names)}" in line and "another --out" in line
+    assert {p: p.read_text() for p in out.rglob("*") if p.is_file()} == before
