@@ -241,7 +241,8 @@ def _failure(e: Exception, out: str) -> str | None:
         return (f"a data loader worker process died ({_first_line(dead)}); the system may have "
                 "run out of memory (see `dmesg`): lower --workers or --batch-size, then "
                 "continue with --resume")
-    if not isinstance(e, OSError):
+    e = _write_error(e)
+    if e is None:
         return None
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         then = ("continue with --resume" if (Path(out) / "last.pt").exists()
@@ -251,6 +252,22 @@ def _failure(e: Exception, out: str) -> str | None:
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return f"cannot write {e.filename or out}: {e.strerror}; choose another --out"
     return f"{e.filename}: {e.strerror}" if e.filename else str(e)
+
+
+# A failed write's errors, which _failure also finds under another exception
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _write_error(e: BaseException) -> OSError | None:
+    """``e`` if it is an OSError, else a failed write's OSError that ``e`` was raised from
+    or while handling: a disk that fills during torch.save raises ENOSPC inside its zip
+    writer, whose cleanup then fails with a RuntimeError ("unexpected pos") hiding it. Only
+    write errors: a bug raised while handling, say, a FileNotFoundError keeps its
+    traceback."""
+    if isinstance(e, OSError):
+        return e
+    return next((c for c in _chain(e) if isinstance(c, OSError) and c.errno in WRITE_ERRNOS),
+                None)
 
 
 def _write_failure(e: OSError, dst: str, what: str = "OUTPUT") -> str:
@@ -265,22 +282,31 @@ def _write_failure(e: OSError, dst: str, what: str = "OUTPUT") -> str:
     return f"cannot write {where}: {e.strerror or e}"
 
 
-def _dead_worker(e: BaseException | None, depth: int = 0) -> BaseException | None:
+def _chain(e: BaseException | None, depth: int = 0):
+    """``e`` and the exceptions it was raised from or while handling, depth first."""
+    if e is None or depth > 8:
+        return
+    yield e
+    yield from _chain(e.__cause__, depth + 1)
+    yield from _chain(e.__context__, depth + 1)
+
+
+def _dead_worker(e: BaseException | None) -> BaseException | None:
     """The exception saying that a loader worker died: ``e``, or one it was raised from or
     while handling (PyTorch's SIGCHLD handler raises wherever the main thread is, e.g. in
     the middle of torch.save, whose cleanup then fails with an error of its own)."""
+    return next((c for c in _chain(e) if _is_dead_worker(c)), None)
+
+
+def _is_dead_worker(e: BaseException) -> bool:
     from srdata._proc import WorkerDied
-    if e is None or depth > 8:
-        return None
     if isinstance(e, (WorkerDied, ConnectionError)):
-        return e  # ConnectionError: the pipe to a worker broke (the only sockets we use)
+        return True  # ConnectionError: the pipe to a worker broke (the only sockets we use)
     # torch: "DataLoader worker (pid(s) N) exited unexpectedly" or "... is killed by signal";
     # DALI's pool: "Worker data receiving interrupted" when one of its processes is gone
-    if isinstance(e, RuntimeError) and (
-            re.search(r"DataLoader worker \(pid.*(exited unexpectedly|killed by signal)", str(e))
-            or "Worker data receiving interrupted" in str(e)):
-        return e
-    return _dead_worker(e.__cause__, depth + 1) or _dead_worker(e.__context__, depth + 1)
+    return isinstance(e, RuntimeError) and bool(
+        re.search(r"DataLoader worker \(pid.*(exited unexpectedly|killed by signal)", str(e))
+        or "Worker data receiving interrupted" in str(e))
 
 
 def _first_line(e: Exception) -> str:

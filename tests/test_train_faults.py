@@ -352,3 +352,29 @@ def test_a_fresh_run_never_writes_over_a_runs_files(packed, tmp_path, names):
     line = one_error_line(r)
     assert f"{out} already holds {', '.join(names)}" in line and "another --out" in line
     assert {p: p.read_text() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_disk_full_under_the_zip_writers_error_gets_a_message(packed, tmp_path,
+                                                                monkeypatch):
+    from srdata.format import atomic_file
+    db, out = packed("png"), tmp_path / "run"
+    real, saves = checkpoint.save, []
+
+    def save(path, state):  # the second save: ENOSPC part-way, hidden by torch's zip writer
+        saves.append(path.name)
+        if len(saves) < 2:
+            return real(path, state)
+        with atomic_file(path, "wb") as f:
+            f.write(b"PK part of a checkpoint")
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected "
+                                   "pos 4160 vs 4096")
+    monkeypatch.setattr(checkpoint, "save", save)
+    r = train(db, out, "--epochs", 2, "--save-every", 2, "--val-every", 5)
+    assert r.exit_code == 1 and saves == ["last.pt"] * 2
+    line = one_error_line(r)
+    assert "no space left on the device" in line and "--resume" in line
+    assert checkpoint.load(out / "last.pt")["step"] == 2  # the old one, whole
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
