@@ -146,6 +146,7 @@ def main(ctx, db, compile_, quiet, scale, **opts):
     _check(cfg)
     _check_out(cfg.out)
     from .train import TrainingError, train
+    last = _stamp(Path(cfg.out) / "last.pt")
     try:
         result = train(cfg)
     except (ValueError, DBError, TrainingError, ImportError) as e:
@@ -165,9 +166,31 @@ def main(ctx, db, compile_, quiet, scale, **opts):
             raise  # a bug: keep its traceback
         raise click.ClickException(message) from None
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted: saved {cfg.out}/last.pt; continue with --resume", err=True)
+        click.echo(f"\n{_interrupted(cfg.out, last)}", err=True)
         sys.exit(130)
     click.echo(json.dumps(result))
+
+
+def _stamp(path: Path) -> tuple | None:
+    """What tells one version of ``path`` from another (a checkpoint is replaced by a
+    rename: a new inode); None if there is none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _interrupted(out: str, before: tuple | None) -> str:
+    """What a Ctrl-C left: ``before``, the ``_stamp`` of OUT/last.pt when the run began."""
+    last = Path(out) / "last.pt"
+    now = _stamp(last)
+    if now is None:
+        return (f"interrupted before the first checkpoint: there is nothing in {out} to "
+                "resume; run it again to start over")
+    if now != before:
+        return f"interrupted: saved {last}; continue with --resume"
+    return f"interrupted before a new checkpoint: {last} is as it was; continue with --resume"
 
 
 def _patch_schedule(ctx, opts: dict) -> None:

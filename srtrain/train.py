@@ -480,11 +480,13 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
+        # measured before the run writes anything: Ctrl-C in it leaves --out as it was
+        profile = self.profile() if cfg.profile_loader else None
         self.out.mkdir(parents=True, exist_ok=True)
         if self.d.main:
             write_json_atomic(self.out / "config.json", cfg.to_dict(), indent=2)
-        if cfg.profile_loader:
-            self.log({"event": "profile", **self.profile()})
+        if profile is not None:
+            self.log({"event": "profile", **profile})
         self.loader_start = self.loader.epoch
         result = {}
         try:

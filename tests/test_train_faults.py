@@ -378,3 +378,24 @@ def test_a_disk_full_under_the_zip_writers_error_gets_a_message(packed, tmp_path
     assert "no space left on the device" in line and "--resume" in line
     assert checkpoint.load(out / "last.pt")["step"] == 2  # the old one, whole
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(packed, tmp_path,
+                                                                  monkeypatch):
+    from srtrain import train as train_mod
+    db, out = packed("png"), tmp_path / "run"
+
+    def interrupt(self, *args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_mod.Trainer, "profile", interrupt)
+    r = train(db, out, "--epochs", 1, "--profile-loader")
+    assert r.exit_code == 130 and "saved" not in r.output, r.output
+    assert "interrupted before the first checkpoint" in r.output
+    assert not (out / "last.pt").exists()
+    monkeypatch.undo()
+    assert train(db, out, "--epochs", 1).exit_code == 0  # nothing left in the way
+
+    monkeypatch.setattr(train_mod.Trainer, "profile", interrupt)
+    r = train(db, out, "--epochs", 2, "--profile-loader", "--resume")
+    assert r.exit_code == 130 and "saved" not in r.output, r.output
+    assert f"{out / 'last.pt'} is as it was; continue with --resume" in r.output
