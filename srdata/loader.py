@@ -33,10 +33,30 @@ from .schedule import PatchSchedule
 LOADERS = ("dali", "torch")
 
 
-def resolve_device(device) -> torch.device:
+def parse_device(device) -> torch.device:
+    """``device`` (a name such as ``"cuda:1"``, a torch.device, or None: cuda if there is
+    a GPU, else cpu) as a torch.device, checked without starting CUDA: ValueError for a
+    name torch does not know or a CUDA device that is not there."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"got device {str(device)!r}, expected cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise ValueError(f"got device {str(device)!r}, but no CUDA GPU is visible to "
+                             "torch here; use cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"got device {str(device)!r}, but only {count} CUDA GPU(s) are "
+                             f"visible (cuda:0 to cuda:{count - 1})")
+    return parsed
+
+
+def resolve_device(device) -> torch.device:
+    """``parse_device``, with a CUDA device's index filled in (the current one)."""
+    device = parse_device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device

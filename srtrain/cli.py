@@ -142,6 +142,7 @@ def main(ctx, db, compile_, quiet, scale, **opts):
         raise click.UsageError("--db is required to train (or name a sub-command: upscale, "
                                "export, demo)")
     _patch_schedule(ctx, opts)
+    _device(opts["device"])
     cfg = TrainConfig(db=db, compile=compile_, progress=not quiet, scale=int(scale), **opts)
     _check(cfg)
     _check_out(cfg.out)
@@ -241,6 +242,15 @@ def _check(cfg: TrainConfig) -> None:
                                  f"{cfg.db} ({short} px short side); use --patch "
                                  f"{short - short % cfg.scale} or less, or pack with "
                                  f"--min-size {cfg.patch}", param_hint="--patch")
+
+
+def _device(name: str | None) -> torch.device:
+    """--device as torch.device, or one line naming what is wrong with it."""
+    from srdata.loader import parse_device
+    try:
+        return parse_device(name)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--device") from None
 
 
 def _check_out(out: str) -> None:
@@ -354,7 +364,7 @@ def _first_line(e: Exception) -> str:
 def upscale_cmd(ckpt, src, dst, tile, overlap, device, ema, overwrite, quiet):
     """Upscale the image or folder INPUT into OUTPUT with a trained model (fp16 on a GPU)."""
     from . import checkpoint, upscale
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(device)
     try:
         model = checkpoint.load_model(ckpt, ema=ema).to(device)
         r = upscale.upscale_path(model, src, dst, tile=tile, overlap=overlap, device=device,

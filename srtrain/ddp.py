@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from srdata.loader import parse_device
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -32,10 +34,8 @@ def setup(device: str | None) -> tuple[Dist, torch.device]:
     """Join the process group torchrun describes; the device this process trains on."""
     d = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
              int(os.environ.get("LOCAL_RANK", 0)))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
+    dev = parse_device(device)
+    if dev.type == "cuda":  # torchrun's process N trains on GPU N, whatever index was given
         dev = torch.device("cuda", d.local_rank if d.enabled else (dev.index or 0))
         torch.cuda.set_device(dev)
     if d.enabled and not dist.is_initialized():

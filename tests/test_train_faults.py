@@ -399,3 +399,22 @@ def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(packed, tmp_p
     r = train(db, out, "--epochs", 2, "--profile-loader", "--resume")
     assert r.exit_code == 130 and "saved" not in r.output, r.output
     assert f"{out / 'last.pt'} is as it was; continue with --resume" in r.output
+
+
+@pytest.mark.parametrize("device, message", [
+    ("foo", "got device 'foo', expected cpu, cuda or cuda:N"),
+    ("cuda", "got device 'cuda', but no CUDA GPU is visible"),
+    ("cuda:1", "got device 'cuda:1', but no CUDA GPU is visible"),
+])
+def test_a_bad_device_is_named(packed, tmp_path, monkeypatch, image_dir, device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only torch
+    r = train(packed("png"), tmp_path / "run", "--epochs", 1, "--device", device)
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert f"Error: Invalid value for --device: {message}" in r.output, r.output
+    assert not (tmp_path / "run").exists()
+    ckpt = tmp_path / "any.pt"
+    ckpt.write_bytes(b"")
+    r = CliRunner().invoke(main, ["upscale", "--ckpt", str(ckpt), str(image_dir),
+                                  str(tmp_path / "big"), "--device", device, "-q"])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert f"Error: Invalid value for --device: {message}" in r.output, r.output
