@@ -12,6 +12,7 @@ from contextlib import contextmanager, nullcontext, suppress
 import json
 import math
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -284,6 +285,9 @@ def train(cfg: TrainConfig) -> dict:
 # to another run's files.
 RUN_FILES = ("last.pt", "best.pt", "config.json", "metrics.jsonl", "samples", "tb")
 LOCK = ".lock"
+# format.atomic_file's temporary copies of the files a run replaces whole: a run killed
+# while saving leaves one behind (a checkpoint's size, hundreds of MB for esrgan)
+PARTIAL = re.compile(r"\.(last\.pt|best\.pt|config\.json)\.tmp-\d+\Z")
 
 
 @contextmanager
@@ -302,6 +306,7 @@ def run_lock(out: Path, main: bool = True):
         who = f"pid {holder}" if holder else "another process"
         raise ValueError(f"another run ({who}) is training in {out}; wait for it to finish "
                          "or stop it, or choose another --out")
+    _sweep_partial(out)
     try:
         yield
     finally:
@@ -309,6 +314,15 @@ def run_lock(out: Path, main: bool = True):
         if made:
             with suppress(OSError):  # not empty: the run wrote its files
                 out.rmdir()
+
+
+def _sweep_partial(out: Path) -> None:
+    """Remove the temporary files of saves that never finished: under OUT/.lock no other
+    run is writing them."""
+    for entry in os.scandir(out):
+        if PARTIAL.match(entry.name) and entry.is_file(follow_symlinks=False):
+            with suppress(OSError):
+                os.unlink(entry.path)
 
 
 def check_fresh_out(out: Path) -> None:

@@ -418,3 +418,21 @@ def test_a_bad_device_is_named(packed, tmp_path, monkeypatch, image_dir, device,
                                   str(tmp_path / "big"), "--device", device, "-q"])
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     assert f"Error: Invalid value for --device: {message}" in r.output, r.output
+
+
+def test_the_next_run_removes_what_killed_saves_left(packed, tmp_path):
+    """kill -9 during a save leaves OUT/.last.pt.tmp-PID, a whole checkpoint's size, which
+    nothing removed; the next run in OUT (holding its lock) does, and only those."""
+    db, out = packed("png"), tmp_path / "run"
+    assert train(db, out, "--epochs", 1).exit_code == 0
+    partial = [out / ".last.pt.tmp-4242", out / ".best.pt.tmp-17", out / ".config.json.tmp-9"]
+    for p in partial:
+        p.write_bytes(b"\0" * 1000)
+    kept = [out / ".last.pt.tmp-notes", out / "last.pt.tmp-5"]
+    for p in kept:
+        p.write_text("mine")
+    (out / ".best.pt.tmp-18").mkdir()  # not a file a save writes
+    r = train(db, out, "--epochs", 2, "--resume")
+    assert r.exit_code == 0, r.output
+    assert not any(p.exists() for p in partial)
+    assert all(p.read_text() == "mine" for p in kept) and (out / ".best.pt.tmp-18").is_dir()
