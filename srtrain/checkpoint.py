@@ -7,6 +7,7 @@ strings, lists and dicts, so it loads without unpickling arbitrary objects.
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -28,8 +29,13 @@ def load(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"no checkpoint at {path}") from None
+    except pickle.UnpicklingError:
+        # torch's own text advises weights_only=False, which runs whatever the file holds
+        raise ValueError(f"{path} is not an srtrain checkpoint: torch cannot read it as "
+                         "tensors and plain data (another kind of file, a damaged one, or one "
+                         "holding code objects)") from None
     except Exception as e:  # torch raises several types for damaged or foreign files
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+        raise ValueError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise ValueError(f"{path} is not an srtrain checkpoint (no model or config in it)")
     return state

@@ -211,6 +211,14 @@ def test_database_and_resume_mistakes(packed, tmp_path):
     assert r.exit_code == 1 and "--seed: checkpoint 0, now 3" in r.output
     r = train(packed("png"), tmp_path / "empty", "--resume")
     assert r.exit_code == 1 and "no checkpoint" in r.output
+    # not a checkpoint: one line, and not torch's advice to load it unsafely
+    for name, data in (("config.json", b'{"a": 1}'), ("noise.pt", bytes(range(256)) * 8)):
+        (tmp_path / name).write_bytes(data)
+        r = CliRunner().invoke(main, ["export", "--ckpt", str(tmp_path / name),
+                                      str(tmp_path / "net.pth")])
+        assert r.output == (f"Error: {tmp_path / name} is not an srtrain checkpoint: torch "
+                            "cannot read it as tensors and plain data (another kind of file, "
+                            "a damaged one, or one holding code objects)\n"), r.output
 
 
 def test_out_of_memory_suggests_a_smaller_batch(packed, tmp_path, monkeypatch):
