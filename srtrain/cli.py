@@ -279,12 +279,22 @@ def _failure(e: Exception, out: str) -> str | None:
         return None
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         then = ("continue with --resume" if (Path(out) / "last.pt").exists()
-                else "start again")
+                else _start_again(Path(out)))
         return (f"no space left on the device to write {e.filename or out}; free some space, "
                 f"then {then}")
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return f"cannot write {e.filename or out}: {e.strerror}; choose another --out"
     return f"{e.filename}: {e.strerror}" if e.filename else str(e)
+
+
+def _start_again(out: Path) -> str:
+    """How to start over after a run that saved no checkpoint: a fresh run refuses a folder
+    holding a run's files (srtrain.train.check_fresh_out)."""
+    from .train import RUN_FILES
+    left = [n for n in RUN_FILES if os.path.lexists(out / n)]
+    if not left:
+        return "start again"
+    return f"start again with another --out (or move {', '.join(left)} out of {out})"
 
 
 # A failed write's errors, which _failure also finds under another exception

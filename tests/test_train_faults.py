@@ -148,7 +148,9 @@ def test_a_full_disk_gets_a_message_and_leaves_the_last_checkpoint(packed, tmp_p
     assert r.exit_code == 1
     line = one_error_line(r)
     assert f"no space left on the device to write {out / 'metrics.jsonl'}" in line
-    assert "start again" in line  # no last.pt to resume from
+    # no last.pt to resume from, and a fresh run refuses the stopped run's files
+    assert line.endswith(f"then start again with another --out (or move config.json, "
+                         f"metrics.jsonl out of {out})")
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
 
