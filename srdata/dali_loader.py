@@ -151,14 +151,30 @@ class DaliLoader(Loader):
         self._pipe, self._pipe_at = None, None  # the pipeline and the (epoch, batch) it is at
         self._watching = False
         self._pipe_sampler = None  # the sampler (patch, batch size) the pipeline was built for
+        # Real-ESRGAN's noise is drawn by DALI's generators, whose state is the pipeline's:
+        # a resume restores it from a checkpoint of the pipeline (DALI's own), which also
+        # holds where the source stood, so the source is built as it was then
+        self._rng = lr is None and degradation == "realesrgan"
+        self._origin = None  # (first epoch, rows skipped) the source was built with
+        self._pos = None  # the (epoch, batch) the pipeline's next output is
+        self._restore = None  # a loaded state's pipeline checkpoint, for the next build
 
     def _build(self, epoch: int, start: int):
         s, gpu = self.sampler, self.device.type == "cuda"
+        # a loaded state's checkpoint, or the old pipeline's where it stands (an iteration
+        # broken off and started again)
+        r, self._restore, rng = self._restore or self._snapshot(), None, {}
         self._pipe = None  # a stage switch: let the old pipeline and its workers go first
-        skip, padded = start * s.batch_size, len(s) * s.batch_size
+        first, skip, padded = epoch, start * s.batch_size, len(s) * s.batch_size
+        if self._rng:
+            rng["enable_checkpointing"] = True
+            if r is not None and r["at"] == [epoch, start] and \
+                    r["sampler"] == [s.patch, s.batch_size]:
+                first, skip = r["first_epoch"], r["skip"]
+                rng["checkpoint"] = r["checkpoint"]
         if self.lr is None:
             real = self.degradation == "realesrgan"
-            source = PatchSource(self.db, s, epoch, skip, padded, self.scale if real else 0)
+            source = PatchSource(self.db, s, first, skip, padded, self.scale if real else 0)
             build = _sr_pipeline(source, self.db.codec == "raw", s.patch, self.scale, gpu,
                                  self.roi_decode, self.workers, self.dec, self.degradation)
         else:
@@ -168,9 +184,10 @@ class DaliLoader(Loader):
                                      self.dec)
         pipe = build(batch_size=s.batch_size, num_threads=self.threads,
                      device_id=self.device.index if gpu else None, prefetch_queue_depth=2,
-                     seed=s.seed)
+                     seed=s.seed, **rng)
         pipe.build()
         self._pipe, self._pipe_sampler = pipe, s
+        self._origin, self._pos = (first, skip), (epoch, start)
         if not self._watching:
             raise_when_a_worker_dies(self, _dead_worker)
             self._watching = True
@@ -190,12 +207,36 @@ class DaliLoader(Loader):
             except Exception as e:  # DALI raises several types; name the bad record
                 raise self._explain(epoch, b, e) from e
             n = min(s.batch_size, s.per_rank - b * s.batch_size)
+            self._pos = (epoch, b + 1)
             yield self._to_torch(lr, n), self._target(self._to_torch(hr, n, output=False))
         try:
             pipe.run()  # the source's StopIteration: DALI's end of epoch
         except StopIteration:
             pipe.reset()
-            self._pipe_at = (epoch + 1, 0)
+            self._pipe_at = self._pos = (epoch + 1, 0)
+
+    def _snapshot(self) -> dict | None:
+        """The pipeline's checkpoint and what its source was built with, when it stands at
+        (epoch, batch) for this sampler; None when it does not, or draws nothing random."""
+        s = self.sampler
+        if not (self._rng and self._pipe is not None and self._pipe_sampler is s
+                and self._pos == (self.epoch, self.batch)):
+            return None
+        return {"checkpoint": self._pipe.checkpoint(), "at": [self.epoch, self.batch],
+                "sampler": [s.patch, s.batch_size], "first_epoch": self._origin[0],
+                "skip": self._origin[1]}
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        snap = self._snapshot()
+        if snap is not None:
+            state["dali"] = snap
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._restore = state.get("dali") if self._rng else None
+        self._pipe_at = None  # the next iteration builds the pipeline, from it if it fits
 
     def _to_torch(self, tl, n: int, output: bool = True) -> torch.Tensor:
         t = tl.as_tensor()
