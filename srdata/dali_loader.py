@@ -10,6 +10,8 @@ database the source hands over both records and the graph decodes and cuts both,
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -182,10 +184,22 @@ class DaliLoader(Loader):
             build = _paired_pipeline(source, self.db.codec == "raw", self.lr.codec == "raw",
                                      s.patch, self.scale, gpu, self.roi_decode, self.workers,
                                      self.dec)
-        pipe = build(batch_size=s.batch_size, num_threads=self.threads,
-                     device_id=self.device.index if gpu else None, prefetch_queue_depth=2,
-                     seed=s.seed, **rng)
-        pipe.build()
+        args = dict(batch_size=s.batch_size, num_threads=self.threads,
+                    device_id=self.device.index if gpu else None, prefetch_queue_depth=2,
+                    seed=s.seed)
+        try:
+            pipe = build(**args, **rng)
+            pipe.build()
+        except RuntimeError as e:
+            if not rng or "checkpoint" not in str(e).lower():
+                raise
+            # a DALI build whose operators cannot all be checkpointed (checked on the CPU
+            # only): train on, with a resume exact but for the noise, as before
+            warnings.warn(f"DALI cannot checkpoint this pipeline ({str(e).splitlines()[0]}); "
+                          "a resumed run's Real-ESRGAN noise will differ from an "
+                          "uninterrupted run's", stacklevel=2)
+            self._rng = False
+            return self._build(epoch, start)  # the source too as without a checkpoint
         self._pipe, self._pipe_sampler = pipe, s
         self._origin, self._pos = (first, skip), (epoch, start)
         if not self._watching:

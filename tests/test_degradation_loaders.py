@@ -132,6 +132,31 @@ def test_realesrgan_resume_is_exact(packed, loader):
     assert not np.array_equal(first[0][1], rest[0][1])
 
 
+@pytest.mark.dali
+def test_a_pipeline_dali_cannot_checkpoint_still_trains(packed, monkeypatch):
+    """Checkpointing is checked on the CPU only: should a GPU build refuse it, training goes
+    on (with a warning that resumed noise will differ), from the right batch."""
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali.pipeline import Pipeline
+
+    from srdata import dali_loader
+    real = Pipeline.build
+
+    def refuse(self):
+        if self._enable_checkpointing:
+            raise RuntimeError("Checkpointing is not implemented for this operator")
+        return real(self)
+    path, kw = packed("png"), KW | {"batch_size": 2}
+    want = batches(srdata.make_loader(path, "torch", **kw, degradation="realesrgan"), 3)[2]
+    monkeypatch.setattr(Pipeline, "build", refuse)
+    lo = srdata.make_loader(path, "dali", **kw, degradation="realesrgan")
+    lo.load_state_dict(lo.state_dict() | {"batch": 2})
+    with pytest.warns(UserWarning, match="DALI cannot checkpoint this pipeline"):
+        got = batches(lo, 1)[0]
+    assert np.array_equal(got[1], want[1]) and not lo._rng
+    assert isinstance(lo, dali_loader.DaliLoader)
+
+
 def test_validation_lr_is_fixed_per_image_and_baseline_is_its_bicubic(packed):
     from srtrain import metrics
     from srtrain.validate import ValSet
