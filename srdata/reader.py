@@ -164,6 +164,6 @@ def open_db(path: str | os.PathLike):
     p = Path(path)
     if (p / fmt.MANIFEST).is_file():
         return PackedDB(p)
-    if (p / META).is_file() and (p / "data.mdb").is_file():
-        return BasicSRDB(p)
+    if (p / META).is_file() or (p / "data.mdb").is_file():
+        return BasicSRDB(p)  # its error names the file a BasicSR LMDB lacks
     return PackedDB(p)  # its error names the path and says how to pack

@@ -61,6 +61,9 @@ def test_missing_meta(basicsr_db):
     (path / "meta_info.txt").unlink()
     with pytest.raises(DBError, match=r"meta_info\.txt is missing"):
         BasicSRDB(path)
+    # what a user opens: not "not an srpipe database (no manifest.json)"
+    with pytest.raises(DBError, match=r"is not a BasicSR LMDB: .*meta_info\.txt is missing"):
+        open_db(path)
 
 
 def test_missing_data_mdb(basicsr_db):
