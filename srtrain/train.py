@@ -347,6 +347,9 @@ class Trainer:
         state = self._resume_state()
         torch.manual_seed(cfg.seed)
         db = open_db(cfg.db)
+        if cfg.lr_db and cfg.degradation != "nn":  # the loader says so in its own words
+            raise ValueError(f"--degradation {cfg.degradation} makes LR from HR, but --lr-db "
+                             "brings its own LR; drop --degradation (or --lr-db)")
         if cfg.lr_db and cfg.val_degradation not in (None, "nn"):
             raise ValueError("--val-degradation makes LR from HR, but with --lr-db validation "
                              "uses the paired LR images; drop --val-degradation")
