@@ -187,4 +187,4 @@ def test_srtrain_degradation_options(packed, tmp_path):
     r = train(db, tmp_path / "b", *tiny, "--degradation", "box")
     assert r.exit_code == 2 and "'box' is not one of 'nn', 'bicubic', 'realesrgan'" in r.output
     r = train(db, tmp_path / "c", *tiny, "--lr-db", db, "--degradation", "bicubic")
-    assert r.exit_code == 1 and "paired database brings its own LR" in r.output
+    assert r.exit_code == 1 and "--lr-db brings its own LR; drop --degradation" in r.output
