@@ -280,10 +280,9 @@ def _failure(e: Exception, out: str) -> str | None:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         then = ("continue with --resume" if (Path(out) / "last.pt").exists()
                 else _start_again(Path(out)))
-        return (f"no space left on the device to write {e.filename or out}; free some space, "
-                f"then {then}")
-    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return f"cannot write {e.filename or out}: {e.strerror}; choose another --out"
+        return f"{_write_failure(e, out, '--out')}, then {then}"
+    if e.errno in WRITE_ERRNOS:  # read-only, not permitted
+        return _write_failure(e, out, "--out")
     return f"{e.filename}: {e.strerror}" if e.filename else str(e)
 
 
@@ -314,7 +313,9 @@ def _write_error(e: BaseException) -> OSError | None:
 
 
 def _write_failure(e: OSError, dst: str, what: str = "OUTPUT") -> str:
-    """One line for a sub-command's failed write to ``dst``, the argument ``what``."""
+    """One line for a failed write to ``dst``, the argument ``what`` (a sub-command's
+    OUTPUT, or --out; the trainer's _failure words a full disk and a read-only folder
+    with it)."""
     where = e.filename or dst
     if e.errno in (errno.EEXIST, errno.ENOTDIR):  # making a folder where a file is
         return f"cannot make the folder {where}: a file is in the way; choose another {what}"
