@@ -289,8 +289,8 @@ def _failure(e: Exception, out: str) -> str | None:
 def _start_again(out: Path) -> str:
     """How to start over after a run that saved no checkpoint: a fresh run refuses a folder
     holding a run's files (srtrain.train.check_fresh_out)."""
-    from .train import RUN_FILES
-    left = [n for n in RUN_FILES if os.path.lexists(out / n)]
+    from .train import run_files
+    left = run_files(out)
     if not left:
         return "start again"
     return f"start again with another --out (or move {', '.join(left)} out of {out})"

@@ -325,9 +325,14 @@ def _sweep_partial(out: Path) -> None:
                 os.unlink(entry.path)
 
 
+def run_files(out: Path) -> list[str]:
+    """The RUN_FILES names ``out`` holds."""
+    return [n for n in RUN_FILES if os.path.lexists(out / n)]
+
+
 def check_fresh_out(out: Path) -> None:
     """A run without --resume starts only in a folder that holds no run's files."""
-    there = [n for n in RUN_FILES if os.path.lexists(out / n)]
+    there = run_files(out)
     if not there:
         return
     if "last.pt" in there:
