@@ -30,15 +30,25 @@ def load(path: Path) -> dict:
     except FileNotFoundError:
         raise ValueError(f"no checkpoint at {path}") from None
     except pickle.UnpicklingError:
-        # torch's own text advises weights_only=False, which runs whatever the file holds
         raise ValueError(f"{path} is not an srtrain checkpoint: torch cannot read it as "
                          "tensors and plain data (another kind of file, a damaged one, or one "
                          "holding code objects)") from None
     except Exception as e:  # torch raises several types for damaged or foreign files
-        raise ValueError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"cannot read checkpoint {path}: "
+                         f"{load_error(e) or type(e).__name__}") from None
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise ValueError(f"{path} is not an srtrain checkpoint (no model or config in it)")
     return state
+
+
+def load_error(e: Exception) -> str:
+    """Why torch.load(weights_only=True) failed, in one line ("" if it does not say). An
+    UnpicklingError's own text advises weights_only=False, which runs whatever the file
+    holds: it is not passed on."""
+    if isinstance(e, pickle.UnpicklingError):
+        return "not tensors and plain data"
+    lines = str(e).splitlines()
+    return lines[0] if lines else ""
 
 
 def nonfinite(state_dict: dict) -> list[str]:

@@ -13,13 +13,14 @@ trainer checkpoints (``model``) and plain or DDP (``module.``-prefixed) state di
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn import init
+
+from .checkpoint import load_error
 
 SCALES = (2, 3, 4)
 
@@ -200,11 +201,8 @@ def _read(source, what: str) -> tuple[Mapping, str]:
     try:
         ckpt = torch.load(name, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and OS errors all mean: not loadable weights
-        # an UnpicklingError's text advises weights_only=False, which runs what the file holds
-        why = ("not tensors and plain data" if isinstance(e, pickle.UnpicklingError)
-               else str(e).splitlines()[0] if str(e) else "")
         raise ValueError(f"cannot read {what} from {name}: not a readable torch checkpoint "
-                         f"({type(e).__name__}: {why})") from e
+                         f"({type(e).__name__}: {load_error(e)})") from e
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{what} file {name} holds a {type(ckpt).__name__}, not a state dict")
     return ckpt, name

@@ -221,6 +221,17 @@ def test_database_and_resume_mistakes(packed, tmp_path):
                             "a damaged one, or one holding code objects)\n"), r.output
 
 
+def test_a_checkpoint_error_without_words_is_named_by_its_type(tmp_path, monkeypatch):
+    """Its first line was taken from an empty message: an IndexError inside the handler."""
+    from srtrain import checkpoint
+
+    def fails(*args, **kwargs):
+        raise RuntimeError()
+    monkeypatch.setattr(torch, "load", fails)
+    with pytest.raises(ValueError, match=r"cannot read checkpoint .*x\.pt: RuntimeError$"):
+        checkpoint.load(tmp_path / "x.pt")
+
+
 def test_out_of_memory_suggests_a_smaller_batch(packed, tmp_path, monkeypatch):
     from srtrain import train as train_mod
 
