@@ -1,5 +1,6 @@
 import itertools
 import os
+import subprocess
 from pathlib import Path
 
 import cv2
@@ -32,6 +33,18 @@ def one_error_line(result):
     assert "Traceback" not in result.output and len(lines) == 1, result.output
     assert lines[0].startswith("Error: "), result.output
     return lines[0]
+
+
+def read_only_folder(path):
+    """``path`` made as a folder nothing can be written in; returns the command undoing it."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        return ["chmod", "755", str(path)]
+    # root writes through permissions, not into an immutable folder
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+        pytest.skip("root, and chattr cannot make a read-only folder here")
+    return ["chattr", "-i", str(path)]
 
 
 def make_images(root, sizes, exts=(".png", ".jpg"), seed=0):

@@ -1,6 +1,5 @@
 import errno
 import json
-import os
 import re
 import subprocess
 
@@ -8,7 +7,7 @@ import cv2
 import pytest
 from click.testing import CliRunner
 
-from conftest import one_error_line
+from conftest import one_error_line, read_only_folder
 from srtrain import demo as demo_mod
 from srtrain.cli import main
 from srtrain.demo import MARK, DemoError, describe_device, prepare_out, resolve_loader
@@ -119,18 +118,6 @@ def test_never_deletes_a_users_folder_whose_names_match_the_demos(tmp_path):
         "srpipe demo: pack -> load -> train -> validate, on scikit-image's sample photos\n")
     prepare_out(tmp_path / "old", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "old").iterdir()) == [MARK]
-
-
-def read_only_folder(path):
-    """``path`` made as a folder nothing can be written in; returns the command undoing it."""
-    path.mkdir()
-    if os.geteuid() != 0:
-        path.chmod(0o555)
-        return ["chmod", "755", str(path)]
-    # root writes through permissions, not into an immutable folder
-    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
-        pytest.skip("root, and chattr cannot make a read-only folder here")
-    return ["chattr", "-i", str(path)]
 
 
 def test_write_failures_are_one_line(tmp_path, monkeypatch):

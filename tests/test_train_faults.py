@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import one_error_line
+from conftest import one_error_line, read_only_folder
 from srtrain import checkpoint
 from srtrain.cli import main
 
@@ -161,14 +161,7 @@ def test_an_unwritable_out_is_named_before_any_work(packed, tmp_path):
     assert r.exit_code == 2 and "file is a file, so" in r.output and "--out" in r.output
     assert "Traceback" not in r.output
     ro = tmp_path / "ro"
-    ro.mkdir()
-    if os.geteuid() == 0:  # root writes through permissions, not into an immutable folder
-        if subprocess.run(["chattr", "+i", str(ro)], capture_output=True).returncode:
-            pytest.skip("root, and chattr cannot make a read-only folder here")
-        undo = ["chattr", "-i", str(ro)]
-    else:
-        ro.chmod(0o555)
-        undo = ["chmod", "755", str(ro)]
+    undo = read_only_folder(ro)
     try:
         r = train(packed("png"), ro / "run", "--epochs", 1)
     finally:
