@@ -195,6 +195,13 @@ def _owner(temp):
     return p, Path(p.stdout.readline().strip())
 
 
+def _aged(path: Path) -> Path:
+    """``path`` dated before a sweep's grace (GRACE_SECONDS), so a sweep looks at it."""
+    long_ago = time.time() - 2 * handoff.GRACE_SECONDS
+    os.utime(path, (long_ago, long_ago), follow_symlinks=False)
+    return path
+
+
 def test_files_of_killed_runs_are_swept_and_nothing_else(temp):
     """A run ended by SIGKILL or SIGTERM cannot remove its file; the next one does, and
     leaves a live run's file, a file just made, another machine's, an older version's and a
@@ -210,9 +217,8 @@ def test_files_of_killed_runs_are_swept_and_nothing_else(temp):
         users = temp / "users-file.flock.pkl"
         for path in (just_made, other_host, older_version, users):
             path.write_bytes(b"keep")
-        long_ago = time.time() - 2 * handoff.GRACE_SECONDS
         for path in (killed[1], terminated[1], live[1], other_host, older_version, users):
-            os.utime(path, (long_ago, long_ago))
+            _aged(path)
         assert killed[1].exists() and terminated[1].exists()
         pickle.dumps(Handoff([1]))  # a new run starts its workers
         assert not killed[1].exists() and not terminated[1].exists()
@@ -224,12 +230,6 @@ def test_files_of_killed_runs_are_swept_and_nothing_else(temp):
             p.kill()
             p.wait()
             p.stdout.close()
-
-
-def _aged(path: Path) -> Path:
-    long_ago = time.time() - 2 * handoff.GRACE_SECONDS
-    os.utime(path, (long_ago, long_ago), follow_symlinks=False)
-    return path
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
