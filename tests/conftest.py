@@ -35,6 +35,15 @@ def one_error_line(result):
     return lines[0]
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def this_tree(**extra) -> dict:
+    """The environment for a script run in a subprocess: it imports srpipe from this tree,
+    not from whatever is installed; ``extra``: more variables."""
+    return os.environ | {"PYTHONPATH": str(ROOT), **extra}
+
+
 def read_only_folder(path):
     """``path`` made as a folder nothing can be written in; returns the command undoing it."""
     path.mkdir()

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import this_tree
 from srdata import handoff
 from srdata.handoff import PREFIX, SUFFIX, Handoff
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _theirs():  # files of other programs in the temporary folder are none of our business
@@ -148,7 +147,7 @@ open({str(tmp_path / "data")!r}, "wb").write(pickle.dumps(h))
 subprocess.Popen([sys.executable, {str(script)!r}, {str(tmp_path / "data")!r}, "parent-ended",
                   str(__import__("os").getpid())], stdout=open({str(out)!r}, "w"),
                  stderr=subprocess.STDOUT)
-"""], env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
+"""], env=this_tree(), timeout=60)
     assert owner.returncode == 0
     deadline = time.time() + 30
     while time.time() < deadline and "exit" not in out.read_text():
@@ -159,7 +158,7 @@ subprocess.Popen([sys.executable, {str(script)!r}, {str(tmp_path / "data")!r}, "
     (tmp_path / "data").write_bytes(pickle.dumps(h))
     os.unlink(temp / _ours()[0])
     worker = subprocess.run([sys.executable, script, tmp_path / "data", "alive"],
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                            env=this_tree(), capture_output=True,
                             text=True, timeout=60)
     assert worker.returncode == 1 and "is gone (removed by a temporary-file cleaner?)" in \
         worker.stderr
@@ -191,7 +190,7 @@ time.sleep(120)
 def _owner(temp):
     """A process that owns a handoff file in ``temp``, as a training run: (process, path)."""
     p = subprocess.Popen([sys.executable, "-c", OWNER_SCRIPT], stdout=subprocess.PIPE, text=True,
-                         env=os.environ | {"TMPDIR": str(temp), "PYTHONPATH": str(ROOT)})
+                         env=this_tree(TMPDIR=str(temp)))
     return p, Path(p.stdout.readline().strip())
 
 

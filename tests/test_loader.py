@@ -1,15 +1,14 @@
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import srdata
-from conftest import corrupt_byte, make_basicsr_lmdb, make_images, run, to_format_v1
+from conftest import (corrupt_byte, make_basicsr_lmdb, make_images, run, this_tree,
+                      to_format_v1)
 from srdata import DBError, PackedDB
 from srdata.pack import PackConfig, pack
 from srdata.sampler import ID, crop_and_flip, nn_downscale
@@ -17,8 +16,6 @@ from srdata.sampler import ID, crop_and_flip, nn_downscale
 pytest.importorskip("nvidia.dali", reason="the parity tests need DALI: pip install '.[dali]'")
 pytestmark = pytest.mark.dali
 
-# scripts run in a subprocess import srdata from this tree, not from whatever is installed
-THIS_TREE = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 KW = dict(batch_size=4, patch_size=48, scale=4, seed=7, dtype=torch.uint8, workers=1,
           device="cpu")
 
@@ -210,7 +207,7 @@ def test_a_dropped_dali_loader_frees_its_workers(packed, tmp_path):
     script = tmp_path / "free.py"
     script.write_text(FREE_SCRIPT)
     done = subprocess.run([sys.executable, script, packed("jpeg")], capture_output=True,
-                          text=True, timeout=120, env=THIS_TREE)
+                          text=True, timeout=120, env=this_tree())
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["2", "0"], done.stderr[-3000:]
 
@@ -224,7 +221,7 @@ def test_a_loader_does_not_import_the_factory(module):
              "print(sorted(m for m in ('srdata.loader', 'srdata.torch_loader', "
              "'srdata.dali_loader') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                          timeout=60, env=THIS_TREE)
+                          timeout=60, env=this_tree())
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == [f"['{module}']"]
 
@@ -247,7 +244,7 @@ def test_torch_workers_survive_opencv_threads_in_the_parent(packed, tmp_path):
     script.write_text(HANG_SCRIPT)
     try:
         done = subprocess.run([sys.executable, script, packed("jpeg")], capture_output=True,
-                              text=True, timeout=60, env=THIS_TREE)
+                              text=True, timeout=60, env=this_tree())
     except subprocess.TimeoutExpired:
         pytest.fail("torch loader workers hung after OpenCV used threads in the parent")
     assert done.returncode == 0, done.stderr
@@ -304,7 +301,7 @@ def test_reading_images_leaves_the_process_safe_to_fork(tmp_path, codec):
     script.write_text(FORK_SCRIPT)
     try:
         done = subprocess.run([sys.executable, script, db], capture_output=True, text=True,
-                              timeout=60, env=THIS_TREE)
+                              timeout=60, env=this_tree())
     except subprocess.TimeoutExpired:
         pytest.fail("a process forked after reading images hung in cv2.setNumThreads")
     assert done.returncode == 0 and done.stdout.strip() == "forked child done", done.stderr

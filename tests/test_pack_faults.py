@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import make_images, one_error_line
+from conftest import make_images, one_error_line, this_tree
 from test_cli import SMALL, run
 from srdata import PackedDB
 from srdata.cli import main
@@ -24,7 +24,6 @@ from srdata.pack import Interrupted, PackError, pack
 from srdata.publish import recover_publish
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 
 
 def tree(root):
@@ -102,7 +101,7 @@ def test_second_pack_fails_fast_naming_the_first(image_dir, tmp_path, caplog, sm
         import time, srdata.pack as p
         p._pack_into = lambda *a, **k: time.sleep(300)
         p.pack({str(image_dir)!r}, {str(dst)!r}, p.PackConfig(), progress=False)
-        """)], env=ENV)
+        """)], env=this_tree())
     try:
         deadline = time.time() + 60
         while not list(tmp_path.glob(".db.partial-*")):
@@ -146,7 +145,7 @@ def kill_during_publish(dst, point):
     (new / "manifest.json").write_text((new / "manifest.json").read_text().replace(
         '"count"', '"new": 1, "count"'))
     proc = subprocess.run([sys.executable, "-c", KILLED_PUBLISH, str(dst), str(new), point],
-                          env=ENV, timeout=120)
+                          env=this_tree(), timeout=120)
     assert proc.returncode == -signal.SIGKILL
 
 
@@ -263,7 +262,7 @@ def test_disk_full_in_lmdb_write(image_dir, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "pack_lmdb.py"),
                            str(image_dir), str(tmp_path / "db"), "--size", "96",
                            "--min-size", "48", "--codec", "raw", "--workers", "1", "-q"],
-                          env=ENV, preexec_fn=limit, capture_output=True, text=True,
+                          env=this_tree(), preexec_fn=limit, capture_output=True, text=True,
                           timeout=120)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr

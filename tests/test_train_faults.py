@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import one_error_line, read_only_folder
+from conftest import one_error_line, read_only_folder, this_tree
 from srtrain import checkpoint
 from srtrain.cli import main
 
@@ -96,7 +96,7 @@ for loader, workers in (("torch", 1), ("dali", 0), ("torch", 0)):
 def test_a_script_on_standard_input_is_told_to_save_itself(packed):
     r = subprocess.run([sys.executable, "-", str(packed("png"))], input=STDIN_SCRIPT,
                        capture_output=True, text=True, timeout=120,
-                       env=os.environ | {"PYTHONPATH": str(ROOT)})
+                       env=this_tree())
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()
     assert lines[0].startswith("refused torch 1") and "standard input" in lines[0]
@@ -196,7 +196,7 @@ def start_training(db, out, loader):
     p = subprocess.Popen(srtrain_cmd(db, out, "--loader", loader, "--workers", 1, "--epochs",
                                      1000, "--log-every", 1),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+                         env=this_tree(OMP_NUM_THREADS="1"))
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.1)
