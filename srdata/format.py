@@ -47,6 +47,7 @@ import gc
 import hashlib
 import json
 import os
+import re
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -516,6 +517,12 @@ def atomic_file(path: Path, mode: str = "w"):
         if isinstance(e, OSError) and e.errno is not None:
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
+
+
+def atomic_temporaries(*names: str) -> str:
+    """A regular expression (unanchored) for the temporary files ``atomic_file`` writes
+    while it replaces files by these ``names``: what a run killed mid-write leaves."""
+    return r"\.(?:%s)\.tmp-\d+" % "|".join(re.escape(n) for n in names)
 
 
 def write_json_atomic(path: Path, obj, indent: int = 1) -> None:

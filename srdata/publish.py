@@ -135,8 +135,9 @@ def check_destination(dst: Path, overwrite: bool, src: Path | None = None) -> No
 
 
 # the files a pack writes, with format.atomic_file's temporary names (and older srpipe's)
-_DB_ENTRIES = re.compile(r"(manifest\.json|index\.(?:json|bin))(\.tmp)?\Z"
-                         r"|\.(manifest\.json|index\.(?:json|bin))\.tmp-\d+\Z|shard-\d{5}\Z")
+_DB_ENTRIES = re.compile(r"(manifest\.json|index\.(?:json|bin))(\.tmp)?\Z|"
+                         + fmt.atomic_temporaries("manifest.json", "index.json", "index.bin")
+                         + r"\Z|shard-\d{5}\Z")
 _SHARD_ENTRIES = {"data.mdb", "lock.mdb"}
 
 

@@ -23,7 +23,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 import srdata
-from srdata.format import write_json_atomic
+from srdata.format import atomic_temporaries, write_json_atomic
 from srdata.publish import try_lock, unlock
 from srdata.reader import open_db
 from srdata.schedule import PatchSchedule
@@ -287,7 +287,7 @@ RUN_FILES = ("last.pt", "best.pt", "config.json", "metrics.jsonl", "samples", "t
 LOCK = ".lock"
 # format.atomic_file's temporary copies of the files a run replaces whole: a run killed
 # while saving leaves one behind (a checkpoint's size, hundreds of MB for esrgan)
-PARTIAL = re.compile(r"\.(last\.pt|best\.pt|config\.json)\.tmp-\d+\Z")
+PARTIAL = re.compile(atomic_temporaries("last.pt", "best.pt", "config.json") + r"\Z")
 
 
 @contextmanager

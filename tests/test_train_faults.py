@@ -2,6 +2,7 @@
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -306,6 +307,17 @@ def test_json_written_whole_or_not_at_all(tmp_path):
     with pytest.raises(OSError, match="No space left"):
         write_json_atomic(path, {"new": 2})
     assert path.read_text() == '{"old": 1}' and not os.path.lexists(tmp)
+
+
+def test_atomic_temporaries_names_the_files_atomic_file_writes(tmp_path):
+    """A run's sweep of killed saves and a pack's --overwrite check know atomic_file's
+    temporary files by this pattern alone: it must match what atomic_file writes."""
+    from srdata.format import atomic_file, atomic_temporaries
+    with atomic_file(tmp_path / "last.pt", "wb") as f:
+        f.write(b"part of a checkpoint")
+        (tmp,) = [p.name for p in tmp_path.iterdir()]
+    assert re.fullmatch(atomic_temporaries("best.pt", "last.pt"), tmp)
+    assert not re.fullmatch(atomic_temporaries("best.pt", "config.json"), tmp)
 
 
 def test_a_second_run_into_a_folder_in_training_is_refused(packed, tmp_path, monkeypatch):
