@@ -277,11 +277,11 @@ def _failure(e: Exception, out: str) -> str | None:
     e = _write_error(e)
     if e is None:
         return None
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    if e.errno in DISK_FULL:
         then = ("continue with --resume" if (Path(out) / "last.pt").exists()
                 else _start_again(Path(out)))
         return f"{_write_failure(e, out, '--out')}, then {then}"
-    if e.errno in WRITE_ERRNOS:  # read-only, not permitted
+    if e.errno in NOT_WRITABLE:
         return _write_failure(e, out, "--out")
     return f"{e.filename}: {e.strerror}" if e.filename else str(e)
 
@@ -296,8 +296,11 @@ def _start_again(out: Path) -> str:
     return f"start again with another --out (or move {', '.join(left)} out of {out})"
 
 
-# A failed write's errors, which _failure also finds under another exception
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+# A failed write's errors, which _failure also finds under another exception: a full disk
+# (free some space), a folder that cannot be written (choose another)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+WRITE_ERRNOS = DISK_FULL + NOT_WRITABLE
 
 
 def _write_error(e: BaseException) -> OSError | None:
@@ -319,9 +322,9 @@ def _write_failure(e: OSError, dst: str, what: str = "OUTPUT") -> str:
     where = e.filename or dst
     if e.errno in (errno.EEXIST, errno.ENOTDIR):  # making a folder where a file is
         return f"cannot make the folder {where}: a file is in the way; choose another {what}"
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    if e.errno in DISK_FULL:
         return f"no space left on the device to write {where}; free some space"
-    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+    if e.errno in NOT_WRITABLE:
         return f"cannot write {where}: {e.strerror}; choose another {what}"
     return f"cannot write {where}: {e.strerror or e}"
 
