@@ -45,7 +45,7 @@ class Stepper:
 
     def __init__(self, cfg: TrainConfig, model, net, device, amp: str, total_steps: int):
         self.model, self.net, self.accum = model, net, cfg.accum
-        self.graphs = cfg.cuda_graphs and cfg.compile != "off"
+        self.graphs = cfg.cuda_graphs  # with --compile: check_cuda_graphs refuses it without
         self.dtype, self.device = AMP_DTYPES[amp], device
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                      weight_decay=cfg.weight_decay,
