@@ -13,7 +13,7 @@
 # srpipe is not installed there: PYTHONPATH=/tmp/site:$PWD does it (set here).
 #
 # --budget      the suite's wall time (default 300 s); the whole call takes about that,
-#               plus the tests (at most --test-timeout, default 150 s), plus ~30 s: give
+#               plus the tests (at most --test-timeout, default 180 s), plus ~30 s: give
 #               the device call a timeout_s of budget + test timeout + 60
 # --workers     the most CPU workers a loader gets (default: the cgroup CPU quota less one
 #               when it is below the visible cores, else all cores but one)
@@ -34,7 +34,7 @@ usage() { sed -n '2,/^set -u/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
 die() { echo "gpu_session.sh: $*" >&2; exit 2; }
 number() { [[ "$2" =~ ^[0-9]+$ ]] || die "$1 expects a whole number, got '$2'"; }
 
-BUDGET=300 TEST_TIMEOUT=150 WORKERS="" PARTS="" CODECS="" SKIP_TESTS=0 QUICK=0
+BUDGET=300 TEST_TIMEOUT=180 WORKERS="" PARTS="" CODECS="" SKIP_TESTS=0 QUICK=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --budget) [ $# -ge 2 ] || die "--budget needs a value"; number "$1" "$2"; BUDGET=$2; shift 2 ;;

@@ -80,8 +80,9 @@ def _graphs(r: dict) -> str:
 
 
 def kernels_section(out: Path) -> list[str]:
-    """The training step alone with each kernel switch on and off, against srtrain's
-    defaults at the same precision (cudnn.benchmark and TF32 on, no compile)."""
+    """The training step alone with each kernel switch on and off, against the uncompiled
+    step at the same precision with cudnn.benchmark and TF32 on (srtrain's defaults but for
+    --compile)."""
     rows = read_lines(out / "kernels.jsonl") + read_lines(out / "compile.jsonl")
     if not rows:
         return []
@@ -91,11 +92,12 @@ def kernels_section(out: Path) -> list[str]:
     base = {r["amp"]: r["synthetic_img_per_s"] for r in rows
             if r["cudnn_benchmark"] and r["tf32"] and how(r) == "off"}
     lines = ["## Kernel switches", "", "The training step alone on one pre-made batch: what "
-             "each switch is worth, against srtrain's defaults at the same precision "
-             "(cudnn.benchmark on, TF32 on, no compile). `first step`: with compile, mostly "
+             "each switch is worth, against the uncompiled step at the same precision with "
+             "cudnn.benchmark and TF32 on (srtrain's defaults but for `--compile`, whose "
+             "`auto` compiles the blocks with CUDA graphs on one GPU). `first step`: with compile, mostly "
              "the compile's cost (and the graphs' recording, with CUDA graphs). `fed`: the "
              "same step fed by a loader, and its loader efficiency.", "",
-             "| model | batch | amp | cudnn.benchmark | TF32 | compile | img/s | × default "
+             "| model | batch | amp | cudnn.benchmark | TF32 | compile | img/s | × uncompiled "
              "| first step | fed | peak GiB |",
              "|---|---:|---|---|---|---|---:|---:|---:|---|---:|"]
     for r in rows:

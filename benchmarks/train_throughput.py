@@ -62,7 +62,8 @@ def synthetic_rate(cfg, model, dev, steps: int, warmup: int,
 
     from srdata.sampler import nn_downscale
     from srtrain.config import AMP_DTYPES
-    from srtrain.train import repeat, set_kernels, step_rate, timing_stepper
+    from srtrain.kernels import set_kernels
+    from srtrain.train import repeat, step_rate, timing_stepper
     set_kernels(cfg, dev)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     hr = torch.rand(cfg.batch_size, 3, cfg.patch, cfg.patch, device=dev,
@@ -139,6 +140,13 @@ def _switch(ctx, param, value: str) -> list[bool]:
     return [n == "on" for n in names]
 
 
+def _graphs(ctx, param, value: str) -> list[bool | None]:
+    names = value.split(",")
+    if set(names) - {"on", "off", "auto"}:
+        raise click.BadParameter(f"got {value}, expected on, off, auto or a comma list")
+    return [None if n == "auto" else n == "on" for n in names]
+
+
 def _compiles(ctx, param, value: str) -> list[str]:
     from srtrain.config import COMPILES
     modes = value.split(",")
@@ -160,10 +168,12 @@ def _compiles(ctx, param, value: str) -> list[str]:
 @click.option("--scale", default=4, show_default=True)
 @click.option("--amp", default="auto", show_default=True)
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True)
-@click.option("--compile", "compile_", default="off", show_default=True, callback=_compiles,
-              help="off, model, blocks or a comma list: srtrain's --compile modes.")
-@click.option("--cuda-graphs", "graphs", default="off", show_default=True, callback=_switch,
-              help="on, off or on,off: srtrain's --cuda-graphs, for compiled rows (CUDA).")
+@click.option("--compile", "compile_", default="auto", show_default=True, callback=_compiles,
+              help="auto, off, model, blocks or a comma list: srtrain's --compile modes "
+                   "(auto: blocks on one GPU, off on the CPU; rows say what ran).")
+@click.option("--cuda-graphs", "graphs", default="auto", show_default=True, callback=_graphs,
+              help="on, off, auto or a comma list: srtrain's --cuda-graphs, for compiled rows "
+                   "(CUDA; auto: on with compiled blocks).")
 @click.option("--cudnn-benchmark", "cudnn", default="on", show_default=True, callback=_switch,
               help="on, off or on,off: torch.backends.cudnn.benchmark (CUDA).")
 @click.option("--tf32", default="on", show_default=True, callback=_switch,
@@ -179,6 +189,7 @@ def _compiles(ctx, param, value: str) -> list[str]:
 def main(db, count, size, models, loaders, batch_sizes, patch, scale, amp, channels_last,
          compile_, graphs, cudnn, tf32, workers, device, steps, warmup, out, md, op_table):
     from srtrain.config import TrainConfig, resolve_amp
+    from srtrain.kernels import resolve_compile
     from srdata.loader import resolve_device
     env = _common.environment() | _common.accelerator_environment()
     dev = resolve_device(device)
@@ -192,13 +203,12 @@ def main(db, count, size, models, loaders, batch_sizes, patch, scale, amp, chann
         for name, loader, bs, how, graph, bench, tf in itertools.product(
                 models.split(","), loaders.split(","), [int(b) for b in batch_sizes.split(",")],
                 compile_, graphs, cudnn, tf32):
-            if graph and how == "off":
+            cfg, _ = resolve_compile(TrainConfig(
+                db=str(db), loader=loader, model=name, scale=scale, batch_size=bs, patch=patch,
+                amp=amp, channels_last=channels_last, compile=how, cuda_graphs=graph,
+                workers=workers, schedule="constant", cudnn_benchmark=bench, tf32=tf), dev)
+            if cfg.cuda_graphs and cfg.compile == "off":
                 continue  # the graphs replay compiled code (srtrain refuses the pair)
-            cfg = TrainConfig(db=str(db), loader=loader, model=name, scale=scale,
-                              batch_size=bs, patch=patch, amp=amp,
-                              channels_last=channels_last, compile=how,
-                              cuda_graphs=graph, workers=workers, schedule="constant",
-                              cudnn_benchmark=bench, tf32=tf)
             r = measure(cfg, dev, steps, warmup, op_table if loader == "synthetic" else None)
             if r is None:
                 warnings.warn(f"{name} at batch {bs} ran out of GPU memory; skipped")
@@ -206,8 +216,8 @@ def main(db, count, size, models, loaders, batch_sizes, patch, scale, amp, chann
             records.append({
                 "benchmark": "train_throughput", "source": source, "model": name,
                 "loader": loader, "batch_size": bs, "patch": patch, "scale": scale,
-                "amp": amp, "channels_last": channels_last, "compile": how,
-                "cuda_graphs": graph, "cudnn_benchmark": bench, "tf32": tf, "steps": steps,
+                "amp": amp, "channels_last": channels_last, "compile": cfg.compile,
+                "cuda_graphs": cfg.cuda_graphs, "cudnn_benchmark": bench, "tf32": tf, "steps": steps,
                 "warmup": warmup, **r, "env": env})
             _common.emit(records[-1], out)
     if md:

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 
 AMPS = ("auto", "bf16", "fp16", "off")
-# torch.compile: none, the whole model, or each repeated block (srtrain.train.compile_net)
-COMPILES = ("off", "model", "blocks")
+# torch.compile: auto (srtrain.kernels.resolve_compile: blocks on one GPU, else off), none,
+# the whole model, or each repeated block (srtrain.kernels.compile_net)
+COMPILES = ("auto", "off", "model", "blocks")
 SCHEDULES = ("onecycle", "cosine", "constant", "cosine_restarts")
 
 # What a resumed run may change: where and how fast it runs, never what it computes.
@@ -42,7 +43,7 @@ class TrainConfig:
     accum: int = 1
     amp: str = "auto"
     channels_last: bool = True
-    compile: str = "off"
+    compile: str = "auto"
     ema: float = 0.999
     val_db: str | None = None
     val_split: float = 0.02
@@ -59,11 +60,12 @@ class TrainConfig:
     profile_loader: bool = False
     progress: bool = True
     lr_db: str | None = None
-    # CUDA only (srtrain.train.set_kernels): cuDNN autotuning and TF32 for fp32 math
+    # CUDA only (srtrain.kernels.set_kernels): cuDNN autotuning and TF32 for fp32 math
     cudnn_benchmark: bool = True
     tf32: bool = True
-    # the compiled code's kernels replayed as CUDA graphs (torch.compile's reduce-overhead)
-    cuda_graphs: bool = False
+    # the compiled code's kernels replayed as CUDA graphs (torch.compile's reduce-overhead);
+    # None: with compiled blocks on one GPU and --accum 1 (srtrain.kernels.resolve_compile)
+    cuda_graphs: bool | None = None
     tensorboard: bool = False
     # progressive patches (srdata.schedule): "PATCH:EPOCH,..."; patch is then its final
     # patch, the validation size. batch_schedule: keep the images or the pixels per step.

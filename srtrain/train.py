@@ -30,7 +30,8 @@ from srdata.schedule import PatchSchedule
 
 from . import checkpoint, ddp
 from .config import AMP_DTYPES, TrainConfig, resolve_amp
-from .models import build_model, load_weights, repeated_blocks
+from .kernels import check_cuda_graphs, compile_net, resolve_compile, set_kernels
+from .models import build_model, load_weights
 from .validate import ValSet, evaluate, split_ids
 
 
@@ -255,21 +256,6 @@ def loader_workers(asked: int | None) -> int:
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
 
 
-def set_kernels(cfg: TrainConfig, device: torch.device) -> None:
-    """cuDNN autotuning and TF32 as ``cfg`` says (process-wide torch switches; CUDA only).
-
-    Training shapes are fixed (one batch size, one patch), so cudnn.benchmark's one-off
-    search per shape pays on every later step (BasicSR sets it too). TF32 matters for fp32
-    runs (``--amp off``); bf16/fp16 autocast convolutions do not use it. Set through the
-    APIs torch has kept since 1.12: mixing the legacy flags with torch 2.9's
-    ``fp32_precision`` makes later reads of either raise."""
-    if device.type != "cuda":
-        return
-    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
-    torch.backends.cudnn.allow_tf32 = cfg.tf32
-    torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
-
-
 def train(cfg: TrainConfig) -> dict:
     """Train as ``cfg`` says; returns the last validation scores and counters."""
     d, device = ddp.setup(cfg.device)
@@ -344,6 +330,11 @@ def check_fresh_out(out: Path) -> None:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, d: ddp.Dist, device: torch.device):
+        cfg, why = resolve_compile(cfg, device, d.world_size)
+        if why and d.main:
+            warnings.warn(f"--compile auto compiles nothing: {why}. The step runs uncompiled "
+                          "(esrgan's ran 1.5x faster compiled on an H100); --compile off says "
+                          "so and silences this", stacklevel=2)
         self.cfg, self.d, self.device = cfg, d, device
         self.out = Path(cfg.out)
         self.amp = resolve_amp(cfg.amp, device)
@@ -663,49 +654,10 @@ def repeat(lr, hr):
         yield lr, hr
 
 
-def compile_net(model: torch.nn.Module, net: torch.nn.Module, how: str,
-                graphs: bool = False) -> torch.nn.Module:
-    """``net`` (``model``, or DDP around it) compiled as --compile says: ``model``, all of it
-    by torch.compile; ``blocks``, each block ``model`` repeats, in place (regional
-    compilation). RRDBNet's 23 RRDBs then share one compiled graph: esrgan's first step took
-    12 s instead of 42 s on 2 CPU cores (benchmarks/results/cpu2-amd-2026-11-27). A model
-    without repeated blocks (srcnn) is compiled whole. In-place compilation keeps the state
-    dict's keys; copies (the EMA) run eager.
-
-    ``graphs``: torch.compile's ``reduce-overhead`` mode, which records the compiled code's
-    kernels once per shape as CUDA graphs and then launches each graph with one call (CUDA
-    only; on the CPU the code is compiled as without it)."""
-    if how == "off":
-        return net
-    mode = "reduce-overhead" if graphs else None
-    blocks = repeated_blocks(model) if how == "blocks" else []
-    if not blocks:
-        return torch.compile(net, mode=mode)
-    for block in blocks:
-        block.compile(mode=mode)
-    return net
-
-
-def check_cuda_graphs(cfg: TrainConfig, world_size: int = 1) -> None:
-    """Refuse --cuda-graphs where no GPU run has tried it. A graph's replay writes its
-    outputs where the last replay's were, so gradients that outlive a step (kept across
-    micro-batches by --accum, or handed to DDP's buckets) are not known to be safe."""
-    if not cfg.cuda_graphs:
-        return
-    if cfg.compile == "off":
-        raise ValueError("--cuda-graphs replays the compiled step: add --compile blocks "
-                         "(or --compile model)")
-    if cfg.accum != 1:
-        raise ValueError(f"--cuda-graphs takes --accum 1, got --accum {cfg.accum}; drop one "
-                         "of them")
-    if world_size != 1:
-        raise ValueError(f"--cuda-graphs runs on one GPU, got {world_size} processes; drop "
-                         "--cuda-graphs under torchrun")
-
-
 def timing_stepper(cfg: TrainConfig, model, device, amp: str) -> Stepper:
     """A Stepper over ``model`` (compiled as --compile says) for timing steps: its LR
     schedule spans far more steps than are timed, so the rate is a mid-run step's."""
+    cfg, _ = resolve_compile(cfg, device)
     check_cuda_graphs(cfg)
     net = compile_net(model, model, cfg.compile, cfg.cuda_graphs)
     return Stepper(cfg, model, net, device, amp, 10**6)

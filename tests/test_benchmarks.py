@@ -74,6 +74,8 @@ def test_train_benchmark_reports_loader_efficiency(tmp_path):
     assert [(r["model"], r["loader"], r["batch_size"]) for r in lines] == [
         (m, lo, b) for m in ("srcnn", "fast") for lo in ("dali", "torch") for b in (1, 2)]
     assert all(r["synthetic_img_per_s"] > 0 and r["loader_efficiency"] > 0 for r in lines)
+    # srtrain's --compile auto, as the rows say it ran: nothing compiled on the CPU
+    assert {(r["compile"], r["cuda_graphs"]) for r in lines} == {("off", False)}
     assert "| fast | torch | 2 |" in (tmp_path / "t.md").read_text()
 
 

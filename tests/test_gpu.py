@@ -71,7 +71,7 @@ def test_throughput_smoke(tmp_path):
         assert rate > 0 and np.isfinite(rate)
 
 
-def test_trainer_on_the_gpu_with_amp_and_data_wait(packed, tmp_path):
+def test_trainer_on_the_gpu_with_amp_compile_and_data_wait(packed, tmp_path):
     from click.testing import CliRunner
 
     from srtrain.cli import main
@@ -84,8 +84,19 @@ def test_trainer_on_the_gpu_with_amp_and_data_wait(packed, tmp_path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train = [e for e in lines if e["event"] == "train"]
     assert train and all(e["gpu_mem_gb"] > 0 and e["data_wait_ms"] >= 0 for e in train)
-    assert json.loads((out / "config.json").read_text())["amp"] == "auto"
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["amp"] == "auto"
+    # --compile auto: the blocks compiled and replayed as CUDA graphs where Triton can build
+    from srtrain.kernels import compiler_missing
+    want = ("off", False) if compiler_missing(torch.device("cuda")) else ("blocks", True)
+    assert (saved["compile"], saved["cuda_graphs"]) == want
     assert any(e["event"] == "profile" for e in lines)
+    r = CliRunner().invoke(main, ["--db", str(packed("jpeg")), "--out", str(out), "--model",
+                                  "fast", "--patch", "48", "--batch-size", "2", "--epochs", "3",
+                                  "--loader", "dali", "--val-split", "0.2", "--val-images", "2",
+                                  "--resume", "-q"])
+    assert r.exit_code == 0, r.output  # a compiled run resumed: a third epoch
+    assert json.loads(r.output.splitlines()[-1])["epoch"] == 3
     from srdata.samples import synthetic_image, write_image
     write_image(tmp_path / "small.png", synthetic_image(40, 56, 0))
     r = CliRunner().invoke(main, ["upscale", "--ckpt", str(out / "last.pt"),

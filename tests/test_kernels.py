@@ -1,13 +1,18 @@
 """cuDNN autotuning and TF32 (the switches reach the config and torch, on CUDA only), and
-torch.compile's modes."""
+torch.compile's modes: what auto picks, and CUDA graphs."""
+import dataclasses
+import json
+import shutil
+
 import pytest
 import torch
 from click.testing import CliRunner
 
+import srtrain.kernels
 import srtrain.train
 from srtrain.cli import main
 from srtrain.config import TrainConfig
-from srtrain.train import set_kernels
+from srtrain.kernels import compiler_missing, resolve_compile, set_kernels
 
 
 def switches():
@@ -53,13 +58,83 @@ def test_cli_compile_modes_reach_the_config_and_a_resume_may_change_them(packed,
     for args in ([], ["--compile"], ["--compile", "-q"], ["--compile", "blocks"]):
         r = CliRunner().invoke(main, ["--db", db, "--patch", "48", *args, "-q"])
         assert r.exit_code == 0, r.output
-    assert [c.compile for c in seen] == ["off", "model", "model", "blocks"]
+    assert [c.compile for c in seen] == ["auto", "model", "model", "blocks"]
     assert seen[3].resume_conflicts(seen[0]) == []  # how fast it runs, not what it computes
     r = CliRunner().invoke(main, ["--db", db, "--compile", "all"])
-    assert r.exit_code == 2 and "'all' is not one of 'off', 'model', 'blocks'" in r.output
+    assert r.exit_code == 2 and "'all' is not one of 'auto', 'off', 'model', 'blocks'" in r.output
     # checkpoints from when --compile was a flag
     assert TrainConfig.from_dict({"db": db, "compile": True}).compile == "model"
     assert TrainConfig.from_dict({"db": db, "compile": False}).compile == "off"
+
+
+def test_compile_auto_is_blocks_with_graphs_on_one_gpu_and_off_elsewhere(monkeypatch):
+    """What the H100 runs measured fastest where it is known to run; what was asked stays."""
+    monkeypatch.setattr(srtrain.kernels, "compiler_missing", lambda device: None)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+
+    def picked(device, world_size=1, **kw):
+        cfg, why = resolve_compile(TrainConfig(db="db", **kw), device, world_size)
+        return cfg.compile, cfg.cuda_graphs, why
+
+    assert picked(gpu) == ("blocks", True, None)
+    assert picked(gpu, accum=2) == ("blocks", False, None)  # graphs need --accum 1
+    assert picked(gpu, world_size=2) == ("off", False, None)  # torchrun: untried there
+    assert picked(cpu) == ("off", False, None)
+    assert picked(cpu, compile="blocks") == ("blocks", False, None)
+    assert picked(gpu, compile="off") == ("off", False, None)
+    assert picked(gpu, compile="model") == ("model", False, None)  # graphs measured on blocks
+    assert picked(gpu, cuda_graphs=False) == ("blocks", False, None)
+    assert picked(gpu, compile="model", cuda_graphs=True) == ("model", True, None)
+    monkeypatch.setattr(srtrain.kernels, "compiler_missing", lambda device: "no C compiler")
+    assert picked(gpu) == ("off", False, "no C compiler")
+    assert picked(gpu, compile="blocks") == ("blocks", True, None)  # asked: torch says why
+
+
+def test_compiler_missing_names_what_triton_lacks(monkeypatch):
+    """A slim container fails inside the first compiled step; auto checks first."""
+    import importlib.util
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.delenv("CC", raising=False)
+    if compiler_missing(gpu) is not None:  # this machine lacks Python's headers
+        assert compiler_missing(gpu) == "no Python headers for Triton (install python3-dev)"
+        return
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))
+    assert compiler_missing(gpu) == "Triton needs compute capability 7.0, the GPU has 6.1"
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert compiler_missing(gpu) == "no C compiler for Triton (install gcc, or set CC)"
+    monkeypatch.setenv("CC", "/opt/cc")
+    assert compiler_missing(gpu) == "Triton needs compute capability 7.0, the GPU has 6.1"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert compiler_missing(gpu) == "Triton is not installed"
+
+
+def test_a_run_records_what_auto_picked_and_says_when_a_gpu_goes_uncompiled(packed,
+                                                                            monkeypatch,
+                                                                            tmp_path):
+    """config.json holds the compile the run used; where auto compiles nothing on a GPU,
+    one warning says why and how to silence it."""
+    db = str(packed("jpeg"))
+    args = ["--db", db, "--patch", "48", "--model", "fast", "--loader", "torch",
+            "--batch-size", "2", "--epochs", "1", "--val-images", "1", "-q"]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "cpu")])
+    assert r.exit_code == 0, r.output
+    saved = json.loads((tmp_path / "cpu" / "config.json").read_text())
+    assert (saved["compile"], saved["cuda_graphs"]) == ("off", False)
+    real = srtrain.train.resolve_compile
+
+    def no_compiler(cfg, device, world_size=1):
+        cfg, _ = real(dataclasses.replace(cfg, compile="off"), device, world_size)
+        return cfg, "no C compiler for Triton (install gcc, or set CC)"
+
+    monkeypatch.setattr(srtrain.train, "resolve_compile", no_compiler)
+    with pytest.warns(UserWarning, match=r"--compile auto compiles nothing: no C compiler for "
+                                         r"Triton \(install gcc, or set CC\)\. The step runs "
+                                         r"uncompiled"):
+        r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "gpu")])
+    assert r.exit_code == 0, r.output
 
 
 def test_compile_blocks_compiles_each_repeated_block_in_place():
@@ -67,7 +142,7 @@ def test_compile_blocks_compiles_each_repeated_block_in_place():
     those of the plain model; a model with no repeated block is compiled whole."""
     from srtrain.checkpoint import unwrap
     from srtrain.models import build_model, repeated_blocks
-    from srtrain.train import compile_net
+    from srtrain.kernels import compile_net
     torch.manual_seed(0)
     model = build_model("fast", 4)
     keys = list(model.state_dict())
@@ -96,7 +171,7 @@ def test_cuda_graphs_reach_the_config_and_are_refused_where_untried(packed, monk
     r = CliRunner().invoke(main, ["--db", db, "--patch", "48", "--compile", "blocks",
                                   "--cuda-graphs", "-q"])
     assert r.exit_code == 0, r.output
-    assert seen[0].cuda_graphs and TrainConfig(db=db).cuda_graphs is False
+    assert seen[0].cuda_graphs and TrainConfig(db=db).cuda_graphs is None
     assert seen[0].resume_conflicts(TrainConfig(db=db, patch=48)) == []
     monkeypatch.undo()
     base = ["--db", db, "--out", str(tmp_path / "run"), "--patch", "48", "--model", "fast",
@@ -110,7 +185,7 @@ def test_cuda_graphs_reach_the_config_and_are_refused_where_untried(packed, monk
         assert r.exit_code == 1 and r.output.strip() == f"Error: {said}", r.output
     assert not (tmp_path / "run").exists()  # refused before any work
     with pytest.raises(ValueError, match="runs on one GPU, got 2 processes"):
-        srtrain.train.check_cuda_graphs(TrainConfig(db=db, compile="model", cuda_graphs=True),
+        srtrain.kernels.check_cuda_graphs(TrainConfig(db=db, compile="model", cuda_graphs=True),
                                         world_size=2)
 
 
