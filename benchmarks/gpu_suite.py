@@ -83,9 +83,12 @@ PRESETS = {
     # with a GPU and 16 cores, what --budget plans with: as measured on the H100 runs
     # (benchmarks/results/h100-2026-11-27*: a 60 s estimate for `train` cut that step off at
     # 100 s; compile took 140 s at batch 32 and did not finish in 125 s at 64 on a fresh
-    # machine), leaving each step some margin.
+    # machine), leaving each step some margin. ``codec_count``, in every preset: at least
+    # (batches + 1) x batch images, so that each timed epoch holds --batches full batches
+    # (the third session's 1,000-image raw database gave 14 batches for 15 workers, which
+    # timed a batch's latency: loader_throughput.short_epoch).
     "full": {"count": 4000, "size": 512, "patch": 256, "batch": 64, "train_batch": 32,
-             "steps": 30, "warmup": 10, "batches": 50, "codec_count": 1000, "photos": 48,
+             "steps": 30, "warmup": 10, "batches": 50, "codec_count": 3300, "photos": 48,
              "models": "fast,srcnn", "workers": "4,0", "cold": False,
              "timeout": STEP_TIMEOUT, "parts": GPU_PARTS,
              "batch_model": "esrgan", "batch_sizes": "8,16,32,64", "codecs": CODECS,
@@ -99,7 +102,7 @@ PRESETS = {
     # the same images and patches on a few CPU cores, where esrgan trains at ~0.5 img/s:
     # few steps and small batches: ~11 minutes on 2 cores, and ~25 more for quality
     "cpu": {"count": 2000, "size": 512, "patch": 256, "batch": 32, "train_batch": 4,
-            "steps": 6, "warmup": 1, "batches": 20, "codec_count": 300, "photos": 24,
+            "steps": 6, "warmup": 1, "batches": 20, "codec_count": 700, "photos": 24,
             "models": "fast,srcnn", "workers": "1", "cold": True, "timeout": 2400,
             # the kernel switches act on CUDA only; DALI's knobs are GPU decoder ones
             "parts": "headline,loaders,train,batch,ttq,degradations,codecs,quality",
@@ -112,7 +115,7 @@ PRESETS = {
                     "quality": 1500}},
     # tiny sizes: the suite end to end in a test, not a measurement
     "quick": {"count": 48, "size": 96, "patch": 48, "batch": 4, "train_batch": 2, "steps": 2,
-              "warmup": 1, "batches": 3, "codec_count": 12, "photos": 4,
+              "warmup": 1, "batches": 3, "codec_count": 16, "photos": 4,
               "models": "srcnn", "workers": "1", "cold": True, "timeout": STEP_TIMEOUT,
               "parts": "headline,loaders,kernels,train,batch,ttq,degradations",
               "batch_model": "srcnn", "batch_sizes": "1,2", "codecs": [("jpeg", 95), ("raw", 95)],

@@ -244,3 +244,31 @@ def test_the_suite_feeds_the_faster_compiled_step_and_the_page_names_graphs(monk
     assert gpu_suite.faster_graphs(rows) == "off"  # step-alone rows only
     md = "\n".join(render_results.kernels_section(tmp_path))
     assert "| blocks | 280.0 |" in md and "| blocks + CUDA graphs (3 graphs skipped) |" in md
+
+
+def test_a_short_timed_epoch_is_flagged_and_the_suite_times_full_ones(monkeypatch):
+    """Fewer timed batches than twice the workers time one batch's latency, not a rate (the
+    third H100 session's raw rows: 14 batches for 15 workers); the suite's codec databases
+    hold --batches full batches."""
+    import torch
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_suite
+    import loader_throughput
+
+    class Epoch:  # 15 batches of 64, the first one untimed
+        device = torch.device("cpu")
+
+        def __iter__(self):
+            return iter([(None, torch.zeros(64, 1))] * 15)
+
+    monkeypatch.setattr(loader_throughput, "build_loader", lambda *a, **kw: Epoch())
+    args = {"repeats": 1, "batches": 50}
+    with pytest.warns(UserWarning) as said:
+        r = loader_throughput.measure(range(1000), "torch", 64, 15, args)
+    assert r["timed_batches"] == 14 and [str(w.message) for w in said] == [
+        "timed 14 batches with 15 workers: that measures a batch's latency more than the "
+        "rate; give --batches 30 or more and a database of at least 3264 images (it holds "
+        "1000)"]
+    assert loader_throughput.short_epoch(10, 15, 4000, 64, 10).endswith("--batches 30 or more")
+    for name, p in gpu_suite.PRESETS.items():
+        assert p["codec_count"] >= (p["batches"] + 1) * p["batch"], name
