@@ -94,8 +94,9 @@ def kernels_section(out: Path) -> list[str]:
     lines = ["## Kernel switches", "", "The training step alone on one pre-made batch: what "
              "each switch is worth, against the uncompiled step at the same precision with "
              "cudnn.benchmark and TF32 on (srtrain's defaults but for `--compile`, whose "
-             "`auto` compiles the blocks with CUDA graphs on one GPU). `first step`: with compile, mostly "
-             "the compile's cost (and the graphs' recording, with CUDA graphs). `fed`: the "
+             "`auto` compiles the blocks with CUDA graphs on one GPU). `first step`: with "
+             "compile, mostly the compile's cost (and the graphs' recording, with CUDA "
+             "graphs). `fed`: the "
              "same step fed by a loader, and its loader efficiency.", "",
              "| model | batch | amp | cudnn.benchmark | TF32 | compile | img/s | × uncompiled "
              "| first step | fed | peak GiB |",

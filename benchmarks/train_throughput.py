@@ -217,8 +217,8 @@ def main(db, count, size, models, loaders, batch_sizes, patch, scale, amp, chann
                 "benchmark": "train_throughput", "source": source, "model": name,
                 "loader": loader, "batch_size": bs, "patch": patch, "scale": scale,
                 "amp": amp, "channels_last": channels_last, "compile": cfg.compile,
-                "cuda_graphs": cfg.cuda_graphs, "cudnn_benchmark": bench, "tf32": tf, "steps": steps,
-                "warmup": warmup, **r, "env": env})
+                "cuda_graphs": cfg.cuda_graphs, "cudnn_benchmark": bench, "tf32": tf,
+                "steps": steps, "warmup": warmup, **r, "env": env})
             _common.emit(records[-1], out)
     if md:
         md.parent.mkdir(parents=True, exist_ok=True)
