@@ -163,6 +163,29 @@ def test_compile_blocks_compiles_each_repeated_block_in_place():
     assert compile_net(srcnn, srcnn, "off") is srcnn
 
 
+def test_the_ema_copy_of_compiled_blocks_runs_its_own_weights():
+    """The Stepper's AveragedModel deep-copies the model after its blocks were compiled in
+    place: the copy must run eager on its own weights, not call the live blocks (torch
+    leaves the compiled call out of a module's copied state; this holds it to that)."""
+    from srtrain.kernels import compile_net
+    from srtrain.models import build_model
+    from srtrain.train import Stepper
+    torch.manual_seed(0)
+    model = build_model("rrdbnet", 4, 8, 2, 4)
+    compile_net(model, model, "blocks")
+    step = Stepper(TrainConfig(db="db", amp="off"), model, model, torch.device("cpu"), "off",
+                   10)
+    eager = build_model("rrdbnet", 4, 8, 2, 4)
+    eager.load_state_dict(step.ema.module.state_dict())
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05)  # the live weights move on; the copy's do not
+        got = step.ema.module(x)
+        assert torch.allclose(got, eager(x), atol=1e-6)
+        assert not torch.allclose(got, model(x), atol=1e-3)
+
+
 def test_cuda_graphs_reach_the_config_and_are_refused_where_untried(packed, monkeypatch,
                                                                      tmp_path):
     seen = []
@@ -248,3 +271,29 @@ def test_cuda_graphs_train_as_the_eager_step_does():
         torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = before[:2]
         torch.set_float32_matmul_precision(before[2])
     assert losses[True] == pytest.approx(losses[False], rel=1e-3), losses
+
+
+@pytest.mark.parametrize("ema", ["0.999", "0"])
+def test_compiled_blocks_train_validate_and_resume_as_the_eager_run_does(packed, tmp_path,
+                                                                          ema):
+    """--compile blocks through the whole trainer, as auto runs it on a GPU (here without
+    graphs): across a patch switch, validating with the eager EMA copy or (--ema 0) the
+    compiled model in eval mode, saving and resuming. Its weights and scores stay the eager
+    run's: an EMA copy that still called the live blocks would score differently."""
+    from srtrain import checkpoint
+    from test_progressive import train
+    from test_train import events
+    db, runs = packed("jpeg"), {}
+    for how in ("off", "blocks"):
+        out = tmp_path / how
+        args = ("--patch-schedule", "32:0,48:1", "--ema", ema, "--compile", how)
+        for epochs, more in ((2, ()), (3, ("--resume",))):
+            r = train(db, out, "--epochs", epochs, *more, *args)
+            assert r.exit_code == 0, r.output
+        state = checkpoint.load(out / "last.pt")
+        runs[how] = (state["model"], state["ema"], [e["psnr"] for e in events(out, "val")])
+    (eager, eager_ema, eager_psnr), (built, built_ema, built_psnr) = runs["off"], runs["blocks"]
+    assert list(built) == list(eager) and len(eager_psnr) == 3
+    assert all(torch.allclose(built[k], eager[k], rtol=1e-3, atol=1e-5) for k in eager)
+    assert (built_ema is None) == (eager_ema is None) == (ema == "0")
+    assert built_psnr == pytest.approx(eager_psnr, abs=0.01)
