@@ -58,15 +58,14 @@ def resolve_compile(cfg: TrainConfig, device: torch.device,
     for a first step of 8-16 s (benchmarks/results/h100-2026-11-28). Off on the CPU, where
     compiling costs more than it saves in a test or demo, and under torchrun, where no
     GPU run has tried it. The graphs need ``--accum 1`` (check_cuda_graphs)."""
+    one_gpu = device.type == "cuda" and world_size == 1
     how, why = cfg.compile, None
     if how == "auto":
-        one_gpu = device.type == "cuda" and world_size == 1
         why = compiler_missing(device) if one_gpu else None
         how = "blocks" if one_gpu and why is None else "off"
     graphs = cfg.cuda_graphs
     if graphs is None:
-        graphs = (how == "blocks" and device.type == "cuda" and cfg.accum == 1
-                  and world_size == 1)
+        graphs = how == "blocks" and one_gpu and cfg.accum == 1
     return dataclasses.replace(cfg, compile=how, cuda_graphs=graphs), why
 
 
