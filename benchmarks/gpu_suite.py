@@ -18,7 +18,8 @@ most valuable first, so that a budget that runs out loses the least:
    levers toward its goal);
 5. ``kernels``: the same step with cudnn.benchmark and TF32 (at fp32) on and off, and where
    its time goes (``op_table.txt``);
-6. ``train``: the other presets fed by each loader;
+6. ``train``: the other presets fed by each loader (on a GPU, DALI both ways it can hand
+   over a batch: synchronised with the host, and on the step's CUDA stream);
 7. ``batch``: one model's img/s and peak memory over a range of batch sizes;
 8. ``ttq``: time to quality, validation PSNR against wall time for a fixed patch, a
    progressive patch schedule and ``--sample-ratio 0.3`` (esrgan on a GPU);
@@ -94,6 +95,8 @@ PRESETS = {
              "batch_model": "esrgan", "batch_sizes": "8,16,32,64", "codecs": CODECS,
              "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
              "degradation_loaders": "dali,torch",
+             # fourth session: dali fed srcnn at 71%, a fixed 3-6 ms a batch; both hand-overs
+             "dali_outputs": "host,stream",
              "est": {"db": 40, "headline": 130, "loaders": 70, "tuning": 50, "kernels": 80,
                      "tf32": 90, "compile": 100, "compile_fed": 120, "compile_model": 160,
                      "train": 200,
@@ -108,7 +111,7 @@ PRESETS = {
             "parts": "headline,loaders,train,batch,ttq,degradations,codecs,quality",
             "batch_model": "fast", "batch_sizes": "1,2,4,8", "codecs": CODECS,
             "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
-            "degradation_loaders": "dali,torch",
+            "degradation_loaders": "dali,torch", "dali_outputs": "host",  # no CUDA stream
             "est": {"db": 120, "headline": 200, "loaders": 200, "kernels": 0, "compile": 0,
                     "train": 150, "batch": 100, "ttq": 900, "degradations": 300,
                     "codecs": 150,
@@ -121,6 +124,7 @@ PRESETS = {
               "batch_model": "srcnn", "batch_sizes": "1,2", "codecs": [("jpeg", 95), ("raw", 95)],
               "quality_models": "srcnn", "quality_epochs": 1,
               "degradation_loaders": "dali",  # three pipeline builds: the plumbing only
+              "dali_outputs": "host",
               "est": {"db": 5, "headline": 15, "loaders": 15, "kernels": 10, "compile": 0,
                       "train": 10, "batch": 10, "ttq": 20, "degradations": 15,
                       "codecs": 10, "quality": 15}},
@@ -274,7 +278,8 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
                   "--amp", "off", "--tf32", "on,off", est="tf32")
         if part == "train" and db:
             s.run("train", *fed, "--models", p["models"], "--loaders", "dali,torch",
-                  "--batch-sizes", p["train_batch"], "--out", out / "train_throughput.jsonl")
+                  "--batch-sizes", p["train_batch"], "--dali-outputs", p["dali_outputs"],
+                  "--out", out / "train_throughput.jsonl")
         if part == "batch" and db:
             s.run("batch", *fed, "--models", p["batch_model"], "--loaders", "dali",
                   "--batch-sizes", p["batch_sizes"], "--out", out / "batch_sizes.jsonl",

@@ -4,13 +4,18 @@ and fed by each loader, and loader efficiency = fed img/s / synthetic img/s.
     python benchmarks/train_throughput.py [--db DB | --count 2048] \
         [--models esrgan,fast,srcnn] [--loaders dali,torch] [--batch-sizes 32] [--patch 256] \
         [--amp auto] [--compile off,model,blocks] [--cuda-graphs on,off] \
-        [--cudnn-benchmark on,off] [--tf32 on,off] [--out F.jsonl] [--md F.md]
+        [--cudnn-benchmark on,off] [--tf32 on,off] [--dali-outputs host,stream] \
+        [--out F.jsonl] [--md F.md]
 
 The step is srtrain's own (``srtrain.train.Stepper``: autocast, channels_last, fused AdamW,
 L1), on a fresh model per configuration: ``--warmup`` untimed steps, then ``--steps`` timed,
 synchronised on the GPU. Synthetic data is one loader batch repeated, so the two numbers
 differ only by the loader. One JSON line per model x loader x batch size, with peak GPU
 memory (``--batch-sizes 8,16,32,64``: how throughput and memory grow with the batch).
+Fed rows also give, per timed step, how long the GPU sat idle for data and the host's
+median time fetching a batch (ms): a loader that makes the host wait for the GPU fetches
+for as long as a step takes. ``--dali-outputs host,stream`` measures both ways DALI can
+hand over a batch (``srdata.make_loader``'s ``dali_outputs``).
 
 ``--loaders synthetic`` times the step alone on one random batch (no database, no loader):
 what the kernel switches (``--cudnn-benchmark``, ``--tf32``; CUDA only) are measured with,
@@ -31,16 +36,26 @@ import click
 import _common
 
 
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
 def _table(records: list[dict]) -> str:
+    # the fed step's waits, where the rows measured them (not before 2026-11-28)
+    waits = any(r.get("fed_fetch_ms") is not None for r in records)
     lines = ["| model | loader | batch | img/s synthetic | img/s fed | loader efficiency "
-             "| peak GiB |", "|---|---|---:|---:|---:|---:|---:|"]
+             + ("| GPU wait ms / step | fetch ms / step " if waits else "") + "| peak GiB |",
+             "|---|---|---:|---:|---:|---:|" + ("---:|---:|" if waits else "") + "---:|"]
     for r in records:
         mem = f"{r['peak_gpu_gib']:.1f}" if r["peak_gpu_gib"] is not None else "-"
         fed = r["loader_img_per_s"]
-        lines.append(f"| {r['model']} | {r['loader']} | {r['batch_size']} | "
+        loader = r["loader"] + (", stream outputs" if r.get("dali_outputs") == "stream" else "")
+        lines.append(f"| {r['model']} | {loader} | {r['batch_size']} | "
                      f"{r['synthetic_img_per_s']:,.1f} | "
                      + (f"{fed:,.1f} | {100 * r['loader_efficiency']:.0f}% | " if fed else
-                        "- | - | ") + f"{mem} |")
+                        "- | - | ")
+                     + (f"{_ms(r.get('fed_data_wait_ms'))} | {_ms(r.get('fed_fetch_ms'))} | "
+                        if waits else "") + f"{mem} |")
     env = records[0]["env"]
     r = records[0]
     lines.append(f"\n{env.get('gpu') or 'no GPU'}, {env['cpus']} CPUs, torch {env['torch']}, "
@@ -103,10 +118,12 @@ def write_op_table(stepper, lr, hr, dev, path: Path, title: str, steps: int = 5)
         f.write(f"## {title}; {steps} steps\n\n{table}\n\n")
 
 
-def measure(cfg, dev, steps: int, warmup: int, trace: Path | None = None) -> dict | None:
+def measure(cfg, dev, steps: int, warmup: int, trace: Path | None = None,
+            dali_outputs: str | None = None) -> dict | None:
     """One configuration's img/s (synthetic and fed) and peak GPU memory; None on OOM.
     ``trace``: see synthetic_rate (synthetic data only). With CUDA graphs, also how many
-    compiled graphs torch.compile ran without them (``cudagraph_skips``; all on a CPU)."""
+    compiled graphs torch.compile ran without them (``cudagraph_skips``; all on a CPU).
+    Fed rows also give the fed step's waits (``srtrain.train.loader_efficiency``)."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -123,7 +140,8 @@ def measure(cfg, dev, steps: int, warmup: int, trace: Path | None = None) -> dic
         if cfg.loader == "synthetic":
             r = synthetic_rate(cfg, model, dev, steps, warmup, trace)
         else:
-            r = loader_efficiency(cfg, model, dev, cfg.amp, steps, warmup)
+            r = loader_efficiency(cfg, model, dev, cfg.amp, steps, warmup,
+                                  dali_outputs=dali_outputs)
     except torch.cuda.OutOfMemoryError:
         return None
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
@@ -155,6 +173,14 @@ def _compiles(ctx, param, value: str) -> list[str]:
     return modes
 
 
+def _outputs(ctx, param, value: str) -> list[str]:
+    from srdata.dali_loader import OUTPUTS
+    ways = value.split(",")
+    if set(ways) - set(OUTPUTS):
+        raise click.BadParameter(f"got {value}, expected some of {','.join(OUTPUTS)}")
+    return ways
+
+
 @click.command()
 @click.option("--db", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--count", default=2048, show_default=True,
@@ -178,6 +204,9 @@ def _compiles(ctx, param, value: str) -> list[str]:
               help="on, off or on,off: torch.backends.cudnn.benchmark (CUDA).")
 @click.option("--tf32", default="on", show_default=True, callback=_switch,
               help="on, off or on,off: TF32 for fp32 convolutions and matmuls (CUDA).")
+@click.option("--dali-outputs", default="host", show_default=True, callback=_outputs,
+              help="host, stream or host,stream: how dali rows take each batch (make_loader's "
+                   "dali_outputs; one configuration each).")
 @click.option("--workers", type=int, help="Loader CPU workers  [default: all cores but one]")
 @click.option("--device", default=None)
 @click.option("--steps", default=30, show_default=True)
@@ -187,7 +216,8 @@ def _compiles(ctx, param, value: str) -> list[str]:
 @click.option("--op-table", type=click.Path(dir_okay=False, path_type=Path),
               help="Synthetic rows: append the profiler's ops by device time to this file.")
 def main(db, count, size, models, loaders, batch_sizes, patch, scale, amp, channels_last,
-         compile_, graphs, cudnn, tf32, workers, device, steps, warmup, out, md, op_table):
+         compile_, graphs, cudnn, tf32, dali_outputs, workers, device, steps, warmup, out, md,
+         op_table):
     from srtrain.config import TrainConfig, resolve_amp
     from srtrain.kernels import resolve_compile
     from srdata.loader import resolve_device
@@ -200,16 +230,20 @@ def main(db, count, size, models, loaders, batch_sizes, patch, scale, amp, chann
                                      f"synthetic {size}x{size} jpeg q95")
         if loaders != "synthetic":  # the step alone needs no database
             db = db or _common.build_jpeg_db(tmp, count, size, min_size=patch)
-        for name, loader, bs, how, graph, bench, tf in itertools.product(
+        for name, loader, bs, how, graph, bench, tf, outputs in itertools.product(
                 models.split(","), loaders.split(","), [int(b) for b in batch_sizes.split(",")],
-                compile_, graphs, cudnn, tf32):
+                compile_, graphs, cudnn, tf32, dali_outputs):
+            if loader != "dali" and outputs != dali_outputs[0]:
+                continue  # one row: the switch is DALI's
+            outputs = outputs if loader == "dali" else None
             cfg, _ = resolve_compile(TrainConfig(
                 db=str(db), loader=loader, model=name, scale=scale, batch_size=bs, patch=patch,
                 amp=amp, channels_last=channels_last, compile=how, cuda_graphs=graph,
                 workers=workers, schedule="constant", cudnn_benchmark=bench, tf32=tf), dev)
             if cfg.cuda_graphs and cfg.compile == "off":
                 continue  # the graphs replay compiled code (srtrain refuses the pair)
-            r = measure(cfg, dev, steps, warmup, op_table if loader == "synthetic" else None)
+            r = measure(cfg, dev, steps, warmup, op_table if loader == "synthetic" else None,
+                        dali_outputs=outputs)
             if r is None:
                 warnings.warn(f"{name} at batch {bs} ran out of GPU memory; skipped")
                 continue
@@ -218,6 +252,7 @@ def main(db, count, size, models, loaders, batch_sizes, patch, scale, amp, chann
                 "loader": loader, "batch_size": bs, "patch": patch, "scale": scale,
                 "amp": amp, "channels_last": channels_last, "compile": cfg.compile,
                 "cuda_graphs": cfg.cuda_graphs, "cudnn_benchmark": bench, "tf32": tf,
+                **({"dali_outputs": outputs} if outputs else {}),
                 "steps": steps, "warmup": warmup, **r, "env": env})
             _common.emit(records[-1], out)
     if md:

@@ -36,6 +36,9 @@ MISSING_DALI = ("NVIDIA DALI is not installed: `pip install '.[dali]'` (nvidia-d
 # third to CPU Huffman decoding and made 7,511 img/s against 11,230 at 1.0 (same call,
 # benchmarks/results/h100-2026-11-27-session2); GPUs without one ignore it.
 HW_DECODER_LOAD = 1.0
+# How a batch leaves the pipeline on a GPU: synchronised with the host (DALI's default), or
+# on the current CUDA stream
+OUTPUTS = ("host", "stream")
 DECODER_HINTS = ("device_memory_padding", "host_memory_padding", "preallocate_width_hint",
                  "preallocate_height_hint", "hybrid_huffman_threshold")
 
@@ -134,13 +137,16 @@ class DaliLoader(Loader):
     def __init__(self, db, sampler, scale, device, dtype, channels_last, workers: int,
                  roi_decode: bool = True, lr=None, degradation: str = "nn",
                  usm: bool = False, schedule=None, threads: int | None = None,
-                 hw_decoder_load: float | None = None, decoder_hints: dict | None = None):
+                 hw_decoder_load: float | None = None, decoder_hints: dict | None = None,
+                 outputs: str = "host"):
         if pipeline_def is None:
             raise ImportError(MISSING_DALI)
         if threads is not None and threads < 1:
             raise ValueError(f"got dali_threads={threads}, expected >= 1")
         if hw_decoder_load is not None and not 0 <= hw_decoder_load <= 1:
             raise ValueError(f"got hw_decoder_load={hw_decoder_load}, expected 0 to 1")
+        if outputs not in OUTPUTS:
+            raise ValueError(f"got dali_outputs={outputs!r}, expected {' or '.join(OUTPUTS)}")
         unknown = sorted(set(decoder_hints or {}) - set(DECODER_HINTS))
         if unknown:
             raise ValueError(f"got decoder_hints {', '.join(unknown)}, expected some of "
@@ -150,6 +156,7 @@ class DaliLoader(Loader):
         self.workers, self.roi_decode = max(1, workers), roi_decode
         self.threads = threads or self.workers  # DALI's CPU threads; workers read LMDB
         self.dec = decoder_args(device.type == "cuda", hw_decoder_load, decoder_hints)
+        self.outputs = outputs
         self._pipe, self._pipe_at = None, None  # the pipeline and the (epoch, batch) it is at
         self._watching = False
         self._pipe_sampler = None  # the sampler (patch, batch size) the pipeline was built for
@@ -213,9 +220,13 @@ class DaliLoader(Loader):
             self._build(epoch, start)
         self._pipe_at = None  # mid-epoch until the epoch is drained
         s, pipe = self.sampler, self._pipe
+        # "stream": DALI's outputs are ordered on the stream the step runs on, not waited
+        # for by this thread (DALI's dynamic executor, the default for our pipelines)
+        stream = (torch.cuda.current_stream(self.device)
+                  if self.outputs == "stream" and self.device.type == "cuda" else None)
         for b in range(start, len(s)):
             try:
-                lr, hr = pipe.run()
+                lr, hr = pipe.run(stream)
             except StopIteration:
                 raise RuntimeError("DALI ended the epoch early; this is a bug") from None
             except Exception as e:  # DALI raises several types; name the bad record

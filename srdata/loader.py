@@ -69,8 +69,8 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
                 workers: int | None = None, roi_decode: bool = True,
                 ids=None, lr_db=None, patch_schedule=None, degradation: str = "nn",
                 usm: bool = False, dali_threads: int | None = None,
-                hw_decoder_load: float | None = None, decoder_hints: dict | None = None
-                ) -> Loader:
+                hw_decoder_load: float | None = None, decoder_hints: dict | None = None,
+                dali_outputs: str | None = None) -> Loader:
     """An iterable of ``(lr, hr)`` batches from the database ``db`` (a path or an open one).
 
     ``workers``: CPU processes reading the database (torch: DataLoader workers; dali:
@@ -95,7 +95,10 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
     1.0, not DALI's 0.65, as measured on an H100) and ``decoder_hints`` (the decoders'
     ``device_memory_padding``, ``host_memory_padding``, ``preallocate_width_hint``,
     ``preallocate_height_hint``, ``hybrid_huffman_threshold``; DALI's defaults, which the
-    H100 run found as fast as hints sized to the images).
+    H100 run found as fast as hints sized to the images). ``dali_outputs`` (GPU): ``"host"``
+    (default) takes each batch from DALI synchronised with the host, ``"stream"`` on the
+    current CUDA stream, so the thread that launches the training step never waits for
+    DALI's GPU work (``benchmarks/train_throughput.py --dali-outputs host,stream``).
     """
     from .reader import open_db
     if loader not in LOADERS:
@@ -140,7 +143,8 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
         workers = max(1, len(os.sched_getaffinity(0)) - 1)
     if loader == "torch":
         given = [k for k, v in (("dali_threads", dali_threads), ("decoder_hints", decoder_hints),
-                                ("hw_decoder_load", hw_decoder_load)) if v is not None]
+                                ("hw_decoder_load", hw_decoder_load),
+                                ("dali_outputs", dali_outputs)) if v is not None]
         if given:
             raise ValueError(f"got {', '.join(given)} with loader='torch': they tune DALI; "
                              "drop them or use loader='dali'")
@@ -153,4 +157,4 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
     return DaliLoader(db, sampler, scale, device, dtype, channels_last, workers, roi_decode,
                       lr=lr, degradation=degradation, usm=usm, schedule=patch_schedule,
                       threads=dali_threads, hw_decoder_load=hw_decoder_load,
-                      decoder_hints=decoder_hints)
+                      decoder_hints=decoder_hints, outputs=dali_outputs or "host")

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager, nullcontext, suppress
+import itertools
 import json
 import math
 import os
 import re
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -664,15 +666,21 @@ def timing_stepper(cfg: TrainConfig, model, device, amp: str) -> Stepper:
 
 
 def loader_efficiency(cfg: TrainConfig, model, device, amp: str, steps: int = 20,
-                      warmup: int = 5, loader=None) -> dict:
-    """Loader efficiency: img/s with the loader ÷ img/s on synthetic (pre-made) batches."""
+                      warmup: int = 5, loader=None, dali_outputs: str | None = None) -> dict:
+    """Loader efficiency: img/s with the loader ÷ img/s on synthetic (pre-made) batches.
+
+    Also, per fed step: how long the GPU sat idle for data (``fed_data_wait_ms``, the
+    trainer's data wait: the wall time on a CPU) and the median time the host spent
+    fetching a batch (``fed_fetch_ms``). A loader that makes the host wait for the GPU
+    shows a fetch as long as a step; one that is slow on the host, a GPU wait."""
     set_kernels(cfg, device)
     if loader is None:
         loader = srdata.make_loader(cfg.db, cfg.loader, cfg.batch_size, cfg.patch, cfg.scale,
                                     seed=cfg.seed + 1, sample_ratio=1.0, device=device,
                                     dtype=AMP_DTYPES[amp], channels_last=cfg.channels_last,
                                     workers=loader_workers(cfg.workers), lr_db=cfg.lr_db,
-                                    degradation=cfg.degradation, usm=cfg.usm)
+                                    degradation=cfg.degradation, usm=cfg.usm,
+                                    dali_outputs=dali_outputs)
 
     # one pass over the loader for both runs: a second iter() would start its workers (and
     # build a DALI pipeline) again, the first one left half-read
@@ -680,7 +688,31 @@ def loader_efficiency(cfg: TrainConfig, model, device, amp: str, steps: int = 20
     lr, hr = next(batches)
     synthetic = step_rate(timing_stepper(cfg, copy.deepcopy(model), device, amp),
                           repeat(lr, hr), steps, warmup, device)
-    fed = step_rate(timing_stepper(cfg, copy.deepcopy(model), device, amp), batches, steps,
-                    warmup, device)
+    fetches, timer = [], DataTimer(device)
+    # the fetches inside step_rate's timed window: from the second timed step on
+    fed = step_rate(timing_stepper(cfg, copy.deepcopy(model), device, amp),
+                    timed_fetches(batches, warmup + 1, timer, fetches), steps, warmup, device)
+    waited, n = timer.collect(), len(fetches)  # step_rate ended synchronised
     return {"synthetic_img_per_s": synthetic, "loader_img_per_s": fed,
-            "loader_efficiency": fed / synthetic}
+            "loader_efficiency": fed / synthetic,
+            "fed_data_wait_ms": 1000 * waited / n if n else None,
+            "fed_fetch_ms": 1000 * statistics.median(fetches) if n else None}
+
+
+def timed_fetches(batches, skip: int, timer: DataTimer, seconds: list):
+    """``batches``, each fetch after the first ``skip`` timed: the host's seconds in it
+    appended to ``seconds``, and the device's idle time around it to ``timer``."""
+    it = iter(batches)
+    for i in itertools.count():
+        timed = i >= skip
+        if timed:
+            timer.before()
+            t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        if timed:
+            seconds.append(time.perf_counter() - t0)
+            timer.after()
+        yield batch

@@ -69,14 +69,21 @@ def test_train_benchmark_reports_loader_efficiency(tmp_path):
     pytest.importorskip("nvidia.dali")
     lines = bench("train_throughput.py", "--count", 8, "--size", 64, "--patch", 32,
                   "--models", "srcnn,fast", "--loaders", "dali,torch", "--batch-sizes", "1,2",
-                  "--steps", 2, "--warmup", 1, "--workers", 1, "--md", tmp_path / "t.md",
-                  cwd=tmp_path)
-    assert [(r["model"], r["loader"], r["batch_size"]) for r in lines] == [
-        (m, lo, b) for m in ("srcnn", "fast") for lo in ("dali", "torch") for b in (1, 2)]
+                  "--steps", 3, "--warmup", 1, "--workers", 1, "--dali-outputs", "host,stream",
+                  "--md", tmp_path / "t.md", cwd=tmp_path)
+    # DALI's switch makes a row each for dali only
+    assert [(r["model"], r["loader"], r["batch_size"], r.get("dali_outputs")) for r in lines] \
+        == [(m, lo, b, out) for m in ("srcnn", "fast") for lo in ("dali", "torch")
+            for b in (1, 2) for out in (("host", "stream") if lo == "dali" else (None,))]
     assert all(r["synthetic_img_per_s"] > 0 and r["loader_efficiency"] > 0 for r in lines)
+    # two timed fetches a row (the first timed step's batch comes before the clock starts);
+    # on the CPU the data wait is the wall time in the loader, so at least the median's half
+    assert all(0 < r["fed_fetch_ms"] <= 2 * r["fed_data_wait_ms"] for r in lines)
     # srtrain's --compile auto, as the rows say it ran: nothing compiled on the CPU
     assert {(r["compile"], r["cuda_graphs"]) for r in lines} == {("off", False)}
-    assert "| fast | torch | 2 |" in (tmp_path / "t.md").read_text()
+    table = (tmp_path / "t.md").read_text()
+    assert "| fast | torch | 2 |" in table and "| srcnn | dali, stream outputs | 1 |" in table
+    assert "| GPU wait ms / step | fetch ms / step |" in table
 
 
 @pytest.mark.dali

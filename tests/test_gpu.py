@@ -41,6 +41,28 @@ def test_mixed_decode_matches_the_torch_loader(packed, codec, roi, tol):
             assert (lr1.float() - lr2.float()).abs().mean() <= tol
 
 
+@pytest.mark.parametrize("codec", ["raw", "jpeg"])
+def test_stream_outputs_match_host_outputs_behind_a_busy_stream(packed, codec):
+    """dali_outputs="stream": the batch is ordered on the current stream, not waited for.
+    Each fetch comes while that stream is still busy with queued work, and DALI goes on
+    into the next batches meanwhile, so a copy that did not wait for DALI, or read memory
+    DALI had already handed back, would give other pixels than the host-synchronised run."""
+    path = packed(codec)
+    busy = torch.rand(2048, 2048, device="cuda")
+    runs = {}
+    for how in ("host", "stream"):
+        got = []
+        for lr, hr in srdata.make_loader(path, "dali", dali_outputs=how, **KW):
+            for _ in range(20):  # tens of ms queued ahead of the next batch's copy
+                busy = (busy @ busy).clamp_(-1, 1)
+            got.append((lr.clone(), hr.clone()))
+        torch.cuda.synchronize()
+        runs[how] = [(lr.cpu(), hr.cpu()) for lr, hr in got]
+    assert len(runs["host"]) == len(runs["stream"]) > 1
+    for (lr1, hr1), (lr2, hr2) in zip(runs["host"], runs["stream"]):
+        assert torch.equal(lr1, lr2) and torch.equal(hr1, hr2)
+
+
 def test_outputs_live_on_the_gpu_in_channels_last(packed):
     lr, hr = next(iter(srdata.make_loader(packed("jpeg"), "dali",
                                           **(KW | {"dtype": torch.float16}))))

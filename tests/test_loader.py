@@ -314,17 +314,21 @@ def test_dali_tuning_knobs_are_validated_and_applied(packed):
     kw = dict(batch_size=2, patch_size=32, scale=4, workers=1, device="cpu", dtype=torch.uint8,
               sample_ratio=0.5)
     lo = srdata.make_loader(db, "dali", dali_threads=2, hw_decoder_load=0.9,
-                            decoder_hints={"preallocate_width_hint": 512}, **kw)
+                            decoder_hints={"preallocate_width_hint": 512},
+                            dali_outputs="stream", **kw)
     assert lo.threads == 2 and lo.dec == {}  # the CPU decoder takes no GPU tuning
-    lr, hr = next(iter(lo))
+    lr, hr = next(iter(lo))  # "stream" outputs: on the CPU there is no stream to take
     assert hr.shape[-2:] == (32, 32) and lr.shape[-2:] == (8, 8)
     assert decoder_args(True, 0.9, {"device_memory_padding": 1 << 20}) == {
         "hw_decoder_load": 0.9, "device_memory_padding": 1 << 20}
     assert decoder_args(True, None, None) == {"hw_decoder_load": 1.0}  # measured, not 0.65
     for bad, match in (({"dali_threads": 0}, "dali_threads=0"),
                        ({"hw_decoder_load": 1.5}, "hw_decoder_load=1.5"),
-                       ({"decoder_hints": {"bogus": 1}}, "decoder_hints bogus")):
+                       ({"decoder_hints": {"bogus": 1}}, "decoder_hints bogus"),
+                       ({"dali_outputs": "device"}, "dali_outputs='device', expected host or")):
         with pytest.raises(ValueError, match=match):
             srdata.make_loader(db, "dali", **bad, **kw)
     with pytest.raises(ValueError, match="dali_threads with loader='torch'"):
         srdata.make_loader(db, "torch", dali_threads=2, **kw)
+    with pytest.raises(ValueError, match="dali_outputs with loader='torch'"):
+        srdata.make_loader(db, "torch", dali_outputs="host", **kw)
