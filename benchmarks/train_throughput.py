@@ -165,20 +165,21 @@ def _graphs(ctx, param, value: str) -> list[bool | None]:
     return [None if n == "auto" else n == "on" for n in names]
 
 
+def _some_of(value: str, allowed) -> list[str]:
+    names = value.split(",")
+    if set(names) - set(allowed):
+        raise click.BadParameter(f"got {value}, expected some of {','.join(allowed)}")
+    return names
+
+
 def _compiles(ctx, param, value: str) -> list[str]:
     from srtrain.config import COMPILES
-    modes = value.split(",")
-    if set(modes) - set(COMPILES):
-        raise click.BadParameter(f"got {value}, expected some of {','.join(COMPILES)}")
-    return modes
+    return _some_of(value, COMPILES)
 
 
 def _outputs(ctx, param, value: str) -> list[str]:
-    from srdata.dali_loader import OUTPUTS
-    ways = value.split(",")
-    if set(ways) - set(OUTPUTS):
-        raise click.BadParameter(f"got {value}, expected some of {','.join(OUTPUTS)}")
-    return ways
+    from srdata.loader_base import DALI_OUTPUTS
+    return _some_of(value, DALI_OUTPUTS)
 
 
 @click.command()

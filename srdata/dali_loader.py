@@ -19,7 +19,7 @@ from . import dali_degrade as dd
 from . import format as fmt
 from ._proc import killed, raise_when_a_worker_dies
 from .dali_source import PairedSource, PatchSource
-from .loader_base import Loader
+from .loader_base import DALI_OUTPUTS, Loader
 from .sampler import ID
 
 try:
@@ -36,9 +36,6 @@ MISSING_DALI = ("NVIDIA DALI is not installed: `pip install '.[dali]'` (nvidia-d
 # third to CPU Huffman decoding and made 7,511 img/s against 11,230 at 1.0 (same call,
 # benchmarks/results/h100-2026-11-27-session2); GPUs without one ignore it.
 HW_DECODER_LOAD = 1.0
-# How a batch leaves the pipeline on a GPU: synchronised with the host (DALI's default), or
-# on the current CUDA stream
-OUTPUTS = ("host", "stream")
 DECODER_HINTS = ("device_memory_padding", "host_memory_padding", "preallocate_width_hint",
                  "preallocate_height_hint", "hybrid_huffman_threshold")
 
@@ -145,8 +142,9 @@ class DaliLoader(Loader):
             raise ValueError(f"got dali_threads={threads}, expected >= 1")
         if hw_decoder_load is not None and not 0 <= hw_decoder_load <= 1:
             raise ValueError(f"got hw_decoder_load={hw_decoder_load}, expected 0 to 1")
-        if outputs not in OUTPUTS:
-            raise ValueError(f"got dali_outputs={outputs!r}, expected {' or '.join(OUTPUTS)}")
+        if outputs not in DALI_OUTPUTS:
+            raise ValueError(f"got dali_outputs={outputs!r}, expected "
+                             f"{' or '.join(DALI_OUTPUTS)}")
         unknown = sorted(set(decoder_hints or {}) - set(DECODER_HINTS))
         if unknown:
             raise ValueError(f"got decoder_hints {', '.join(unknown)}, expected some of "

@@ -12,6 +12,11 @@ import torch
 from .sampler import RowParams, Sampler
 from .schedule import PatchSchedule
 
+# How the DALI loader hands a batch over on a GPU: synchronised with the host (DALI's
+# default), or on the current CUDA stream. Here, not in srdata.dali_loader, so that tools
+# can name the choices without importing DALI.
+DALI_OUTPUTS = ("host", "stream")
+
 
 class Loader:
     """What both implementations share: the sampler, the position, the output format."""
