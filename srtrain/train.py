@@ -539,15 +539,8 @@ class Trainer:
                    disable=not (self.d.main and cfg.progress))
         window = {"loss": torch.zeros((), device=self.device), "n": 0, "images": 0,
                   "t0": time.perf_counter()}
-        it = iter(self.loader)
         self.in_epoch, self.step_batch = True, self.loader.batch
-        while True:
-            timer.before()
-            try:
-                lr, hr = next(it)
-            except StopIteration:
-                break
-            timer.after()
+        for lr, hr in timed_fetches(self.loader, 0, timer):
             loss, stepped = self.step_fn(lr, hr)
             window["loss"] += loss
             window["n"] += 1
@@ -699,9 +692,10 @@ def loader_efficiency(cfg: TrainConfig, model, device, amp: str, steps: int = 20
             "fed_fetch_ms": 1000 * statistics.median(fetches) if n else None}
 
 
-def timed_fetches(batches, skip: int, timer: DataTimer, seconds: list):
-    """``batches``, each fetch after the first ``skip`` timed: the host's seconds in it
-    appended to ``seconds``, and the device's idle time around it to ``timer``."""
+def timed_fetches(batches, skip: int, timer: DataTimer, seconds: list | None = None):
+    """``batches``, each fetch after the first ``skip`` timed: the device's idle time around
+    it added to ``timer`` (the trainer's data wait), and the host's seconds in it appended
+    to ``seconds`` (when given)."""
     it = iter(batches)
     for i in itertools.count():
         timed = i >= skip
@@ -713,6 +707,7 @@ def timed_fetches(batches, skip: int, timer: DataTimer, seconds: list):
         except StopIteration:
             return
         if timed:
-            seconds.append(time.perf_counter() - t0)
+            if seconds is not None:
+                seconds.append(time.perf_counter() - t0)
             timer.after()
         yield batch
