@@ -151,25 +151,19 @@ def measure(cfg, dev, steps: int, warmup: int, trace: Path | None = None,
             "cudagraph_skips": skips}
 
 
-def _switch(ctx, param, value: str) -> list[bool]:
+def _some_of(value: str, allowed) -> list[str]:
     names = value.split(",")
-    if set(names) - {"on", "off"}:  # "" splits to [""]: refused here too
-        raise click.BadParameter(f"got {value}, expected on, off or on,off")
-    return [n == "on" for n in names]
+    if set(names) - set(allowed):  # "" splits to [""]: refused here too
+        raise click.BadParameter(f"got {value}, expected some of {','.join(allowed)}")
+    return names
+
+
+def _switch(ctx, param, value: str) -> list[bool]:
+    return [n == "on" for n in _some_of(value, ("on", "off"))]
 
 
 def _graphs(ctx, param, value: str) -> list[bool | None]:
-    names = value.split(",")
-    if set(names) - {"on", "off", "auto"}:
-        raise click.BadParameter(f"got {value}, expected on, off, auto or a comma list")
-    return [None if n == "auto" else n == "on" for n in names]
-
-
-def _some_of(value: str, allowed) -> list[str]:
-    names = value.split(",")
-    if set(names) - set(allowed):
-        raise click.BadParameter(f"got {value}, expected some of {','.join(allowed)}")
-    return names
+    return [None if n == "auto" else n == "on" for n in _some_of(value, ("on", "off", "auto"))]
 
 
 def _compiles(ctx, param, value: str) -> list[str]:

@@ -215,6 +215,21 @@ def test_train_benchmark_skips_a_batch_that_runs_out_of_memory(monkeypatch):
     assert train_throughput.measure(cfg, torch.device("cpu"), steps=1, warmup=0) is None
 
 
+def test_train_benchmark_comma_lists_name_what_they_take(monkeypatch):
+    from click.testing import CliRunner
+    monkeypatch.syspath_prepend(str(BENCH))
+    import train_throughput
+    for option, bad, said in (("--tf32", "on,maybe", "got on,maybe, expected some of on,off"),
+                              ("--cudnn-benchmark", "", "got , expected some of on,off"),
+                              ("--cuda-graphs", "auto,x", "expected some of on,off,auto"),
+                              ("--compile", "fast", "expected some of auto,off,model,blocks"),
+                              ("--dali-outputs", "gpu", "expected some of host,stream")):
+        r = CliRunner().invoke(train_throughput.main, [option, bad])
+        assert r.exit_code == 2 and said in r.output, (option, r.output)
+    assert train_throughput._graphs(None, None, "on,auto,off") == [True, None, False]
+    assert train_throughput._switch(None, None, "off,on") == [False, True]
+
+
 def test_results_page_shows_short_epochs_in_seconds_and_the_runs_notes(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(BENCH))
     import render_results
