@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import click
 import numpy as np
 
 
@@ -134,6 +135,19 @@ def read_lines(path: str | os.PathLike) -> list[dict]:
     """The records of a JSON-lines file written by ``emit``; none if it does not exist."""
     path = Path(path)
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def some_of(value: str, allowed) -> list[str]:
+    """A comma-list option's names, each one of ``allowed``: one configuration each."""
+    names = value.split(",")
+    if set(names) - set(allowed):  # "" splits to [""]: refused here too
+        raise click.BadParameter(f"got {value}, expected some of {','.join(allowed)}")
+    return names
+
+
+def switches(ctx, param, value: str) -> list[str]:
+    """A click callback for an ``on``, ``off`` or ``on,off`` option."""
+    return some_of(value, ("on", "off"))
 
 
 def make_photos(root: str | os.PathLike, count: int, min_side: int = 1000,

@@ -211,7 +211,8 @@ def render_plot(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def tunings(db, thread_counts: str, hw_loads: str, prealloc_modes: str) -> list[dict]:
+def tunings(db, thread_counts: str, hw_loads: str, prealloc_modes: list[str]
+            ) -> list[dict]:
     """make_loader's DALI tuning arguments, one dict per combination asked for ({}: DALI's
     defaults). Preallocation hints: buffers for the largest image, so the decoders never
     grow them mid-run."""
@@ -220,7 +221,7 @@ def tunings(db, thread_counts: str, hw_loads: str, prealloc_modes: str) -> list[
     out = []
     for threads, load, pre in itertools.product(_ints(thread_counts) or [None],
                                                 [float(v) for v in hw_loads.split(",") if v]
-                                                or [None], prealloc_modes.split(",")):
+                                                or [None], prealloc_modes):
         t = {"dali_threads": threads, "hw_decoder_load": load,
              "decoder_hints": hints if pre == "on" else None}
         out.append({k: v for k, v in t.items() if v is not None})
@@ -253,6 +254,7 @@ def _ints(text: str) -> list[int]:
 @click.option("--batches", default=50, show_default=True, help="Batches per timed epoch.")
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--crc", "crc_modes", default="on", show_default=True,
+              callback=_common.switches,
               help="on, off or on,off: the crc32 check on every read (off: to measure its cost).")
 @click.option("--degradation", "degradations", default="nn", show_default=True,
               help="How LR is made: some of nn, bicubic, realesrgan (comma-separated).")
@@ -262,6 +264,7 @@ def _ints(text: str) -> list[int]:
               help="GPU decode: hardware decoder shares to try, e.g. 0.65,0.9,1 "
                    "[default: DALI's].")
 @click.option("--prealloc", "prealloc_modes", default="off", show_default=True,
+              callback=_common.switches,
               help="GPU decode: on,off = with and without preallocation hints sized to "
                    "the database's images.")
 @click.option("--cold/--no-cold", default=True, show_default=True,
@@ -309,7 +312,7 @@ def main(db, count, size, loaders, batch_sizes, worker_counts, patch, scale, dty
             for workers in budgets:
                 for name, crc, kind, tuning in (
                         (n, c, k, t) for n, c, k in itertools.product(
-                            names, crc_modes.split(","), kinds)
+                            names, crc_modes, kinds)
                         for t in ([{}] if n == "torch" else combos)):  # DALI's knobs only
                     d = copy.copy(database)  # the flag travels to the workers with it
                     d._check_crc = crc == "on"
@@ -319,7 +322,7 @@ def main(db, count, size, loaders, batch_sizes, worker_counts, patch, scale, dty
                     records.append(r | measure(d, name, bs, workers, args, kind, tuning)
                                    | {"env": env})
                     _common.emit(records[-1], out)
-        if "off" in crc_modes.split(","):
+        if "off" in crc_modes:
             records.append(common | {"kind": "crc_cost"} | crc_cost(database, repeats)
                            | {"env": env})
             _common.emit(records[-1], out)

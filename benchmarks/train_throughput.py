@@ -151,29 +151,23 @@ def measure(cfg, dev, steps: int, warmup: int, trace: Path | None = None,
             "cudagraph_skips": skips}
 
 
-def _some_of(value: str, allowed) -> list[str]:
-    names = value.split(",")
-    if set(names) - set(allowed):  # "" splits to [""]: refused here too
-        raise click.BadParameter(f"got {value}, expected some of {','.join(allowed)}")
-    return names
-
-
 def _switch(ctx, param, value: str) -> list[bool]:
-    return [n == "on" for n in _some_of(value, ("on", "off"))]
+    return [n == "on" for n in _common.switches(ctx, param, value)]
 
 
 def _graphs(ctx, param, value: str) -> list[bool | None]:
-    return [None if n == "auto" else n == "on" for n in _some_of(value, ("on", "off", "auto"))]
+    names = _common.some_of(value, ("on", "off", "auto"))
+    return [None if n == "auto" else n == "on" for n in names]
 
 
 def _compiles(ctx, param, value: str) -> list[str]:
     from srtrain.config import COMPILES
-    return _some_of(value, COMPILES)
+    return _common.some_of(value, COMPILES)
 
 
 def _outputs(ctx, param, value: str) -> list[str]:
     from srdata.loader_base import DALI_OUTPUTS
-    return _some_of(value, DALI_OUTPUTS)
+    return _common.some_of(value, DALI_OUTPUTS)
 
 
 @click.command()

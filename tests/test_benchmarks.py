@@ -230,6 +230,17 @@ def test_train_benchmark_comma_lists_name_what_they_take(monkeypatch):
     assert train_throughput._switch(None, None, "off,on") == [False, True]
 
 
+def test_loader_benchmark_switches_refuse_what_they_do_not_take(monkeypatch):
+    # "--crc of" once ran its rows as crc off and skipped the crc cost without a word
+    from click.testing import CliRunner
+    monkeypatch.syspath_prepend(str(BENCH))
+    import loader_throughput
+    for option, bad in (("--crc", "on,of"), ("--crc", "ON"), ("--prealloc", "yes")):
+        r = CliRunner().invoke(loader_throughput.main, [option, bad])
+        assert r.exit_code == 2 and f"got {bad}, expected some of on,off" in r.output, \
+            (option, r.output)
+
+
 def test_results_page_shows_short_epochs_in_seconds_and_the_runs_notes(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(BENCH))
     import render_results
