@@ -145,6 +145,21 @@ def some_of(value: str, allowed) -> list[str]:
     return names
 
 
+def numbers(value: str, kind=int, least=0, most=None) -> list:
+    """A comma-list option's numbers, each of ``kind`` in [least, most]: one configuration
+    each. A typo must stop the run here, not after minutes of building its database."""
+    try:
+        got = [kind(v) for v in value.split(",")]
+    except ValueError:
+        got = []
+    top = float("inf") if most is None else most
+    if not got or not all(least <= v <= top for v in got):  # nan too
+        span = f"from {least} to {most}" if most is not None else f"of at least {least}"
+        what = "integers" if kind is int else "numbers"
+        raise click.BadParameter(f"got {value}, expected comma-separated {what} {span}")
+    return got
+
+
 def switches(ctx, param, value: str) -> list[str]:
     """A click callback for an ``on``, ``off`` or ``on,off`` option."""
     return some_of(value, ("on", "off"))

@@ -211,7 +211,7 @@ def render_plot(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def tunings(db, thread_counts: str, hw_loads: str, prealloc_modes: list[str]
+def tunings(db, thread_counts: list[int], hw_loads: list[float], prealloc_modes: list[str]
             ) -> list[dict]:
     """make_loader's DALI tuning arguments, one dict per combination asked for ({}: DALI's
     defaults). Preallocation hints: buffers for the largest image, so the decoders never
@@ -219,9 +219,8 @@ def tunings(db, thread_counts: str, hw_loads: str, prealloc_modes: list[str]
     side = int(max(db.heights.max(), db.widths.max()))
     hints = {"preallocate_width_hint": side, "preallocate_height_hint": side}
     out = []
-    for threads, load, pre in itertools.product(_ints(thread_counts) or [None],
-                                                [float(v) for v in hw_loads.split(",") if v]
-                                                or [None], prealloc_modes):
+    for threads, load, pre in itertools.product(thread_counts or [None], hw_loads or [None],
+                                                prealloc_modes):
         t = {"dali_threads": threads, "hw_decoder_load": load,
              "decoder_hints": hints if pre == "on" else None}
         out.append({k: v for k, v in t.items() if v is not None})
@@ -232,8 +231,29 @@ def _shown(tuning: dict) -> dict:
     return {k: ("on" if k == "decoder_hints" else v) for k, v in tuning.items()}
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
+def _names(ctx, param, value: str) -> list[str]:
+    return _common.some_of(value, LOADERS)
+
+
+def _kinds(ctx, param, value: str) -> list[str]:
+    from srdata.sampler import DEGRADATIONS
+    return _common.some_of(value, DEGRADATIONS)
+
+
+def _sizes(ctx, param, value: str) -> list[int]:
+    return _common.numbers(value, least=1)
+
+
+def _budgets(ctx, param, value: str) -> list[int]:
+    return _common.numbers(value, least=0)
+
+
+def _threads(ctx, param, value: str) -> list[int]:
+    return _common.numbers(value, least=1) if value else []
+
+
+def _loads(ctx, param, value: str) -> list[float]:
+    return _common.numbers(value, float, least=0, most=1) if value else []
 
 
 @click.command()
@@ -242,9 +262,10 @@ def _ints(text: str) -> list[int]:
 @click.option("--count", default=10_000, show_default=True,
               help="Images in the database built when --db is not given.")
 @click.option("--size", default=512, show_default=True, help="Side of the built images.")
-@click.option("--loaders", default="dali,dali-roi,torch", show_default=True)
-@click.option("--batch-sizes", default="32,64", show_default=True)
-@click.option("--workers", "worker_counts", default="4,0", show_default=True,
+@click.option("--loaders", "names", default="dali,dali-roi,torch", show_default=True,
+              callback=_names)
+@click.option("--batch-sizes", default="32,64", show_default=True, callback=_sizes)
+@click.option("--workers", "worker_counts", default="4,0", show_default=True, callback=_budgets,
               help="CPU workers per loader; 0 means all cores but one.")
 @click.option("--patch", default=256, show_default=True, help="HR patch side.")
 @click.option("--scale", default=4, show_default=True)
@@ -256,11 +277,12 @@ def _ints(text: str) -> list[int]:
 @click.option("--crc", "crc_modes", default="on", show_default=True,
               callback=_common.switches,
               help="on, off or on,off: the crc32 check on every read (off: to measure its cost).")
-@click.option("--degradation", "degradations", default="nn", show_default=True,
+@click.option("--degradation", "kinds", default="nn", show_default=True, callback=_kinds,
               help="How LR is made: some of nn, bicubic, realesrgan (comma-separated).")
 @click.option("--dali-threads", "thread_counts", default="", show_default=True,
+              callback=_threads,
               help="DALI CPU threads to try (comma list; default: as many as workers).")
-@click.option("--hw-decoder-load", "hw_loads", default="", show_default=True,
+@click.option("--hw-decoder-load", "hw_loads", default="", show_default=True, callback=_loads,
               help="GPU decode: hardware decoder shares to try, e.g. 0.65,0.9,1 "
                    "[default: DALI's].")
 @click.option("--prealloc", "prealloc_modes", default="off", show_default=True,
@@ -275,25 +297,15 @@ def _ints(text: str) -> list[int]:
               help="Write a markdown table here.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a PNG bar chart here (needs matplotlib: pip install '.[bench]').")
-def main(db, count, size, loaders, batch_sizes, worker_counts, patch, scale, dtype, device,
-         batches, repeats, crc_modes, degradations, thread_counts, hw_loads, prealloc_modes,
+def main(db, count, size, names, batch_sizes, worker_counts, patch, scale, dtype, device,
+         batches, repeats, crc_modes, kinds, thread_counts, hw_loads, prealloc_modes,
          cold, out, md, plot):
     import torch
 
     from srdata.loader import resolve_device
-    names = [n for n in loaders.split(",") if n]
-    unknown = sorted(set(names) - set(LOADERS))
-    if unknown:
-        raise click.BadParameter(f"got {', '.join(unknown)}, expected some of "
-                                 f"{', '.join(LOADERS)}", param_hint="--loaders")
-    from srdata.sampler import DEGRADATIONS
-    kinds = [k for k in degradations.split(",") if k]
-    if not kinds or set(kinds) - set(DEGRADATIONS):
-        raise click.BadParameter(f"got {degradations}, expected some of "
-                                 f"{', '.join(DEGRADATIONS)}", param_hint="--degradation")
     env = _common.environment() | _common.accelerator_environment()
     cores = env["cpus"]
-    budgets = sorted({w or max(1, cores - 1) for w in _ints(worker_counts)})
+    budgets = sorted({w or max(1, cores - 1) for w in worker_counts})
     args = {"patch": patch, "scale": scale, "dtype": getattr(torch, dtype),
             "device": resolve_device(device), "batches": batches, "repeats": repeats}
     with tempfile.TemporaryDirectory(prefix="srpipe-bench-") as tmp:
@@ -308,7 +320,7 @@ def main(db, count, size, loaders, batch_sizes, worker_counts, patch, scale, dty
                   "scale": scale, "dtype": dtype, "device": str(args["device"])}
         records = []
         combos = tunings(database, thread_counts, hw_loads, prealloc_modes)
-        for bs in _ints(batch_sizes):
+        for bs in batch_sizes:
             for workers in budgets:
                 for name, crc, kind, tuning in (
                         (n, c, k, t) for n, c, k in itertools.product(
@@ -327,7 +339,7 @@ def main(db, count, size, loaders, batch_sizes, worker_counts, patch, scale, dty
                            | {"env": env})
             _common.emit(records[-1], out)
         if cold:
-            bs, workers = _ints(batch_sizes)[-1], budgets[-1]
+            bs, workers = batch_sizes[-1], budgets[-1]
             r = common | {"kind": "cold_warm", "loader": names[0], "batch_size": bs,
                           "workers": workers}
             records.append(r | cold_warm(database, names[0], bs, workers, args) | {"env": env})

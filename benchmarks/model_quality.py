@@ -37,49 +37,64 @@ def _table(records: list[dict]) -> str:
                      f"{r['psnr'] - r['psnr_bicubic']:+.2f} | {r['ssim']:.4f} | "
                      f"{r['img_per_s']:,.1f} | {r['seconds']:.0f} |")
     r, env = records[0], records[0]["env"]
+    rates = {x["model"]: x["lr"] for x in records}  # demo trains at its own 2e-3
+    lr = (f"lr {r['lr']:g}" if len(set(rates.values())) == 1 else
+          "lr " + ", ".join(f"{v:g} ({m})" for m, v in rates.items()))
     lines.append(f"\nBicubic: PSNR {r['psnr_bicubic']:.2f} dB, SSIM {r['ssim_bicubic']:.4f}. "
                  f"{env.get('gpu') or 'no GPU'}, {env['cpus']} CPUs, torch {env['torch']}, "
                  f"DALI {env.get('dali')}, {env['date'][:10]}; {r['epochs']} epochs of "
                  f"{r['images']} crops, patch {r['patch']}, batch {r['batch_size']}, "
-                 f"lr {r['lr']:g}, loader {r['loader']}.")
+                 f"{lr}, loader {r['loader']}.")
     return "\n".join(lines) + "\n"
 
 
+def _models(ctx, param, value: str) -> list[str]:
+    from srtrain.models import MODELS
+    return _common.some_of(value, (*MODELS, "demo"))
+
+
+def _kinds(ctx, param, value: str | None) -> list[str] | None:
+    from srdata.sampler import DEGRADATIONS
+    return None if value is None else _common.some_of(value, DEGRADATIONS)
+
+
 @click.command()
-@click.option("--models", default="srcnn,fast,light", show_default=True)
+@click.option("--models", default="srcnn,fast,light", show_default=True, callback=_models,
+              help="srtrain --model presets, or demo (the demo's own small RRDBNet).")
 @click.option("--epochs", default=30, show_default=True)
 @click.option("--lr", type=float, help="Peak learning rate  [default: srtrain's, 2e-4]")
 @click.option("--loader", default="auto", type=click.Choice(["auto", "dali", "torch"]),
               show_default=True)
-@click.option("--degradations", help="Train on each of these LR kinds and validate on each "
-              "(some of nn, bicubic, realesrgan).")
+@click.option("--degradations", callback=_kinds, help="Train on each of these LR kinds and "
+              "validate on each (some of nn, bicubic, realesrgan).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--md", type=click.Path(dir_okay=False, path_type=Path))
 def main(models, epochs, lr, loader, degradations, out, md):
     if degradations:
-        return degradation_matrix(models, epochs, lr, loader, degradations.split(","), out, md)
+        return degradation_matrix(models, epochs, lr, loader, degradations, out, md)
     from srtrain import demo
     from srtrain.config import TrainConfig
     from srtrain.models import build_model
     from srtrain.train import train
     env = _common.environment() | _common.accelerator_environment()
     loader = demo.resolve_loader(loader)
-    settings = {k: v for k, v in demo.TRAIN.items() if not k.startswith("num_")}
-    settings["lr"] = lr or TrainConfig.lr
     records = []
     with tempfile.TemporaryDirectory(prefix="srpipe-quality-") as tmp:
         tmp = Path(tmp)
         images, val = demo.make_data(tmp, demo.IMAGES, seed=0, progress=False)
-        for name in models.split(","):
+        for name in models:
+            settings = demo.preset_settings(name, lr)
             t0 = time.perf_counter()
             run = tmp / f"run-{name}"
             train(TrainConfig(db=str(tmp / "db"), val_db=str(tmp / "val-db"), out=str(run),
                               loader=loader, epochs=epochs, seed=0, val_images=val,
-                              val_every=epochs, progress=False, **(settings | {"model": name})))
+                              val_every=epochs, progress=False, **settings))
             r = demo.summarize(run)
+            model = build_model(settings["model"], demo.SCALE, settings.get("num_feat"),
+                                settings.get("num_block"), settings.get("num_grow_ch"))
             records.append({
                 "benchmark": "model_quality", "model": name,
-                "parameters": sum(p.numel() for p in build_model(name, demo.SCALE).parameters()),
+                "parameters": sum(p.numel() for p in model.parameters()),
                 "epochs": epochs, "images": images, "val_images": val, "loader": loader,
                 "patch": settings["patch"], "batch_size": settings["batch_size"],
                 "lr": settings["lr"],
@@ -123,14 +138,10 @@ def degradation_matrix(models, epochs, lr, loader, kinds, out, md) -> None:
     import torch
 
     from srdata.reader import open_db
-    from srdata.sampler import DEGRADATIONS
     from srtrain import checkpoint, demo
     from srtrain.config import TrainConfig
     from srtrain.train import train
     from srtrain.validate import ValSet, evaluate
-    if not kinds or set(kinds) - set(DEGRADATIONS):
-        raise click.BadParameter(f"got {','.join(kinds)}, expected some of "
-                                 f"{', '.join(DEGRADATIONS)}", param_hint="--degradations")
     env = _common.environment() | _common.accelerator_environment()
     loader = demo.resolve_loader(loader)
     records = []
@@ -140,7 +151,7 @@ def degradation_matrix(models, epochs, lr, loader, kinds, out, md) -> None:
         vdb = open_db(tmp / "val-db")
         vals = {k: ValSet(vdb, range(len(vdb)), demo.PATCH, demo.SCALE, n_val, degradation=k)
                 for k in kinds}
-        for name, trained in ((m, k) for m in models.split(",") for k in kinds):
+        for name, trained in ((m, k) for m in models for k in kinds):
             settings = demo.preset_settings(name, lr)
             run, t0 = tmp / f"run-{name}-{trained}", time.perf_counter()
             train(TrainConfig(db=str(tmp / "db"), val_db=str(tmp / "val-db"), out=str(run),

@@ -109,10 +109,14 @@ def measure(db: Path, repeats: int) -> dict:
             "peak_rss_mib": round(max(r[4] for r in runs) / 1024, 1)}
 
 
+def _formats(ctx, param, value: str) -> list[str]:
+    return _common.some_of(value, ("srpipe", "srpipe-v1", "basicsr"))
+
+
 @click.command()
 @click.option("--count", default=1_000_000, show_default=True, help="Records per database.")
 @click.option("--repeats", default=3, show_default=True)
-@click.option("--formats", default="srpipe,basicsr", show_default=True,
+@click.option("--formats", default="srpipe,basicsr", show_default=True, callback=_formats,
               help="Comma-separated: srpipe (this version's index), srpipe-v1, basicsr.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also append the JSON lines to this file.")
@@ -121,7 +125,7 @@ def measure(db: Path, repeats: int) -> dict:
 def main(count, repeats, formats, out, label):
     env = _common.environment()
     with tempfile.TemporaryDirectory(prefix="srpipe-open-") as tmp:
-        for name in formats.split(","):
+        for name in formats:
             t0 = time.perf_counter()
             if name == "basicsr":
                 db = build_basicsr(Path(tmp), count)

@@ -86,6 +86,7 @@ def summarize(runs: list[dict]) -> dict:
               help="Pack this folder instead of synthetic photos.")
 @click.option("--size", default=512, show_default=True)
 @click.option("--workers", "worker_counts", default="1,0", show_default=True,
+              callback=lambda ctx, param, value: _common.numbers(value, least=0),
               help="Comma-separated worker counts; 0 means all cores.")
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--warmup", default=1, show_default=True)
@@ -94,7 +95,7 @@ def summarize(runs: list[dict]) -> dict:
 def main(count, src, size, worker_counts, repeats, warmup, out):
     env = _common.environment()
     cores = env["cpus"]
-    counts = sorted({int(w) or cores for w in worker_counts.split(",")})
+    counts = sorted({w or cores for w in worker_counts})
     with tempfile.TemporaryDirectory(prefix="srpipe-bench-") as tmp:
         tmp = Path(tmp)
         if src is None:

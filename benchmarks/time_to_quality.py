@@ -167,8 +167,27 @@ def _title(s: dict, images: int, env: dict) -> str:
             f"epochs, batch {s['batch_size']} ({env.get('gpu') or 'CPU'})")
 
 
+RUNS = ("fixed", "progressive", "sample-ratio")
+
+
+def _model(ctx, param, value: str) -> str:
+    from srtrain.models import MODELS
+    names = ("demo", *MODELS)
+    if value not in names:
+        raise click.BadParameter(f"got {value}, expected one of {','.join(names)}")
+    return value
+
+
+def _runs(ctx, param, value: str) -> list[str]:
+    return _common.some_of(value, RUNS)
+
+
+def _targets(ctx, param, value: str | None) -> list[float] | None:
+    return None if value is None else _common.numbers(value, float)
+
+
 @click.command()
-@click.option("--model", default="demo", show_default=True,
+@click.option("--model", default="demo", show_default=True, callback=_model,
               help="demo (the demo's RRDBNet 32/2/16) or an srtrain --model preset.")
 @click.option("--images", default=160, show_default=True, help="Training crops (160 px).")
 @click.option("--epochs", default=24, show_default=True)
@@ -181,8 +200,9 @@ def _title(s: dict, images: int, env: dict) -> str:
                                        "--model demo, else srtrain's 2e-4]")
 @click.option("--loader", default="auto", type=click.Choice(["auto", "dali", "torch"]),
               show_default=True)
-@click.option("--runs", default="fixed,progressive,sample-ratio", show_default=True)
-@click.option("--targets", help="dB, comma-separated  [default: fixed final -0.3, -0.1]")
+@click.option("--runs", default=",".join(RUNS), show_default=True, callback=_runs)
+@click.option("--targets", callback=_targets,
+              help="dB, comma-separated  [default: fixed final -0.3, -0.1]")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--md", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path))
@@ -204,11 +224,10 @@ def main(model, images, epochs, patch, schedule, sample_ratio, batch_size, lr, l
     with tempfile.TemporaryDirectory(prefix="srpipe-ttq-") as tmp:
         tmp = Path(tmp)
         _, val = demo.make_data(tmp, images, seed=0, progress=False)
-        for name in runs.split(","):
+        for name in runs:
             done.append(run_one(name, tmp, base | variants[name], val, env, out))
     final = done[0]["points"][-1]["psnr"]
-    goals = ([float(t) for t in targets.split(",")] if targets
-             else [round(final - 0.3, 2), round(final - 0.1, 2)])
+    goals = targets or [round(final - 0.3, 2), round(final - 0.1, 2)]
     rows = summarize(done, goals)
     for r in rows:
         _common.emit(r, out)

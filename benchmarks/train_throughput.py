@@ -170,14 +170,29 @@ def _outputs(ctx, param, value: str) -> list[str]:
     return _common.some_of(value, DALI_OUTPUTS)
 
 
+def _models(ctx, param, value: str) -> list[str]:
+    from srtrain.models import MODELS
+    return _common.some_of(value, MODELS)
+
+
+def _loaders(ctx, param, value: str) -> list[str]:
+    from srdata.loader import LOADERS
+    return _common.some_of(value, (*LOADERS, "synthetic"))
+
+
+def _batch_sizes(ctx, param, value: str) -> list[int]:
+    return _common.numbers(value, least=1)
+
+
 @click.command()
 @click.option("--db", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--count", default=2048, show_default=True,
               help="Images in the database built when --db is not given.")
 @click.option("--size", default=512, show_default=True)
-@click.option("--models", default="esrgan,fast,srcnn", show_default=True)
-@click.option("--loaders", default="dali,torch", show_default=True)
-@click.option("--batch-sizes", default="32", show_default=True,
+@click.option("--models", default="esrgan,fast,srcnn", show_default=True, callback=_models)
+@click.option("--loaders", default="dali,torch", show_default=True, callback=_loaders,
+              help="Some of dali, torch, synthetic (the step alone).")
+@click.option("--batch-sizes", default="32", show_default=True, callback=_batch_sizes,
               help="Comma-separated; each one is its own configuration.")
 @click.option("--patch", default=256, show_default=True)
 @click.option("--scale", default=4, show_default=True)
@@ -215,13 +230,13 @@ def main(db, count, size, models, loaders, batch_sizes, patch, scale, amp, chann
     amp = resolve_amp(amp, dev)
     records = []
     with tempfile.TemporaryDirectory(prefix="srpipe-bench-") as tmp:
-        source = str(db) if db else ("one random batch" if loaders == "synthetic" else
+        alone = loaders == ["synthetic"]  # the step alone needs no database
+        source = str(db) if db else ("one random batch" if alone else
                                      f"synthetic {size}x{size} jpeg q95")
-        if loaders != "synthetic":  # the step alone needs no database
+        if not alone:
             db = db or _common.build_jpeg_db(tmp, count, size, min_size=patch)
         for name, loader, bs, how, graph, bench, tf, outputs in itertools.product(
-                models.split(","), loaders.split(","), [int(b) for b in batch_sizes.split(",")],
-                compile_, graphs, cudnn, tf32, dali_outputs):
+                models, loaders, batch_sizes, compile_, graphs, cudnn, tf32, dali_outputs):
             if loader != "dali" and outputs != dali_outputs[0]:
                 continue  # one row: the switch is DALI's
             outputs = outputs if loader == "dali" else None

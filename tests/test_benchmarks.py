@@ -241,6 +241,57 @@ def test_loader_benchmark_switches_refuse_what_they_do_not_take(monkeypatch):
             (option, r.output)
 
 
+def test_every_benchmark_refuses_a_mistyped_list_before_it_builds_anything(monkeypatch):
+    # these once built a database or trained first, then crashed with a traceback
+    # (--models srcn: after 30 s), misnamed a row (--formats srpipe2 ran as srpipe) or
+    # failed on a stray file (--formats basics: FileExistsError)
+    from click.testing import CliRunner
+    monkeypatch.syspath_prepend(str(BENCH))
+    import _common
+    import loader_throughput
+    import model_quality
+    import open_scale
+    import pack_throughput
+    import time_to_quality
+    import train_throughput
+    for main, option, bad, said in (
+            (train_throughput, "--models", "esrgn", "expected some of esrgan,"),
+            (train_throughput, "--loaders", "dali,torh", "expected some of dali,torch,synth"),
+            (train_throughput, "--batch-sizes", "3x", "expected comma-separated integers of at "
+                                                      "least 1"),
+            (train_throughput, "--batch-sizes", "32,0", "integers of at least 1"),
+            (loader_throughput, "--loaders", "dali,", "expected some of dali,dali-roi,torch"),
+            (loader_throughput, "--workers", "4,all", "integers of at least 0"),
+            (loader_throughput, "--dali-threads", "-1", "integers of at least 1"),
+            (loader_throughput, "--hw-decoder-load", "65", "numbers from 0 to 1"),
+            (loader_throughput, "--hw-decoder-load", "nan", "numbers from 0 to 1"),
+            (model_quality, "--models", "srcn", "expected some of esrgan,"),
+            (model_quality, "--degradations", "nn,bicubc", "expected some of nn,bicubic,"),
+            (time_to_quality, "--model", "esrgn", "expected one of demo,esrgan,"),
+            (time_to_quality, "--runs", "fixed,progresive", "expected some of fixed,progres"),
+            (time_to_quality, "--targets", "30.1,x", "comma-separated numbers of at least 0"),
+            (open_scale, "--formats", "srpipe,basics", "expected some of srpipe,srpipe-v1,"),
+            (pack_throughput, "--workers", "1,two", "integers of at least 0")):
+        r = CliRunner().invoke(main.main, [option, bad])
+        assert r.exit_code == 2 and f"got {bad}, " in r.output and said in r.output, \
+            (main.__name__, option, r.output)
+    assert _common.numbers("0.65,0.9,1", float, 0, 1) == [0.65, 0.9, 1.0]
+    assert _common.numbers("4,0") == [4, 0]
+    assert loader_throughput._threads(None, None, "") == []  # "": DALI's own count
+
+
+def test_quality_table_names_each_learning_rate_when_the_demo_is_among_presets(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import model_quality
+    row = {"model": "srcnn", "parameters": 7e4, "psnr": 21.4, "psnr_bicubic": 32.5,
+           "ssim": 0.7, "ssim_bicubic": 0.8, "img_per_s": 4.0, "seconds": 3, "epochs": 1,
+           "images": 160, "patch": 64, "batch_size": 8, "lr": 2e-4, "loader": "dali",
+           "env": {"cpus": 2, "torch": "2.13", "date": "2026-11-28"}}
+    assert "batch 8, lr 0.0002, loader" in model_quality._table([row])
+    both = model_quality._table([row, row | {"model": "demo", "lr": 2e-3}])
+    assert "lr 0.0002 (srcnn), 0.002 (demo), loader" in both
+
+
 def test_results_page_shows_short_epochs_in_seconds_and_the_runs_notes(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(BENCH))
     import render_results
