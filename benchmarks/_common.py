@@ -165,6 +165,22 @@ def switches(ctx, param, value: str) -> list[str]:
     return some_of(value, ("on", "off"))
 
 
+def batch_sizes(ctx, param, value: str) -> list[int]:
+    """A click callback for a comma list of batch sizes."""
+    return numbers(value, least=1)
+
+
+def worker_counts(ctx, param, value: str) -> list[int]:
+    """A click callback for a comma list of CPU worker counts (0: the script's "all")."""
+    return numbers(value, least=0)
+
+
+def degradations(ctx, param, value: str | None) -> list[str] | None:
+    """A click callback for a comma list of srtrain's ``--degradation`` kinds."""
+    from srdata.sampler import DEGRADATIONS
+    return None if value is None else some_of(value, DEGRADATIONS)
+
+
 def make_photos(root: str | os.PathLike, count: int, min_side: int = 1000,
                 max_side: int = 2000, seed: int = 0) -> list[Path]:
     """``count`` photo-like JPEGs (q95, each side in [min_side, max_side]) under ``root``.

@@ -235,19 +235,6 @@ def _names(ctx, param, value: str) -> list[str]:
     return _common.some_of(value, LOADERS)
 
 
-def _kinds(ctx, param, value: str) -> list[str]:
-    from srdata.sampler import DEGRADATIONS
-    return _common.some_of(value, DEGRADATIONS)
-
-
-def _sizes(ctx, param, value: str) -> list[int]:
-    return _common.numbers(value, least=1)
-
-
-def _budgets(ctx, param, value: str) -> list[int]:
-    return _common.numbers(value, least=0)
-
-
 def _threads(ctx, param, value: str) -> list[int]:
     return _common.numbers(value, least=1) if value else []
 
@@ -264,8 +251,10 @@ def _loads(ctx, param, value: str) -> list[float]:
 @click.option("--size", default=512, show_default=True, help="Side of the built images.")
 @click.option("--loaders", "names", default="dali,dali-roi,torch", show_default=True,
               callback=_names)
-@click.option("--batch-sizes", default="32,64", show_default=True, callback=_sizes)
-@click.option("--workers", "worker_counts", default="4,0", show_default=True, callback=_budgets,
+@click.option("--batch-sizes", default="32,64", show_default=True,
+              callback=_common.batch_sizes)
+@click.option("--workers", "worker_counts", default="4,0", show_default=True,
+              callback=_common.worker_counts,
               help="CPU workers per loader; 0 means all cores but one.")
 @click.option("--patch", default=256, show_default=True, help="HR patch side.")
 @click.option("--scale", default=4, show_default=True)
@@ -277,7 +266,8 @@ def _loads(ctx, param, value: str) -> list[float]:
 @click.option("--crc", "crc_modes", default="on", show_default=True,
               callback=_common.switches,
               help="on, off or on,off: the crc32 check on every read (off: to measure its cost).")
-@click.option("--degradation", "kinds", default="nn", show_default=True, callback=_kinds,
+@click.option("--degradation", "kinds", default="nn", show_default=True,
+              callback=_common.degradations,
               help="How LR is made: some of nn, bicubic, realesrgan (comma-separated).")
 @click.option("--dali-threads", "thread_counts", default="", show_default=True,
               callback=_threads,

@@ -52,12 +52,6 @@ def _models(ctx, param, value: str) -> list[str]:
     from srtrain.models import MODELS
     return _common.some_of(value, (*MODELS, "demo"))
 
-
-def _kinds(ctx, param, value: str | None) -> list[str] | None:
-    from srdata.sampler import DEGRADATIONS
-    return None if value is None else _common.some_of(value, DEGRADATIONS)
-
-
 @click.command()
 @click.option("--models", default="srcnn,fast,light", show_default=True, callback=_models,
               help="srtrain --model presets, or demo (the demo's own small RRDBNet).")
@@ -65,8 +59,9 @@ def _kinds(ctx, param, value: str | None) -> list[str] | None:
 @click.option("--lr", type=float, help="Peak learning rate  [default: srtrain's, 2e-4]")
 @click.option("--loader", default="auto", type=click.Choice(["auto", "dali", "torch"]),
               show_default=True)
-@click.option("--degradations", callback=_kinds, help="Train on each of these LR kinds and "
-              "validate on each (some of nn, bicubic, realesrgan).")
+@click.option("--degradations", callback=_common.degradations,
+              help="Train on each of these LR kinds and validate on each "
+                   "(some of nn, bicubic, realesrgan).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--md", type=click.Path(dir_okay=False, path_type=Path))
 def main(models, epochs, lr, loader, degradations, out, md):
@@ -86,12 +81,13 @@ def main(models, epochs, lr, loader, degradations, out, md):
             settings = demo.preset_settings(name, lr)
             t0 = time.perf_counter()
             run = tmp / f"run-{name}"
-            train(TrainConfig(db=str(tmp / "db"), val_db=str(tmp / "val-db"), out=str(run),
+            cfg = TrainConfig(db=str(tmp / "db"), val_db=str(tmp / "val-db"), out=str(run),
                               loader=loader, epochs=epochs, seed=0, val_images=val,
-                              val_every=epochs, progress=False, **settings))
+                              val_every=epochs, progress=False, **settings)
+            train(cfg)
             r = demo.summarize(run)
-            model = build_model(settings["model"], demo.SCALE, settings.get("num_feat"),
-                                settings.get("num_block"), settings.get("num_grow_ch"))
+            model = build_model(cfg.model, cfg.scale, cfg.num_feat, cfg.num_block,
+                                cfg.num_grow_ch)
             records.append({
                 "benchmark": "model_quality", "model": name,
                 "parameters": sum(p.numel() for p in model.parameters()),

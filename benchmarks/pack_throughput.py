@@ -86,7 +86,7 @@ def summarize(runs: list[dict]) -> dict:
               help="Pack this folder instead of synthetic photos.")
 @click.option("--size", default=512, show_default=True)
 @click.option("--workers", "worker_counts", default="1,0", show_default=True,
-              callback=lambda ctx, param, value: _common.numbers(value, least=0),
+              callback=_common.worker_counts,
               help="Comma-separated worker counts; 0 means all cores.")
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--warmup", default=1, show_default=True)

@@ -179,11 +179,6 @@ def _loaders(ctx, param, value: str) -> list[str]:
     from srdata.loader import LOADERS
     return _common.some_of(value, (*LOADERS, "synthetic"))
 
-
-def _batch_sizes(ctx, param, value: str) -> list[int]:
-    return _common.numbers(value, least=1)
-
-
 @click.command()
 @click.option("--db", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--count", default=2048, show_default=True,
@@ -192,7 +187,7 @@ def _batch_sizes(ctx, param, value: str) -> list[int]:
 @click.option("--models", default="esrgan,fast,srcnn", show_default=True, callback=_models)
 @click.option("--loaders", default="dali,torch", show_default=True, callback=_loaders,
               help="Some of dali, torch, synthetic (the step alone).")
-@click.option("--batch-sizes", default="32", show_default=True, callback=_batch_sizes,
+@click.option("--batch-sizes", default="32", show_default=True, callback=_common.batch_sizes,
               help="Comma-separated; each one is its own configuration.")
 @click.option("--patch", default=256, show_default=True)
 @click.option("--scale", default=4, show_default=True)
