@@ -10,24 +10,27 @@ most valuable first, so that a budget that runs out loses the least:
 1. ``headline``: esrgan's train img/s fed by each loader and on synthetic data, and the
    seconds per epoch of the users' 10K images that follow (srtrain's defaults: on a GPU
    ``--compile auto``, the blocks compiled and replayed as CUDA graphs);
-2. ``loaders``: loader throughput (dali, dali ROI decode, torch; 4 workers and all cores);
-3. ``tuning``: ``dali-roi`` (the default) at all cores with DALI's knobs (hw_decoder_load,
+2. ``fetch``: the host's own time in one fetch of a batch, each loader ahead of the step
+   (``fetch_host.py``; nearest-neighbour and Real-ESRGAN LR), what a CUDA-graph step
+   leaves the GPU idle for;
+3. ``loaders``: loader throughput (dali, dali ROI decode, torch; 4 workers and all cores);
+4. ``tuning``: ``dali-roi`` (the default) at all cores with DALI's knobs (hw_decoder_load,
    preallocation hints);
-4. ``compile``: esrgan's step alone under torch.compile per block, without and with CUDA
+5. ``compile``: esrgan's step alone under torch.compile per block, without and with CUDA
    graphs; the faster fed by DALI (the epoch it gives); then the whole model compiled (the
    levers toward its goal);
-5. ``kernels``: the same step with cudnn.benchmark and TF32 (at fp32) on and off, and where
+6. ``kernels``: the same step with cudnn.benchmark and TF32 (at fp32) on and off, and where
    its time goes (``op_table.txt``);
-6. ``train``: the other presets fed by each loader (on a GPU, DALI both ways it can hand
+7. ``train``: the other presets fed by each loader (on a GPU, DALI both ways it can hand
    over a batch: synchronised with the host, and on the step's CUDA stream);
-7. ``batch``: one model's img/s and peak memory over a range of batch sizes;
-8. ``ttq``: time to quality, validation PSNR against wall time for a fixed patch, a
+8. ``batch``: one model's img/s and peak memory over a range of batch sizes;
+9. ``ttq``: time to quality, validation PSNR against wall time for a fixed patch, a
    progressive patch schedule and ``--sample-ratio 0.3`` (esrgan on a GPU);
-9. ``degradations``: loader img/s (dali, torch; all cores) making the LR by nearest
-   neighbour, MATLAB bicubic and Real-ESRGAN's degradation;
-10. ``codecs``: jpeg q90/q95/q100, png, raw (``--codecs`` picks): bytes and PSNR, and DALI
+10. ``degradations``: loader img/s (dali, torch; all cores) making the LR by nearest
+    neighbour, MATLAB bicubic and Real-ESRGAN's degradation;
+11. ``codecs``: jpeg q90/q95/q100, png, raw (``--codecs`` picks): bytes and PSNR, and DALI
     and torch img/s;
-11. ``quality``: each model preset's validation PSNR over bicubic after the demo's training.
+12. ``quality``: each model preset's validation PSNR over bicubic after the demo's training.
 
 The GPU default (``--preset full``) leaves out codecs (CPU-side) and quality (presets
 already ranked); ``--parts codecs,quality`` runs them. Every part uses one database, packed
@@ -63,6 +66,7 @@ USERS_EPOCH, USERS_SECONDS = 10_000, 7200  # the starting point: 2 h per epoch o
 # each part, in the order the parts run, and the result files it writes (besides its .md,
 # .png and logs/PART.log)
 PARTS = {"headline": ["train_esrgan.jsonl", "headline.jsonl"],
+         "fetch": ["fetch_host.jsonl"],
          "loaders": ["loader_throughput.jsonl"],
          "tuning": ["loader_tuning.jsonl"],
          "compile": ["compile.jsonl"],
@@ -74,7 +78,7 @@ PARTS = {"headline": ["train_esrgan.jsonl", "headline.jsonl"],
          "codecs": ["codec_compare.jsonl", "codec_loaders.jsonl"],
          "quality": ["model_quality.jsonl"]}
 # codecs: CPU-side; quality: presets ranked already
-GPU_PARTS = "headline,loaders,tuning,compile,kernels,train,batch,ttq,degradations"
+GPU_PARTS = "headline,fetch,loaders,tuning,compile,kernels,train,batch,ttq,degradations"
 STEP_TIMEOUT = 240  # s: a hung step costs at most this much of a GPU session
 CODECS = [("jpeg", 90), ("jpeg", 95), ("jpeg", 100), ("png", 95), ("raw", 95)]
 PRESETS = {
@@ -97,7 +101,8 @@ PRESETS = {
              "degradation_loaders": "dali,torch",
              # fourth session: dali fed srcnn at 71%, a fixed 3-6 ms a batch; both hand-overs
              "dali_outputs": "host,stream",
-             "est": {"db": 40, "headline": 130, "loaders": 70, "tuning": 50, "kernels": 80,
+             "fetches": 20, "pause": 0.2,
+             "est": {"db": 40, "headline": 130, "fetch": 60, "loaders": 70, "tuning": 50, "kernels": 80,
                      "tf32": 90, "compile": 100, "compile_fed": 120, "compile_model": 160,
                      "train": 200,
                      "batch": 150, "ttq": 150, "degradations": 200, "codecs": 60,
@@ -108,11 +113,12 @@ PRESETS = {
             "steps": 6, "warmup": 1, "batches": 20, "codec_count": 700, "photos": 24,
             "models": "fast,srcnn", "workers": "1", "cold": True, "timeout": 2400,
             # the kernel switches act on CUDA only; DALI's knobs are GPU decoder ones
-            "parts": "headline,loaders,train,batch,ttq,degradations,codecs,quality",
+            "parts": "headline,fetch,loaders,train,batch,ttq,degradations,codecs,quality",
             "batch_model": "fast", "batch_sizes": "1,2,4,8", "codecs": CODECS,
             "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
             "degradation_loaders": "dali,torch", "dali_outputs": "host",  # no CUDA stream
-            "est": {"db": 120, "headline": 200, "loaders": 200, "kernels": 0, "compile": 0,
+            "fetches": 10, "pause": 1.0,  # DALI's CPU threads make the LR meanwhile
+            "est": {"db": 120, "headline": 200, "fetch": 120, "loaders": 200, "kernels": 0, "compile": 0,
                     "train": 150, "batch": 100, "ttq": 900, "degradations": 300,
                     "codecs": 150,
                     "quality": 1500}},
@@ -120,12 +126,13 @@ PRESETS = {
     "quick": {"count": 48, "size": 96, "patch": 48, "batch": 4, "train_batch": 2, "steps": 2,
               "warmup": 1, "batches": 3, "codec_count": 16, "photos": 4,
               "models": "srcnn", "workers": "1", "cold": True, "timeout": STEP_TIMEOUT,
-              "parts": "headline,loaders,kernels,train,batch,ttq,degradations",
+              "parts": "headline,fetch,loaders,kernels,train,batch,ttq,degradations",
               "batch_model": "srcnn", "batch_sizes": "1,2", "codecs": [("jpeg", 95), ("raw", 95)],
               "quality_models": "srcnn", "quality_epochs": 1,
               "degradation_loaders": "dali",  # three pipeline builds: the plumbing only
               "dali_outputs": "host",
-              "est": {"db": 5, "headline": 15, "loaders": 15, "kernels": 10, "compile": 0,
+              "fetches": 2, "pause": 0.05,
+              "est": {"db": 5, "headline": 15, "fetch": 10, "loaders": 15, "kernels": 10, "compile": 0,
                       "train": 10, "batch": 10, "ttq": 20, "degradations": 15,
                       "codecs": 10, "quality": 15}},
 }
@@ -231,7 +238,7 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
     # esrgan's step alone on one pre-made batch: the rows that set srtrain's defaults
     alone = [py, "train_throughput.py", "--loaders", "synthetic", "--models", "esrgan",
              "--batch-sizes", p["train_batch"], *train]
-    needs_db = {"headline", "loaders", "tuning", "compile", "train", "batch", "degradations"}
+    needs_db = {"headline", "fetch", "loaders", "tuning", "compile", "train", "batch", "degradations"}
     db = s.db(p["count"]) if needs_db & set(parts) else None
     # the step fed from the database by a loader (used where db is not None)
     fed = [py, "train_throughput.py", "--db", db, *train, *train_workers]
@@ -243,6 +250,12 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
             s.run("headline", *fed, "--models", "esrgan", "--loaders", "dali,torch",
                   "--batch-sizes", p["train_batch"], "--out", out / "train_esrgan.jsonl")
             headline(out)
+        if part == "fetch" and db:
+            s.run("fetch", py, "fetch_host.py", "--db", db, "--loaders", "dali,torch",
+                  "--degradation", "nn,realesrgan", "--batch-sizes", p["train_batch"],
+                  "--patch", p["patch"], "--workers", workers or 0, "--fetches", p["fetches"],
+                  "--pause", p["pause"], "--out", out / "fetch_host.jsonl",
+                  "--md", out / "fetch_host.md")
         if part == "loaders" and db:
             s.run("loaders", py, "loader_throughput.py", "--db", db, "--loaders",
                   "dali,dali-roi,torch", "--batch-sizes", p["batch"], "--workers",

@@ -2,7 +2,7 @@
 
     python benchmarks/render_results.py benchmarks/results/<gpu>-<date>
 
-Reads whichever of these exist: headline.jsonl, loader_throughput.{md,png},
+Reads whichever of these exist: headline.jsonl, fetch_host.md, loader_throughput.{md,png},
 train_esrgan.jsonl, train_throughput.jsonl, kernels.jsonl, compile.jsonl, batch_sizes.jsonl,
 codec_compare.jsonl, codec_loaders.jsonl, loader_degradation.md, model_quality.md,
 suite.jsonl, environment.json, and notes.md (how the run went, by hand: shown under the
@@ -221,6 +221,11 @@ def render(out: Path) -> Path:
         if any(h["loader"] == "synthetic" for h in heads):
             md += ["`synthetic`: the step alone on a pre-made batch, what a loader that costs "
                    "nothing would give.", ""]
+    md += _file_section(
+        out, "fetch_host", "Host time per fetch", "The main thread's own time in one "
+        "`next()` of a loader that is ahead of the step (`fetch_host.py`: a pause before each "
+        "fetch lets the workers and the pipeline finish): under a CUDA-graph step the GPU "
+        "waits about this long for every batch.")
     md += _file_section(out, "loader_throughput", "Loader throughput", image="loaders")
     md += _file_section(
         out, "loader_tuning", "DALI tuning", "`dali` at all cores with DALI's knobs: its CPU "

@@ -1,7 +1,7 @@
 """``loader="dali"``: decode, crop, flip and downscale on the GPU with NVIDIA DALI.
 
-Python worker processes (DALI's parallel external source) read each sample's encoded bytes
-from LMDB and hand over the sampler's crop and flips; everything after that runs in DALI:
+Python worker processes (DALI's parallel external source) read each batch's encoded bytes
+from LMDB and hand over the sampler's crops and flips; everything after that runs in DALI:
 ``mixed`` decode on a GPU (``cpu`` without one, ``device_id=None``, the same graph CI
 tests), slice, flips, transpose and the downscale: nearest neighbour, MATLAB bicubic or
 Real-ESRGAN's degradation (``srdata.dali_degrade``, the parameters from the source's
@@ -49,10 +49,12 @@ def decoder_args(gpu: bool, hw_decoder_load: float | None, hints: dict | None) -
                 else hw_decoder_load)
 
 
-def _decode_patch(data, anchor, flags, size: int, gpu: bool, roi: bool, dec: dict):
-    """An encoded record -> its ``size``-px patch at ``anchor`` (only that region decoded
-    with ``roi``), flipped and transposed as ``flags`` say."""
-    shape = np.array([size, size], np.int32)
+def _decode_patch(data, where, flags, size: int, gpu: bool, roi: bool, dec: dict):
+    """An encoded record, zero-padded -> its ``size``-px patch (only that region decoded
+    with ``roi``), flipped and transposed as ``flags`` say; ``where``: the record's length,
+    then the patch's top and left (dali_source._records)."""
+    data = fn.slice(data, start=[0], shape=where[0:1], axes=[0])
+    anchor, shape = where[1:3], np.array([size, size], np.int32)
     device = "mixed" if gpu else "cpu"
     if roi:
         img = fn.decoders.image_slice(data, anchor, shape, axis_names="HW", device=device,
@@ -66,18 +68,24 @@ def _decode_patch(data, anchor, flags, size: int, gpu: bool, roi: bool, dec: dic
     return img
 
 
+# The sources (srdata.dali_source) make whole batches, each in one worker process: as many
+# batches ahead as there are workers keeps them all busy
+_SOURCE_ARGS = dict(batch=True, batch_info=True, parallel=True)
+
+
 def _paired_pipeline(source, hr_raw, lr_raw, patch, scale, gpu, roi, workers, dec):
     """Both patches decoded and cut in the graph (raw ones arrive cut); no downscale."""
     sides = ((hr_raw, patch), (lr_raw, patch // scale))
-    # per side a cut patch, or an encoded record and its anchor; then the shared flips
+    # per side a cut patch, or an encoded record and where to cut it; then the shared flips
     dtypes = [t for raw, _ in sides
               for t in ((types.UINT8,) if raw else (types.UINT8, types.INT32))]
     dtypes.append(types.INT32)
 
     @pipeline_def(enable_conditionals=True, py_num_workers=workers, py_start_method="spawn")
     def paired_pipeline():
-        outs = list(fn.external_source(source=source, num_outputs=len(dtypes), batch=False,
-                                       parallel=True, dtype=dtypes))
+        outs = list(fn.external_source(source=source, num_outputs=len(dtypes),
+                                       **_SOURCE_ARGS, prefetch_queue_depth=workers,
+                                       dtype=dtypes))
         flags = outs.pop()
         patches = []
         for raw, size in sides:
@@ -85,8 +93,8 @@ def _paired_pipeline(source, hr_raw, lr_raw, patch, scale, gpu, roi, workers, de
                 data = outs.pop(0)
                 patches.append(data.gpu() if gpu else data)
                 continue
-            data, anchor = outs.pop(0), outs.pop(0)
-            patches.append(_decode_patch(data, anchor, flags, size, gpu, roi, dec))
+            data, where = outs.pop(0), outs.pop(0)
+            patches.append(_decode_patch(data, where, flags, size, gpu, roi, dec))
         hr, lr = patches
         return lr, hr
 
@@ -105,19 +113,17 @@ def _sr_pipeline(source, raw, patch, scale, gpu, roi, workers, dec, degradation=
     @pipeline_def(enable_conditionals=True, py_num_workers=workers, py_start_method="spawn")
     def sr_pipeline():
         if raw:  # cut and flipped by the source already
-            if names:
-                data, *params = fn.external_source(
-                    source=source, num_outputs=1 + len(names), batch=False, parallel=True,
-                    dtype=[types.UINT8, *extra])
-            else:
-                data, params = fn.external_source(source=source, batch=False, parallel=True,
-                                                  dtype=types.UINT8, layout="HWC"), []
+            data, *params = fn.external_source(
+                source=source, num_outputs=1 + len(names), **_SOURCE_ARGS,
+                prefetch_queue_depth=workers, dtype=[types.UINT8, *extra],
+                layout=["HWC"] + [""] * len(names))
             hr = data.gpu() if gpu else data
         else:
-            data, anchor, flags, *params = fn.external_source(
-                source=source, num_outputs=3 + len(names), batch=False, parallel=True,
+            data, where, flags, *params = fn.external_source(
+                source=source, num_outputs=3 + len(names), **_SOURCE_ARGS,
+                prefetch_queue_depth=workers,
                 dtype=[types.UINT8, types.INT32, types.INT32, *extra])
-            hr = _decode_patch(data, anchor, flags, patch, gpu, roi, dec)
+            hr = _decode_patch(data, where, flags, patch, gpu, roi, dec)
         if degradation == "bicubic":
             lr = dd.bicubic_downscale(hr, patch, scale)
         elif names:

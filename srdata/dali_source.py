@@ -20,15 +20,21 @@ from .sampler import HFLIP, ID, TRANSPOSE, X, Y, RowParams, crop_and_flip, lr_ro
 
 
 class PatchSource:
-    """The per-sample callback of the external source; picklable and stateless per sample.
+    """The batch callback of the external source; picklable, and stateless per batch.
 
-    Sample ``info.idx_in_epoch`` of DALI epoch ``info.epoch_idx`` is row
-    ``idx_in_epoch + skip`` of sampler epoch ``first_epoch + epoch_idx`` (``skip`` rows, a
-    resumed run's already-seen batches, apply to the first epoch only). Raw records are cut
-    here, at no cost; encoded ones go whole to the decoder with the crop as arguments.
-    ``realesrgan_scale``: also hand over the row's Real-ESRGAN degradation inputs
+    Batch ``info.iteration`` of DALI epoch ``info.epoch_idx`` is rows ``iteration *
+    batch_size + skip`` onwards of sampler epoch ``first_epoch + epoch_idx`` (``skip`` rows,
+    a resumed run's already-seen batches, apply to the first epoch only). Raw records are
+    cut here, at no cost; encoded ones go whole to the decoder with the crops as arguments.
+    ``realesrgan_scale``: also hand over the rows' Real-ESRGAN degradation inputs
     (``dali_degrade.dali_inputs`` of the sampler's parameters, in ``INPUTS`` order) for LR
     at this scale; 0: none. Only then do the workers import torch (for the sinc kernels).
+
+    Whole batches, one array per output, not samples: DALI's main thread unpacks and
+    feeds every sample of every output of a per-sample source in Python, time the GPU
+    waits under a CUDA-graph step. Batches cut the host's time per fetch from 3.8 to
+    1.3 ms (32 JPEGs) and from 16.3 to 7.4 ms (Real-ESRGAN's 20 more inputs) on the CI
+    VM (benchmarks/fetch_host.py, results/cpu2-2026-11-28-fetch).
     """
 
     def __init__(self, db, sampler, first_epoch: int, skip: int, padded_len: int,
@@ -36,7 +42,7 @@ class PatchSource:
         self._shared = Handoff((db, sampler))  # their arrays grow with the database
         self.first_epoch, self.skip, self.padded_len = first_epoch, skip, padded_len
         self.realesrgan_scale = realesrgan_scale
-        self._epoch, self._rows, self._params, self._j = None, None, None, 0
+        self._epoch, self._rows, self._params = None, None, None
         # DALI starts the worker processes from the thread that builds the pipeline: this one
         self._parent, self._pid = os.getpid(), os.getpid()
         self._by_main_thread = threading.current_thread() is threading.main_thread()
@@ -49,42 +55,77 @@ class PatchSource:
     def sampler(self):
         return self._shared.get()[1]
 
-    def _row(self, info) -> np.ndarray:
-        """The sampler's row for this sample (StopIteration past the epoch's end)."""
+    def _batch(self, info) -> np.ndarray:
+        """The indices into the epoch's plan of this batch's rows (StopIteration past the
+        epoch's end); a short last batch is padded with the epoch's last row."""
         if self._pid != os.getpid():  # first call in a worker process
             self._pid = os.getpid()
             die_with_parent(self._parent, self._by_main_thread)
-        epoch = self.first_epoch + info.epoch_idx
-        j = info.idx_in_epoch + (self.skip if info.epoch_idx == 0 else 0)
+        epoch, size = self.first_epoch + info.epoch_idx, self.sampler.batch_size
+        j = info.iteration * size + (self.skip if info.epoch_idx == 0 else 0)
         if j >= self.padded_len:
             raise StopIteration
         if self._epoch != epoch:
             self._epoch, self._rows = epoch, self.sampler.plan(epoch)
             self._params = RowParams(self.sampler, epoch)
-        self._j = min(j, len(self._rows) - 1)  # a short last batch is padded
-        return self._rows[self._j]
+        return np.minimum(np.arange(j, j + size), len(self._rows) - 1)
 
-    def _degradation_inputs(self) -> tuple:
-        """The current row's Real-ESRGAN inputs, or nothing without that degradation."""
+    def _degradation_inputs(self, idx: np.ndarray) -> tuple:
+        """The rows' Real-ESRGAN inputs, or nothing without that degradation."""
         if not self.realesrgan_scale:
             return ()
         from .dali_degrade import dali_inputs
-        p = self._params.rows(self._j, self._j + 1)
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
         patch = self.sampler.patch
-        return tuple(np.array(a[0]) for a in  # 0-d arrays: DALI takes no numpy scalars
-                     dali_inputs(p, patch, patch, self.realesrgan_scale).values())
+        inputs = dali_inputs(self._params.rows(lo, hi), patch, patch, self.realesrgan_scale)
+        return tuple(np.ascontiguousarray(a[idx - lo]) for a in inputs.values())
 
     def __call__(self, info):
-        row = self._row(info)
-        flags = row[HFLIP:TRANSPOSE + 1].astype(np.int32)
-        extra = self._degradation_inputs()
-        if self.db.codec == "raw":
-            patch = crop_and_flip(self.db.image(int(row[ID])), row, self.sampler.patch)
-            return (patch, *extra) if extra else patch
-        value = self.db.read(int(row[ID]))
-        _check_header(self.db, int(row[ID]), value)
-        return (np.frombuffer(value, np.uint8), np.array([row[Y], row[X]], np.int32), flags,
-                *extra)
+        idx = self._batch(info)
+        rows, db, patch = self._rows[idx], self.db, self.sampler.patch
+        extra = self._degradation_inputs(idx)
+        if db.codec == "raw":
+            # a tuple even alone: DALI 2.4's workers cannot send a bare array as a batch
+            return (_cut(db, rows, rows[:, ID], patch), *extra)
+        return (*_records(db, rows[:, ID], rows), _flags(rows), *extra)
+
+
+def _flags(rows: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(rows[:, HFLIP:TRANSPOSE + 1], np.int32)
+
+
+def _cut(db, rows, ids, size: int) -> np.ndarray:
+    """The raw records ``ids`` cut and flipped as ``rows`` say: one (n, size, size, C)
+    array."""
+    out = None
+    for k, (row, i) in enumerate(zip(rows, ids)):
+        patch = crop_and_flip(db.image(int(i)), row, size)
+        if out is None:
+            out = np.empty((len(rows), *patch.shape), np.uint8)
+        out[k] = patch
+    return out
+
+
+def _records(db, ids, rows) -> tuple:
+    """The encoded records ``ids``, their headers checked against the index, and where to
+    cut them: ``(records, where)``, ``where`` an (n, 3) int32 array of each record's
+    length and the crop's top and left (``rows``).
+
+    ``records`` is one (n, longest) array, each record zero-padded (the graph cuts it to
+    its length): one array costs DALI's main thread the same at any batch size, a list of
+    n arrays about 20 us more per record. Where padding would more than double the bytes (one
+    large image among small ones), a list of the records as they are."""
+    values = [db.read(int(i)) for i in ids]
+    for i, value in zip(ids, values):
+        _check_header(db, int(i), value)
+    lengths = np.array([len(v) for v in values], np.int32)
+    where = np.stack([lengths, rows[:, Y], rows[:, X]], axis=1).astype(np.int32)
+    if lengths.max() * len(values) > 2 * lengths.sum():
+        return [np.frombuffer(v, np.uint8) for v in values], where
+    padded = np.zeros((len(values), lengths.max()), np.uint8)
+    for k, v in enumerate(values):
+        padded[k, :len(v)] = np.frombuffer(v, np.uint8)
+    return padded, where
 
 
 def _check_header(db, i: int, value: bytes) -> None:
@@ -101,8 +142,9 @@ def _check_header(db, i: int, value: bytes) -> None:
 
 
 class PairedSource(PatchSource):
-    """PatchSource for paired databases: per side (HR, then LR) the cut patch of a raw
-    record, or an encoded record and its crop anchor; then the flips, shared by both."""
+    """PatchSource for paired databases: per side (HR, then LR) the cut patches of raw
+    records, or encoded records and where to cut them (``_records``); then the flips,
+    shared by both."""
 
     def __init__(self, db, lr, sampler, scale: int, first_epoch: int, skip: int,
                  padded_len: int):
@@ -114,16 +156,15 @@ class PairedSource(PatchSource):
         return self._lr.get()
 
     def __call__(self, info):
-        row = self._row(info)
-        i, patch = int(row[ID]), self.sampler.patch
+        idx = self._batch(info)  # first: it reads the epoch's plan into self._rows
+        rows, patch = self._rows[idx], self.sampler.patch
+        lr_rows = np.stack([lr_row(r, self.scale) for r in rows])
         out = []
-        for db, k, r, size in ((self.db, i, row, patch),
-                               (self.lr.db, int(self.lr.ids[i]), lr_row(row, self.scale),
-                                patch // self.scale)):
+        for db, ids, r, size in ((self.db, rows[:, ID], rows, patch),
+                                 (self.lr.db, self.lr.ids[rows[:, ID]], lr_rows,
+                                  patch // self.scale)):
             if db.codec == "raw":
-                out.append(crop_and_flip(db.image(k), r, size))
+                out.append(_cut(db, r, ids, size))
             else:
-                value = db.read(k)
-                _check_header(db, k, value)
-                out += [np.frombuffer(value, np.uint8), np.array([r[Y], r[X]], np.int32)]
-        return (*out, row[HFLIP:TRANSPOSE + 1].astype(np.int32))
+                out += _records(db, ids, r)
+        return (*out, _flags(rows))

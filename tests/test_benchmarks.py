@@ -95,11 +95,12 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
     steps = [json.loads(x) for x in (out / "suite.jsonl").read_text().splitlines()]
     assert steps and all(s["ok"] and not s.get("skipped") for s in steps), steps
     # the quick default (the GPU one less DALI tuning and compile), most valuable first
-    assert list(dict.fromkeys(s["part"] for s in steps)) == ["db", "headline", "loaders",
-                                                             "kernels", "train", "batch", "ttq",
-                                                             "degradations"]
+    assert list(dict.fromkeys(s["part"] for s in steps)) == ["db", "headline", "fetch",
+                                                             "loaders", "kernels", "train",
+                                                             "batch", "ttq", "degradations"]
     md = (out / "results.md").read_text()
-    for section in ("## Headline", "## Loader throughput", "## Training throughput",
+    assert "| dali | jpeg | realesrgan | 2 | 1 |" in md  # the host's time per fetch
+    for section in ("## Headline", "## Host time per fetch", "## Loader throughput", "## Training throughput",
                     "## Kernel switches", "## Batch size", "## LR degradations", "quick mode",
                     "--preset quick"):
         assert section in md
@@ -134,7 +135,7 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
 def test_gpu_suite_names_an_unknown_part_or_codec(tmp_path):
     r = subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), "--parts", "train,nope",
                         "--out", tmp_path], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "got nope, expected some of headline,loaders," in r.stderr
+    assert r.returncode == 2 and "got nope, expected some of headline,fetch,loaders," in r.stderr
     for bad, said in (("raw", "got 'raw', expected CODEC:QUALITY pairs"),
                       ("webp:90", "got webp, expected some of jpeg,png,raw")):
         r = subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), "--codecs", bad,
@@ -248,6 +249,7 @@ def test_every_benchmark_refuses_a_mistyped_list_before_it_builds_anything(monke
     from click.testing import CliRunner
     monkeypatch.syspath_prepend(str(BENCH))
     import _common
+    import fetch_host
     import loader_throughput
     import model_quality
     import open_scale
@@ -261,6 +263,8 @@ def test_every_benchmark_refuses_a_mistyped_list_before_it_builds_anything(monke
                                                       "least 1"),
             (train_throughput, "--batch-sizes", "32,0", "integers of at least 1"),
             (loader_throughput, "--loaders", "dali,", "expected some of dali,dali-roi,torch"),
+            (fetch_host, "--loaders", "dali-roi", "expected some of dali,torch"),
+            (fetch_host, "--degradation", "nn,esrgan", "expected some of nn,bicubic,"),
             (loader_throughput, "--workers", "4,all", "integers of at least 0"),
             (loader_throughput, "--dali-threads", "-1", "integers of at least 1"),
             (loader_throughput, "--hw-decoder-load", "65", "numbers from 0 to 1"),

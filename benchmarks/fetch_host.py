@@ -1,0 +1,116 @@
+"""The host's own time in one fetch of a batch, when the loader is ahead of the step.
+
+    python benchmarks/fetch_host.py --db DB [--loaders dali,torch] [--batch-sizes 32] \
+        [--degradation nn,realesrgan] [--workers 0] [--pause 0.2] [--fetches 20] \
+        [--out F.jsonl] [--md F.md]
+
+A training step replayed from CUDA graphs leaves the host little to do, so whatever the
+host spends fetching the next batch the GPU spends idle (the fifth GPU session: DALI 2.3 ms
+a batch, ``torch`` 0.4-0.7 ms; ``srcnn`` fed by DALI lost 26% of its 8 ms step). Before
+each fetch this waits ``--pause`` seconds, for the workers and the pipeline to get ahead,
+then times ``next()``: what is left is the main thread's own work (receiving the workers'
+batch, feeding DALI, handing the outputs over as tensors), not the decode. Median and 90th
+percentile of ``--fetches`` fetches after ``--warmup``; one JSON line per configuration.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import click
+
+import _common
+
+LOADERS = ("dali", "torch")
+
+
+def fetch_times(loader, fetches: int, warmup: int, pause: float) -> list[float]:
+    """Seconds of each timed ``next()``, each after ``pause`` seconds of letting the loader
+    get ahead (epochs are chained: a small database still gives every fetch)."""
+    import torch
+    cuda = loader.device.type == "cuda"
+
+    def batches():
+        while True:
+            yield from loader
+    it, times = batches(), []
+    for i in range(warmup + fetches):
+        if cuda:
+            torch.cuda.synchronize(loader.device)
+        time.sleep(pause)
+        t0 = time.perf_counter()
+        next(it)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def render_markdown(records: list[dict]) -> str:
+    rows = ["| loader | codec | LR | batch | workers | host ms per fetch (median) | p90 |",
+            "|---|---|---|---:|---:|---:|---:|"]
+    rows += [f"| {r['loader']} | {r['codec']} | {r['degradation']} | {r['batch_size']} | "
+             f"{r['workers']} | {r['fetch_ms']:.2f} | {r['fetch_ms_p90']:.2f} |"
+             for r in records]
+    env = records[0]["env"] if records else {}
+    rows += ["", f"{env.get('gpu') or 'no GPU'}, {env.get('cpus')} CPUs, torch "
+             f"{env.get('torch')}, DALI {env.get('dali')}, {str(env.get('date'))[:10]}; "
+             f"each fetch after a {records[0]['pause_s'] if records else '-'} s pause."]
+    return "\n".join(rows) + "\n"
+
+
+@click.command()
+@click.option("--db", type=click.Path(exists=True, file_okay=False), required=True,
+              help="A database (srpipe or BasicSR LMDB).")
+@click.option("--loaders", default="dali,torch", show_default=True,
+              callback=lambda c, p, v: _common.some_of(v, LOADERS))
+@click.option("--batch-sizes", default="32", show_default=True, callback=_common.batch_sizes)
+@click.option("--degradation", default="nn", show_default=True,
+              callback=_common.degradations, help="How LR is made (comma-separated).")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
+              help="CPU workers per loader; 0 means all cores but one.")
+@click.option("--patch", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--scale", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default=None, help="cuda or cpu  [default: cuda if present]")
+@click.option("--pause", default=0.2, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds to let the loader get ahead before each fetch.")
+@click.option("--fetches", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
+@click.option("--out", type=click.Path(dir_okay=False), help="Also append the JSON lines here.")
+@click.option("--md", type=click.Path(dir_okay=False), help="Write a markdown table here.")
+def main(db, loaders, batch_sizes, degradation, workers, patch, scale, device, pause,
+         fetches, warmup, out, md):
+    import torch
+
+    import srdata
+    from srdata.reader import open_db
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    opened = open_db(db)
+    env = _common.environment() | _common.accelerator_environment()
+    records = []
+    for name in loaders:
+        for deg in degradation:
+            for batch in batch_sizes:
+                # uint8 out: the float conversion is the device's work, not the fetch's
+                lo = srdata.make_loader(opened, name, batch_size=batch, patch_size=patch,
+                                        scale=scale, workers=workers or None, device=dev,
+                                        dtype=torch.uint8, degradation=deg)
+                times = sorted(fetch_times(lo, fetches, warmup, pause))
+                del lo
+                rec = {"benchmark": "fetch_host", "source": str(db), "codec": opened.codec,
+                       "loader": name, "degradation": deg, "batch_size": batch,
+                       "workers": workers or max(1, len(os.sched_getaffinity(0)) - 1),
+                       "patch": patch, "scale": scale, "device": dev.type, "pause_s": pause,
+                       "fetches": fetches,
+                       "fetch_ms": round(statistics.median(times) * 1e3, 3),
+                       "fetch_ms_p90": round(times[int(0.9 * (len(times) - 1))] * 1e3, 3),
+                       "env": env}
+                _common.emit(rec, out)
+                records.append(rec)
+    if md:
+        with open(md, "w") as f:
+            f.write(render_markdown(records))
+
+
+if __name__ == "__main__":
+    main()
