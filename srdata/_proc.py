@@ -134,3 +134,16 @@ def killed(exitcode: int | None) -> str | None:
         return f"killed by {signal.Signals(-exitcode).name}"
     except ValueError:
         return f"killed by signal {-exitcode}"
+
+
+def shm_space() -> str:
+    """How full /dev/shm is: the loaders' workers hand their batches over there, and a
+    container's default (Docker: 64 MB) runs out (a DALI worker then dies of SIGBUS)."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return "no /dev/shm"
+    mib = st.f_frsize / 2**20
+    digits = 0 if st.f_blocks * mib >= 10 else 1
+    return (f"/dev/shm has {st.f_bavail * mib:.{digits}f} of {st.f_blocks * mib:.{digits}f} "
+            "MiB free")

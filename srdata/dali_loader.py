@@ -10,6 +10,8 @@ database the source hands over both records and the graph decodes and cuts both,
 """
 from __future__ import annotations
 
+import signal
+import time
 import warnings
 
 import numpy as np
@@ -17,7 +19,7 @@ import torch
 
 from . import dali_degrade as dd
 from . import format as fmt
-from ._proc import killed, raise_when_a_worker_dies
+from ._proc import WorkerDied, killed, raise_when_a_worker_dies, shm_space
 from .dali_source import PairedSource, PatchSource
 from .loader_base import DALI_OUTPUTS, Loader
 from .sampler import ID
@@ -280,7 +282,13 @@ class DaliLoader(Loader):
 
     def _explain(self, epoch, b, err):
         """DALI cannot say which sample failed: re-read the records of this batch and the
-        ones prefetched behind it on the CPU."""
+        ones prefetched behind it on the CPU. A dead worker says why itself: DALI can see
+        its pipe close ("Worker data receiving interrupted") before SIGCHLD says so."""
+        for _ in range(10):
+            dead = _dead_worker(self)
+            if dead:
+                return WorkerDied(dead)
+            time.sleep(0.1)  # its exit code can lag the closed pipe
         s = self.sampler
         rows = s.plan(epoch)[b * s.batch_size:(b + 3) * s.batch_size]
         for row in rows:
@@ -303,5 +311,8 @@ def _dead_worker(loader: DaliLoader) -> str | None:
     for proc in getattr(pool, "_processes", ()):
         how = killed(proc.exitcode)
         if how:
-            return f"DALI worker process {proc.pid} was {how}"
+            # a write to a full /dev/shm, where the workers put their batches
+            why = (f": out of shared memory ({shm_space()})"
+                   if proc.exitcode == -signal.SIGBUS else "")
+            return f"DALI worker process {proc.pid} was {how}{why}"
     return None

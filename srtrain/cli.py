@@ -267,9 +267,22 @@ def _check_out(out: str) -> None:
                                  "choose another --out", param_hint="--out")
 
 
+# The loaders' workers hand batches over in /dev/shm; when it is full, torch says so (a
+# failed allocation, or a worker's bus error) and a DALI worker dies of SIGBUS
+SHM_FULL = re.compile(r"unable to allocate shared memory|out of shared memory|"
+                      r"killed by signal: Bus error")
+
+
 def _failure(e: Exception, out: str) -> str | None:
     """One line for a failed read or write, or a dead loader worker; None for anything else
     (a bug, whose traceback is wanted)."""
+    shm = _shm_full(e)
+    if shm is not None:
+        then = ("continue with --resume" if (Path(out) / "last.pt").exists()
+                else _start_again(Path(out)))
+        return (f"the data loader ran out of shared memory ({shm}): give /dev/shm more room "
+                f"(Docker: `docker run --shm-size=8g`) or lower --workers or --batch-size, "
+                f"then {then}")
     dead = _dead_worker(e)
     if dead is not None:
         return (f"a data loader worker process died ({_first_line(dead)}); the system may have "
@@ -285,6 +298,19 @@ def _failure(e: Exception, out: str) -> str | None:
     if e.errno in NOT_WRITABLE:
         return _write_failure(e, out, "--out")
     return f"{e.filename}: {e.strerror}" if e.filename else str(e)
+
+
+def _shm_full(e: BaseException) -> str | None:
+    """The line saying that the loader's shared memory ran out, with how full /dev/shm is;
+    None if no exception in ``e``'s chain says so (torch's line is deep in the worker's
+    traceback it forwards)."""
+    m = next((m for c in _chain(e) for m in [SHM_FULL.search(str(c))] if m), None)
+    if m is None:
+        return None
+    from srdata._proc import shm_space
+    said = m.string[m.string.rfind("\n", 0, m.start()) + 1:].splitlines()[0]
+    said = said.strip().split(". ")[0].rstrip(".")  # torch's own advice follows: ours
+    return said if "/dev/shm has" in said else f"{said}; {shm_space()}"  # DALI's says it
 
 
 def _start_again(out: Path) -> str:

@@ -240,6 +240,63 @@ def test_a_killed_loader_worker_gets_a_message(packed, tmp_path, loader):
         err[-3000:]
 
 
+def small_shm(cmd: list) -> list:
+    """``cmd`` where /dev/shm holds 64 KiB (a mount namespace of its own); None where this
+    machine cannot make one."""
+    probe = ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /dev/shm"]
+    try:
+        if subprocess.run(probe, capture_output=True, timeout=30).returncode != 0:
+            return None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return probe[:-1] + [probe[-1] + ' && exec "$@"', "sh", *map(str, cmd)]
+
+
+@pytest.mark.dali
+def test_a_full_dev_shm_is_named_with_what_to_do(packed, tmp_path):
+    """A container's small /dev/shm (Docker's 64 MB) fills with the DALI workers' batches:
+    the worker dies of SIGBUS, which once read as a system out of memory."""
+    pytest.importorskip("nvidia.dali")
+    cmd = small_shm(srtrain_cmd(packed("raw"), tmp_path / "run", "--loader", "dali",
+                                "--workers", 1, "--epochs", 1))
+    if cmd is None:
+        pytest.skip("cannot mount a small /dev/shm here (unshare -rm)")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                       env=this_tree(OMP_NUM_THREADS="1"))
+    lines = [x for x in r.stderr.splitlines() if x.startswith("Error: ")]
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(lines) == 1, \
+        r.stderr[-3000:]
+    assert "ran out of shared memory" in lines[0] and "killed by SIGBUS" in lines[0], lines
+    assert re.search(r"/dev/shm has [\d.]+ of 0.1 MiB free", lines[0]), lines
+    assert "--shm-size" in lines[0], lines
+
+
+def test_torch_saying_its_shared_memory_ran_out_is_one_line():
+    """Both ways torch says it (a worker's failed allocation forwarded with its traceback,
+    and a worker's bus error), whatever the exception they come wrapped in."""
+    from srtrain.cli import _failure
+    worker = ("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most "
+              "recent call last):\n  File \"x.py\", line 3, in f\nRuntimeError: unable to "
+              "allocate shared memory(shm) for file </torch_1_2_3>: No space left on device "
+              "(28)\n")
+    bus = ("DataLoader worker (pid 4242) is killed by signal: Bus error. It is possible that "
+           "dataloader's workers are out of shared memory. Please try to raise your shared "
+           "memory limit.")
+    for said, first in ((worker, "RuntimeError: unable to allocate shared memory(shm) for "
+                                 "file </torch_1_2_3>: No space left on device (28); "),
+                        (bus, "DataLoader worker (pid 4242) is killed by signal: Bus error; ")):
+        try:
+            try:
+                raise RuntimeError(said)
+            except RuntimeError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+        except RuntimeError as e:
+            message = _failure(e, "runs/x")
+        assert message.startswith(f"the data loader ran out of shared memory ({first}"
+                                  "/dev/shm has "), message
+        assert "--shm-size" in message and "\n" not in message
+
+
 @pytest.mark.dali
 def test_dali_workers_die_with_a_killed_trainer(packed, tmp_path):
     pytest.importorskip("nvidia.dali")
