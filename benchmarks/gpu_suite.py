@@ -97,16 +97,16 @@ PRESETS = {
              "models": "fast,srcnn", "workers": "4,0", "cold": False,
              "timeout": STEP_TIMEOUT, "parts": GPU_PARTS,
              "batch_model": "esrgan", "batch_sizes": "8,16,32,64", "codecs": CODECS,
+             "step_model": "esrgan",
              "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
              "degradation_loaders": "dali,torch",
              # fourth session: dali fed srcnn at 71%, a fixed 3-6 ms a batch; both hand-overs
              "dali_outputs": "host,stream",
              "fetches": 20, "pause": 0.2,
-             "est": {"db": 40, "headline": 130, "fetch": 60, "loaders": 70, "tuning": 50, "kernels": 80,
-                     "tf32": 90, "compile": 100, "compile_fed": 120, "compile_model": 160,
-                     "train": 200,
-                     "batch": 150, "ttq": 150, "degradations": 200, "codecs": 60,
-                     "quality": 200}},
+             "est": {"db": 40, "headline": 130, "fetch": 60, "loaders": 70, "tuning": 50,
+                     "kernels": 80, "tf32": 90, "compile": 100, "compile_fed": 120,
+                     "compile_model": 160, "train": 200, "batch": 150, "ttq": 150,
+                     "degradations": 200, "codecs": 60, "quality": 200}},
     # the same images and patches on a few CPU cores, where esrgan trains at ~0.5 img/s:
     # few steps and small batches: ~11 minutes on 2 cores, and ~25 more for quality
     "cpu": {"count": 2000, "size": 512, "patch": 256, "batch": 32, "train_batch": 4,
@@ -115,25 +115,27 @@ PRESETS = {
             # the kernel switches act on CUDA only; DALI's knobs are GPU decoder ones
             "parts": "headline,fetch,loaders,train,batch,ttq,degradations,codecs,quality",
             "batch_model": "fast", "batch_sizes": "1,2,4,8", "codecs": CODECS,
+            "step_model": "esrgan",
             "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
             "degradation_loaders": "dali,torch", "dali_outputs": "host",  # no CUDA stream
             "fetches": 10, "pause": 1.0,  # DALI's CPU threads make the LR meanwhile
-            "est": {"db": 120, "headline": 200, "fetch": 120, "loaders": 200, "kernels": 0, "compile": 0,
-                    "train": 150, "batch": 100, "ttq": 900, "degradations": 300,
-                    "codecs": 150,
-                    "quality": 1500}},
+            "est": {"db": 120, "headline": 200, "fetch": 120, "loaders": 200, "kernels": 0,
+                    "compile": 0, "train": 150, "batch": 100, "ttq": 900,
+                    "degradations": 300, "codecs": 150, "quality": 1500}},
     # tiny sizes: the suite end to end in a test, not a measurement
     "quick": {"count": 48, "size": 96, "patch": 48, "batch": 4, "train_batch": 2, "steps": 2,
               "warmup": 1, "batches": 3, "codec_count": 16, "photos": 4,
               "models": "srcnn", "workers": "1", "cold": True, "timeout": STEP_TIMEOUT,
               "parts": "headline,fetch,loaders,kernels,train,batch,ttq,degradations",
               "batch_model": "srcnn", "batch_sizes": "1,2", "codecs": [("jpeg", 95), ("raw", 95)],
+              # the kernel switches' plumbing: esrgan's op table took a minute of CPU
+              "step_model": "srcnn",
               "quality_models": "srcnn", "quality_epochs": 1,
               "degradation_loaders": "dali",  # three pipeline builds: the plumbing only
               "dali_outputs": "host",
               "fetches": 2, "pause": 0.05,
-              "est": {"db": 5, "headline": 15, "fetch": 10, "loaders": 15, "kernels": 10, "compile": 0,
-                      "train": 10, "batch": 10, "ttq": 20, "degradations": 15,
+              "est": {"db": 5, "headline": 15, "fetch": 10, "loaders": 15, "kernels": 10,
+                      "compile": 0, "train": 10, "batch": 10, "ttq": 20, "degradations": 15,
                       "codecs": 10, "quality": 15}},
 }
 RESERVE = 10  # s of a budget kept for the last results.md
@@ -236,9 +238,10 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
         str(w if w != "0" else workers) for w in p["workers"].split(","))
     train = ["--patch", p["patch"], "--steps", p["steps"], "--warmup", p["warmup"]]
     # esrgan's step alone on one pre-made batch: the rows that set srtrain's defaults
-    alone = [py, "train_throughput.py", "--loaders", "synthetic", "--models", "esrgan",
-             "--batch-sizes", p["train_batch"], *train]
-    needs_db = {"headline", "fetch", "loaders", "tuning", "compile", "train", "batch", "degradations"}
+    alone = [py, "train_throughput.py", "--loaders", "synthetic", "--models",
+             p["step_model"], "--batch-sizes", p["train_batch"], *train]
+    needs_db = {"headline", "fetch", "loaders", "tuning", "compile", "train", "batch",
+                "degradations"}
     db = s.db(p["count"]) if needs_db & set(parts) else None
     # the step fed from the database by a loader (used where db is not None)
     fed = [py, "train_throughput.py", "--db", db, *train, *train_workers]
