@@ -14,7 +14,6 @@ percentile of ``--fetches`` fetches after ``--warmup``; one JSON line per config
 """
 from __future__ import annotations
 
-import os
 import statistics
 import time
 
@@ -96,10 +95,11 @@ def main(db, loaders, batch_sizes, degradation, workers, patch, scale, device, p
                                         scale=scale, workers=workers or None, device=dev,
                                         dtype=torch.uint8, degradation=deg)
                 times = sorted(fetch_times(lo, fetches, warmup, pause))
+                used = lo.workers  # make_loader's default where --workers is 0
                 del lo
                 rec = {"benchmark": "fetch_host", "source": str(db), "codec": opened.codec,
                        "loader": name, "degradation": deg, "batch_size": batch,
-                       "workers": workers or max(1, len(os.sched_getaffinity(0)) - 1),
+                       "workers": used,
                        "patch": patch, "scale": scale, "device": dev.type, "pause_s": pause,
                        "fetches": fetches,
                        "fetch_ms": round(statistics.median(times) * 1e3, 3),

@@ -70,9 +70,13 @@ def _decode_patch(data, where, flags, size: int, gpu: bool, roi: bool, dec: dict
     return img
 
 
-# The sources (srdata.dali_source) make whole batches, each in one worker process: as many
-# batches ahead as there are workers keeps them all busy
-_SOURCE_ARGS = dict(batch=True, batch_info=True, parallel=True)
+def _source(source, workers: int, dtypes: list, **more):
+    """The parallel external source of ``source`` (srdata.dali_source), its outputs. The
+    sources make whole batches, each in one worker process: as many batches ahead as there
+    are workers keeps them all busy."""
+    return fn.external_source(source=source, num_outputs=len(dtypes), batch=True,
+                              batch_info=True, parallel=True, prefetch_queue_depth=workers,
+                              dtype=dtypes, **more)
 
 
 def _paired_pipeline(source, hr_raw, lr_raw, patch, scale, gpu, roi, workers, dec):
@@ -85,9 +89,7 @@ def _paired_pipeline(source, hr_raw, lr_raw, patch, scale, gpu, roi, workers, de
 
     @pipeline_def(enable_conditionals=True, py_num_workers=workers, py_start_method="spawn")
     def paired_pipeline():
-        outs = list(fn.external_source(source=source, num_outputs=len(dtypes),
-                                       **_SOURCE_ARGS, prefetch_queue_depth=workers,
-                                       dtype=dtypes))
+        outs = list(_source(source, workers, dtypes))
         flags = outs.pop()
         patches = []
         for raw, size in sides:
@@ -115,16 +117,12 @@ def _sr_pipeline(source, raw, patch, scale, gpu, roi, workers, dec, degradation=
     @pipeline_def(enable_conditionals=True, py_num_workers=workers, py_start_method="spawn")
     def sr_pipeline():
         if raw:  # cut and flipped by the source already
-            data, *params = fn.external_source(
-                source=source, num_outputs=1 + len(names), **_SOURCE_ARGS,
-                prefetch_queue_depth=workers, dtype=[types.UINT8, *extra],
-                layout=["HWC"] + [""] * len(names))
+            data, *params = _source(source, workers, [types.UINT8, *extra],
+                                    layout=["HWC"] + [""] * len(names))
             hr = data.gpu() if gpu else data
         else:
-            data, where, flags, *params = fn.external_source(
-                source=source, num_outputs=3 + len(names), **_SOURCE_ARGS,
-                prefetch_queue_depth=workers,
-                dtype=[types.UINT8, types.INT32, types.INT32, *extra])
+            data, where, flags, *params = _source(
+                source, workers, [types.UINT8, types.INT32, types.INT32, *extra])
             hr = _decode_patch(data, where, flags, patch, gpu, roi, dec)
         if degradation == "bicubic":
             lr = dd.bicubic_downscale(hr, patch, scale)

@@ -278,11 +278,9 @@ def _failure(e: Exception, out: str) -> str | None:
     (a bug, whose traceback is wanted)."""
     shm = _shm_full(e)
     if shm is not None:
-        then = ("continue with --resume" if (Path(out) / "last.pt").exists()
-                else _start_again(Path(out)))
         return (f"the data loader ran out of shared memory ({shm}): give /dev/shm more room "
                 f"(Docker: `docker run --shm-size=8g`) or lower --workers or --batch-size, "
-                f"then {then}")
+                f"then {_then(Path(out))}")
     dead = _dead_worker(e)
     if dead is not None:
         return (f"a data loader worker process died ({_first_line(dead)}); the system may have "
@@ -292,9 +290,7 @@ def _failure(e: Exception, out: str) -> str | None:
     if e is None:
         return None
     if e.errno in DISK_FULL:
-        then = ("continue with --resume" if (Path(out) / "last.pt").exists()
-                else _start_again(Path(out)))
-        return f"{_write_failure(e, out, '--out')}, then {then}"
+        return f"{_write_failure(e, out, '--out')}, then {_then(Path(out))}"
     if e.errno in NOT_WRITABLE:
         return _write_failure(e, out, "--out")
     return f"{e.filename}: {e.strerror}" if e.filename else str(e)
@@ -313,9 +309,11 @@ def _shm_full(e: BaseException) -> str | None:
     return said if "/dev/shm has" in said else f"{said}; {shm_space()}"  # DALI's says it
 
 
-def _start_again(out: Path) -> str:
-    """How to start over after a run that saved no checkpoint: a fresh run refuses a folder
-    holding a run's files (srtrain.train.check_fresh_out)."""
+def _then(out: Path) -> str:
+    """How to go on after a failure: from the last checkpoint, or, without one, over again
+    (a fresh run refuses a folder holding a run's files: srtrain.train.check_fresh_out)."""
+    if (out / "last.pt").exists():
+        return "continue with --resume"
     from .train import run_files
     left = run_files(out)
     if not left:
