@@ -284,6 +284,19 @@ def test_every_benchmark_refuses_a_mistyped_list_before_it_builds_anything(monke
     assert loader_throughput._threads(None, None, "") == []  # "": DALI's own count
 
 
+def test_fetch_p90_is_never_under_the_median(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import statistics
+
+    import fetch_host
+    assert fetch_host.p90([1.0]) == 1.0
+    assert fetch_host.p90([1.0, 3.0]) == 3.0  # was 1.0, under the median of 2.0
+    for n in range(1, 40):
+        times = [float(i) for i in range(n)]
+        assert statistics.median(times) <= fetch_host.p90(times) <= times[-1], n
+    assert fetch_host.p90([float(i) for i in range(1, 21)]) == 18.0
+
+
 def test_quality_table_names_each_learning_rate_when_the_demo_is_among_presets(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     import model_quality
