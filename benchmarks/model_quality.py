@@ -52,6 +52,7 @@ def _models(ctx, param, value: str) -> list[str]:
     from srtrain.models import MODELS
     return _common.some_of(value, (*MODELS, "demo"))
 
+
 @click.command()
 @click.option("--models", default="srcnn,fast,light", show_default=True, callback=_models,
               help="srtrain --model presets, or demo (the demo's own small RRDBNet).")

@@ -179,6 +179,7 @@ def _loaders(ctx, param, value: str) -> list[str]:
     from srdata.loader import LOADERS
     return _common.some_of(value, (*LOADERS, "synthetic"))
 
+
 @click.command()
 @click.option("--db", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--count", default=2048, show_default=True,

@@ -240,7 +240,7 @@ def test_a_killed_loader_worker_gets_a_message(packed, tmp_path, loader):
         err[-3000:]
 
 
-def small_shm(cmd: list) -> list:
+def small_shm(cmd: list) -> list | None:
     """``cmd`` where /dev/shm holds 64 KiB (a mount namespace of its own); None where this
     machine cannot make one."""
     probe = ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /dev/shm"]
