@@ -164,6 +164,13 @@ def test_gpu_session_script_end_to_end(tmp_path):
     for fact in ("cgroup CPU quota", "df -h /dev/shm /tmp", "== nvidia-smi", "torch.ones",
                  "nvidia.dali", "lmdb", "pip install --no-deps"):
         assert fact in env_txt or fact == "torch.ones" and "cuda available: False" in env_txt
+    # torch imported at once by as many processes as the loader starts workers
+    starts = re.search(r"then (\d+) at once \(the loader's workers\)", env_txt)
+    workers = re.search(r"loader workers: (\d+|all cores but one)", env_txt).group(1)
+    cores = len(os.sched_getaffinity(0))
+    assert starts and int(starts.group(1)) == (max(cores - 1, 1) if workers.startswith("all")
+                                              else int(workers))
+    assert f"\n{starts.group(1)} at once: " in env_txt
     assert steps and all(s["ok"] and s["skipped"] for s in steps)
     for args, message in [(["--budget", "soon"], "--budget expects a whole number"),
                           (["--workers", "0"], "--workers must be at least 1"),
