@@ -29,12 +29,10 @@ def fetch_times(loader, fetches: int, warmup: int, pause: float) -> list[float]:
     """Seconds of each timed ``next()``, each after ``pause`` seconds of letting the loader
     get ahead (epochs are chained: a small database still gives every fetch)."""
     import torch
-    cuda = loader.device.type == "cuda"
 
-    def batches():
-        while True:
-            yield from loader
-    it, times = batches(), []
+    from srtrain.train import forever
+    cuda = loader.device.type == "cuda"
+    it, times = forever(loader), []
     for i in range(warmup + fetches):
         if cuda:
             torch.cuda.synchronize(loader.device)
