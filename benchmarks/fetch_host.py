@@ -2,7 +2,7 @@
 
     python benchmarks/fetch_host.py --db DB [--loaders dali,torch] [--batch-sizes 32] \
         [--degradation nn,realesrgan] [--workers 0] [--pause 0.2] [--fetches 20] \
-        [--out F.jsonl] [--md F.md]
+        [--out F.jsonl] [--md F.md] [--profile F.txt]
 
 A training step replayed from CUDA graphs leaves the host little to do, so whatever the
 host spends fetching the next batch the GPU spends idle (the fifth GPU session: DALI 2.3 ms
@@ -25,9 +25,11 @@ import _common
 LOADERS = ("dali", "torch")
 
 
-def fetch_times(loader, fetches: int, warmup: int, pause: float) -> list[float]:
+def fetch_times(loader, fetches: int, warmup: int, pause: float,
+                profiler=None) -> list[float]:
     """Seconds of each timed ``next()``, each after ``pause`` seconds of letting the loader
-    get ahead (epochs are chained: a small database still gives every fetch)."""
+    get ahead (epochs are chained: a small database still gives every fetch).
+    ``profiler`` (a ``cProfile.Profile``): on during the timed fetches only."""
     import torch
 
     from srtrain.train import forever
@@ -37,11 +39,28 @@ def fetch_times(loader, fetches: int, warmup: int, pause: float) -> list[float]:
         if cuda:
             torch.cuda.synchronize(loader.device)
         time.sleep(pause)
+        timed = i >= warmup
+        if timed and profiler is not None:
+            profiler.enable()
         t0 = time.perf_counter()
         next(it)
-        if i >= warmup:
+        if timed:
             times.append(time.perf_counter() - t0)
+            if profiler is not None:
+                profiler.disable()
     return times
+
+
+def write_profile(profiler, path: str, title: str, rows: int = 30) -> None:
+    """Append the profiled fetches' functions, by own time and by cumulative time."""
+    import io
+    import pstats
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    for order in ("tottime", "cumulative"):
+        stats.sort_stats(order).print_stats(rows)
+    with open(path, "a") as f:
+        f.write(f"## {title}\n\n{text.getvalue()}\n")
 
 
 def p90(sorted_times: list[float]) -> float:
@@ -82,8 +101,13 @@ def render_markdown(records: list[dict]) -> str:
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
 @click.option("--out", type=click.Path(dir_okay=False), help="Also append the JSON lines here.")
 @click.option("--md", type=click.Path(dir_okay=False), help="Write a markdown table here.")
+@click.option("--profile", type=click.Path(dir_okay=False),
+              help="Append cProfile's view of the timed fetches (the main thread's functions "
+                   "by own and cumulative time) per configuration to this file.")
 def main(db, loaders, batch_sizes, degradation, workers, patch, scale, device, pause,
-         fetches, warmup, out, md):
+         fetches, warmup, out, md, profile):
+    import cProfile
+
     import torch
 
     import srdata
@@ -99,9 +123,13 @@ def main(db, loaders, batch_sizes, degradation, workers, patch, scale, device, p
                 lo = srdata.make_loader(opened, name, batch_size=batch, patch_size=patch,
                                         scale=scale, workers=workers or None, device=dev,
                                         dtype=torch.uint8, degradation=deg)
-                times = sorted(fetch_times(lo, fetches, warmup, pause))
+                prof = cProfile.Profile() if profile else None
+                times = sorted(fetch_times(lo, fetches, warmup, pause, prof))
                 used = lo.workers  # make_loader's default where --workers is 0
                 del lo
+                if prof is not None:
+                    write_profile(prof, profile, f"{name}, {deg} LR, batch {batch}, {used} "
+                                  f"workers, {dev.type}: {fetches} fetches")
                 rec = {"benchmark": "fetch_host", "source": str(db), "codec": opened.codec,
                        "loader": name, "degradation": deg, "batch_size": batch,
                        "workers": used,

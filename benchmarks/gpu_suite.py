@@ -10,27 +10,30 @@ most valuable first, so that a budget that runs out loses the least:
 1. ``headline``: esrgan's train img/s fed by each loader and on synthetic data, and the
    seconds per epoch of the users' 10K images that follow (srtrain's defaults: on a GPU
    ``--compile auto``, the blocks compiled and replayed as CUDA graphs);
-2. ``fetch``: the host's own time in one fetch of a batch, each loader ahead of the step
+2. ``epoch``: one real epoch of the users' 10K images (``real_epoch.py``): ``srtrain
+   --epochs 1`` with its defaults, timed from its start to its last step (not on ``cpu``);
+3. ``fetch``: the host's own time in one fetch of a batch, each loader ahead of the step
    (``fetch_host.py``; nearest-neighbour and Real-ESRGAN LR), what a CUDA-graph step
-   leaves the GPU idle for;
-3. ``loaders``: loader throughput (dali, dali ROI decode, torch; 4 workers and all cores);
-4. ``tuning``: ``dali-roi`` (the default) at all cores with DALI's knobs (hw_decoder_load,
+   leaves the GPU idle for, and cProfile's view of those fetches (``fetch_profile.txt``);
+4. ``loaders``: loader throughput (dali, dali ROI decode, torch; 4 workers and all cores);
+5. ``tuning``: ``dali-roi`` (the default) at all cores with DALI's knobs (hw_decoder_load,
    preallocation hints);
-5. ``compile``: esrgan's step alone under torch.compile per block, without and with CUDA
+6. ``compile``: esrgan's step alone under torch.compile per block, without and with CUDA
    graphs; the faster fed by DALI (the epoch it gives); then the whole model compiled (the
    levers toward its goal);
-6. ``kernels``: the same step with cudnn.benchmark and TF32 (at fp32) on and off, and where
+7. ``kernels``: the same step with cudnn.benchmark and TF32 (at fp32) on and off, and where
    its time goes (``op_table.txt``);
-7. ``train``: the other presets fed by each loader (on a GPU, DALI both ways it can hand
+8. ``train``: the other presets fed by each loader (on a GPU, DALI both ways it can hand
    over a batch: synchronised with the host, and on the step's CUDA stream);
-8. ``batch``: one model's img/s and peak memory over a range of batch sizes;
-9. ``ttq``: time to quality, validation PSNR against wall time for a fixed patch, a
-   progressive patch schedule and ``--sample-ratio 0.3`` (esrgan on a GPU);
-10. ``degradations``: loader img/s (dali, torch; all cores) making the LR by nearest
-    neighbour, MATLAB bicubic and Real-ESRGAN's degradation;
-11. ``codecs``: jpeg q90/q95/q100, png, raw (``--codecs`` picks): bytes and PSNR, and DALI
+9. ``batch``: one model's img/s and peak memory over a range of batch sizes;
+10. ``ttq``: time to quality, validation PSNR against wall time for a fixed patch, a
+    progressive patch schedule and ``--sample-ratio 0.3`` (esrgan on a GPU);
+11. ``degradations``: esrgan fed by each loader making nearest-neighbour and Real-ESRGAN LR,
+    then the loaders' img/s alone (all cores) with nearest neighbour, MATLAB bicubic and
+    Real-ESRGAN's degradation;
+12. ``codecs``: jpeg q90/q95/q100, png, raw (``--codecs`` picks): bytes and PSNR, and DALI
     and torch img/s;
-12. ``quality``: each model preset's validation PSNR over bicubic after the demo's training.
+13. ``quality``: each model preset's validation PSNR over bicubic after the demo's training.
 
 The GPU default (``--preset full``) leaves out codecs (CPU-side) and quality (presets
 already ranked); ``--parts codecs,quality`` runs them. Every part uses one database, packed
@@ -66,7 +69,8 @@ USERS_EPOCH, USERS_SECONDS = 10_000, 7200  # the starting point: 2 h per epoch o
 # each part, in the order the parts run, and the result files it writes (besides its .md,
 # .png and logs/PART.log)
 PARTS = {"headline": ["train_esrgan.jsonl", "headline.jsonl"],
-         "fetch": ["fetch_host.jsonl"],
+         "epoch": ["real_epoch.jsonl"],
+         "fetch": ["fetch_host.jsonl", "fetch_profile.txt"],
          "loaders": ["loader_throughput.jsonl"],
          "tuning": ["loader_tuning.jsonl"],
          "compile": ["compile.jsonl"],
@@ -74,11 +78,12 @@ PARTS = {"headline": ["train_esrgan.jsonl", "headline.jsonl"],
          "train": ["train_throughput.jsonl"],
          "batch": ["batch_sizes.jsonl"],
          "ttq": ["time_to_quality.jsonl"],
-         "degradations": ["loader_degradation.jsonl"],
+         "degradations": ["train_degradation.jsonl", "loader_degradation.jsonl"],
          "codecs": ["codec_compare.jsonl", "codec_loaders.jsonl"],
          "quality": ["model_quality.jsonl"]}
 # codecs: CPU-side; quality: presets ranked already
-GPU_PARTS = "headline,fetch,loaders,tuning,compile,kernels,train,batch,ttq,degradations"
+GPU_PARTS = ("headline,epoch,fetch,loaders,tuning,compile,kernels,train,batch,ttq,"
+             "degradations")
 STEP_TIMEOUT = 240  # s: a hung step costs at most this much of a GPU session
 CODECS = [("jpeg", 90), ("jpeg", 95), ("jpeg", 100), ("png", 95), ("raw", 95)]
 PRESETS = {
@@ -100,13 +105,16 @@ PRESETS = {
              "step_model": "esrgan",
              "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
              "degradation_loaders": "dali,torch",
-             # fourth session: dali fed srcnn at 71%, a fixed 3-6 ms a batch; both hand-overs
-             "dali_outputs": "host,stream",
+             # the H200 run (2026-11-28) found the stream hand-over no faster: host only
+             "dali_outputs": "host",
              "fetches": 20, "pause": 0.2,
-             "est": {"db": 40, "headline": 130, "fetch": 60, "loaders": 70, "tuning": 50,
+             # one real epoch of the users' 10K images with srtrain's defaults
+             "epoch_count": 10_000, "epoch_args": [],
+             "est": {"db": 40, "headline": 130, "epoch": 200, "fetch": 60, "loaders": 70, "tuning": 50,
                      "kernels": 80, "tf32": 90, "compile": 100, "compile_fed": 120,
-                     "compile_model": 160, "train": 200, "batch": 150, "ttq": 150,
-                     "degradations": 200, "codecs": 60, "quality": 200}},
+                     "compile_model": 160, "train": 90, "batch": 150, "ttq": 150,
+                     "degradations": 200, "train_degradation": 130, "codecs": 60,
+                     "quality": 200}},
     # the same images and patches on a few CPU cores, where esrgan trains at ~0.5 img/s:
     # few steps and small batches: ~11 minutes on 2 cores, and ~25 more for quality
     "cpu": {"count": 2000, "size": 512, "patch": 256, "batch": 32, "train_batch": 4,
@@ -126,7 +134,7 @@ PRESETS = {
     "quick": {"count": 48, "size": 96, "patch": 48, "batch": 4, "train_batch": 2, "steps": 2,
               "warmup": 1, "batches": 3, "codec_count": 16, "photos": 4,
               "models": "srcnn", "workers": "1", "cold": True, "timeout": STEP_TIMEOUT,
-              "parts": "headline,fetch,loaders,kernels,train,batch,ttq,degradations",
+              "parts": "headline,epoch,fetch,loaders,kernels,train,batch,ttq,degradations",
               "batch_model": "srcnn", "batch_sizes": "1,2", "codecs": [("jpeg", 95), ("raw", 95)],
               # the kernel switches' plumbing: esrgan's op table took a minute of CPU
               "step_model": "srcnn",
@@ -134,8 +142,10 @@ PRESETS = {
               "degradation_loaders": "dali",  # three pipeline builds: the plumbing only
               "dali_outputs": "host",
               "fetches": 2, "pause": 0.05,
-              "est": {"db": 5, "headline": 15, "fetch": 10, "loaders": 15, "kernels": 10,
+              "epoch_count": 24, "epoch_args": ["--model", "srcnn", "--batch-size", 2],
+              "est": {"db": 5, "headline": 15, "epoch": 20, "fetch": 10, "loaders": 15, "kernels": 10,
                       "compile": 0, "train": 10, "batch": 10, "ttq": 20, "degradations": 15,
+                      "train_degradation": 10,
                       "codecs": 10, "quality": 15}},
 }
 RESERVE = 10  # s of a budget kept for the last results.md
@@ -179,11 +189,12 @@ class Suite:
                       f"{max(0, self.left()):.0f} s left", "command": command}, self.log)
         return False
 
-    def run(self, part: str, *cmd, est: str | None = None) -> bool:
+    def run(self, part: str, *cmd, est: str | None = None, timeout: float | None = None) -> bool:
         """Run one step of a part as a process; record how it went, never raise.
 
         ``est``: the key of its time estimate (default: the part's); a step that would not
         fit in what is left of the budget is skipped, and no timeout outlasts the budget.
+        ``timeout``: this step's own limit in seconds (default: the preset's).
         """
         command = " ".join(str(c) for c in cmd[1:])
         if not self.fits(part, est or part, command):
@@ -197,7 +208,7 @@ class Suite:
             proc = subprocess.Popen([str(c) for c in cmd], cwd=HERE, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
             try:
-                rc = proc.wait(timeout=max(1, min(self.p["timeout"], self.left())))
+                rc = proc.wait(timeout=max(1, min(timeout or self.p["timeout"], self.left())))
             except subprocess.TimeoutExpired:
                 rc = "timeout"
             finally:
@@ -222,9 +233,11 @@ class Suite:
             return db
         if not self.fits("db", "db", f"pack {db.name}"):
             return None
-        if not (photos / "done").is_file():
+        done = photos.with_name(photos.name + ".done")  # beside the photos: the packer
+        # would read a marker inside the folder as an image (and skip it as empty)
+        if not done.is_file():
             _common.make_photos(photos, count, size, size)
-            (photos / "done").touch()
+            done.touch()
         ok = self.run("db", sys.executable, ROOT / "tools" / "pack_lmdb.py", photos, db,
                       "--size", size, "--min-size", self.p["patch"], "--codec", codec,
                       "--quality", quality, "--overwrite", "--quiet")
@@ -253,12 +266,17 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
             s.run("headline", *fed, "--models", "esrgan", "--loaders", "dali,torch",
                   "--batch-sizes", p["train_batch"], "--out", out / "train_esrgan.jsonl")
             headline(out)
+        if part == "epoch":  # packs its own database: the users' count of images
+            s.run("epoch", py, "real_epoch.py", "--work", s.work / "epoch", "--count",
+                  p["epoch_count"], "--size", p["size"], "--patch", p["patch"],
+                  "--out", out / "real_epoch.jsonl", "--md", out / "real_epoch.md", "--",
+                  *train_workers, *p["epoch_args"], timeout=2 * p["timeout"])
         if part == "fetch" and db:
             s.run("fetch", py, "fetch_host.py", "--db", db, "--loaders", "dali,torch",
                   "--degradation", "nn,realesrgan", "--batch-sizes", p["train_batch"],
                   "--patch", p["patch"], "--workers", workers or 0, "--fetches", p["fetches"],
                   "--pause", p["pause"], "--out", out / "fetch_host.jsonl",
-                  "--md", out / "fetch_host.md")
+                  "--md", out / "fetch_host.md", "--profile", out / "fetch_profile.txt")
         if part == "loaders" and db:
             s.run("loaders", py, "loader_throughput.py", "--db", db, "--loaders",
                   "dali,dali-roi,torch", "--batch-sizes", p["batch"], "--workers",
@@ -305,6 +323,11 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
                   "--out", out / "time_to_quality.jsonl", "--md", out / "time_to_quality.md",
                   "--plot", out / "time_to_quality.png")
         if part == "degradations" and db:
+            # esrgan fed with each LR: what making it in the loader costs the step
+            s.run("degradations", *fed, "--models", "esrgan", "--loaders",
+                  p["degradation_loaders"], "--batch-sizes", p["train_batch"],
+                  "--degradations", "nn,realesrgan",
+                  "--out", out / "train_degradation.jsonl", est="train_degradation")
             # a fifth of the loaders part's batches: Real-ESRGAN's torch path is per sample
             s.run("degradations", py, "loader_throughput.py", "--db", db, "--loaders",
                   p["degradation_loaders"], "--batch-sizes", p["batch"], "--workers", workers or 0,

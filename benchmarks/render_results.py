@@ -222,6 +222,12 @@ def render(out: Path) -> Path:
             md += ["`synthetic`: the step alone on a pre-made batch, what a loader that costs "
                    "nothing would give.", ""]
     md += _file_section(
+        out, "real_epoch", "One real epoch", "`srtrain --epochs 1` with its defaults on a "
+        "freshly packed database, timed from the command's start (imports, loader start, "
+        "compile and CUDA graphs included) to the epoch's last step; validation apart. The "
+        "last column is how the headline computes an epoch: 10,000 ÷ the steady steps' "
+        "img/s.")
+    md += _file_section(
         out, "fetch_host", "Host time per fetch", "The main thread's own time in one "
         "`next()` of a loader that is ahead of the step (`fetch_host.py`: a pause before each "
         "fetch lets the workers and the pipeline finish): under a CUDA-graph step the GPU "
@@ -237,6 +243,11 @@ def render(out: Path) -> Path:
         md += ["Where the step's time goes: [op_table.txt](op_table.txt), torch.profiler's "
                "ops by their own device time.", ""]
     md += batch_section(out)
+    fed = read_lines(out / "train_degradation.jsonl")
+    if fed:
+        md += ["## esrgan fed with each LR degradation", "", "The step fed by each loader "
+               "making the LR by nearest neighbour, MATLAB bicubic or Real-ESRGAN's "
+               "degradation (`srtrain --degradation`).", "", train_table(fed)]
     md += _file_section(
         out, "loader_degradation", "LR degradations", "Loader img/s making the LR by nearest "
         "neighbour, MATLAB bicubic or Real-ESRGAN's degradation (torch: on the device after "

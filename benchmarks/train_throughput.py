@@ -5,7 +5,7 @@ and fed by each loader, and loader efficiency = fed img/s / synthetic img/s.
         [--models esrgan,fast,srcnn] [--loaders dali,torch] [--batch-sizes 32] [--patch 256] \
         [--amp auto] [--compile off,model,blocks] [--cuda-graphs on,off] \
         [--cudnn-benchmark on,off] [--tf32 on,off] [--dali-outputs host,stream] \
-        [--out F.jsonl] [--md F.md]
+        [--degradations nn,bicubic,realesrgan] [--out F.jsonl] [--md F.md]
 
 The step is srtrain's own (``srtrain.train.Stepper``: autocast, channels_last, fused AdamW,
 L1), on a fresh model per configuration: ``--warmup`` untimed steps, then ``--steps`` timed,
@@ -15,7 +15,9 @@ memory (``--batch-sizes 8,16,32,64``: how throughput and memory grow with the ba
 Fed rows also give, per timed step, how long the GPU sat idle for data and the host's
 median time fetching a batch (ms): a loader that makes the host wait for the GPU fetches
 for as long as a step takes. ``--dali-outputs host,stream`` measures both ways DALI can
-hand over a batch (``srdata.make_loader``'s ``dali_outputs``).
+hand over a batch (``srdata.make_loader``'s ``dali_outputs``). ``--degradations`` makes the
+LR of fed rows as srtrain's ``--degradation`` does, each kind a row: what making Real-ESRGAN's
+LR in the loader costs the step.
 
 ``--loaders synthetic`` times the step alone on one random batch (no database, no loader):
 what the kernel switches (``--cudnn-benchmark``, ``--tf32``; CUDA only) are measured with,
@@ -50,6 +52,8 @@ def _table(records: list[dict]) -> str:
         mem = f"{r['peak_gpu_gib']:.1f}" if r["peak_gpu_gib"] is not None else "-"
         fed = r["loader_img_per_s"]
         loader = r["loader"] + (", stream outputs" if r.get("dali_outputs") == "stream" else "")
+        if r.get("degradation", "nn") != "nn":
+            loader += f", {r['degradation']} LR"
         lines.append(f"| {r['model']} | {loader} | {r['batch_size']} | "
                      f"{r['synthetic_img_per_s']:,.1f} | "
                      + (f"{fed:,.1f} | {100 * r['loader_efficiency']:.0f}% | " if fed else
@@ -207,6 +211,9 @@ def _loaders(ctx, param, value: str) -> list[str]:
 @click.option("--dali-outputs", default="host", show_default=True, callback=_outputs,
               help="host, stream or host,stream: how dali rows take each batch (make_loader's "
                    "dali_outputs; one configuration each).")
+@click.option("--degradations", default="nn", show_default=True, callback=_common.degradations,
+              help="How fed rows make the LR (srtrain's --degradation; a comma list, one "
+                   "configuration each): nn, bicubic, realesrgan.")
 @click.option("--workers", type=int, help="Loader CPU workers  [default: all cores but one]")
 @click.option("--device", default=None)
 @click.option("--steps", default=30, show_default=True)
@@ -216,8 +223,8 @@ def _loaders(ctx, param, value: str) -> list[str]:
 @click.option("--op-table", type=click.Path(dir_okay=False, path_type=Path),
               help="Synthetic rows: append the profiler's ops by device time to this file.")
 def main(db, count, size, models, loaders, batch_sizes, patch, scale, amp, channels_last,
-         compile_, graphs, cudnn, tf32, dali_outputs, workers, device, steps, warmup, out, md,
-         op_table):
+         compile_, graphs, cudnn, tf32, dali_outputs, degradations, workers, device, steps,
+         warmup, out, md, op_table):
     from srtrain.config import TrainConfig, resolve_amp
     from srtrain.kernels import resolve_compile
     from srdata.loader import resolve_device
@@ -231,15 +238,19 @@ def main(db, count, size, models, loaders, batch_sizes, patch, scale, amp, chann
                                      f"synthetic {size}x{size} jpeg q95")
         if not alone:
             db = db or _common.build_jpeg_db(tmp, count, size, min_size=patch)
-        for name, loader, bs, how, graph, bench, tf, outputs in itertools.product(
-                models, loaders, batch_sizes, compile_, graphs, cudnn, tf32, dali_outputs):
+        for name, loader, bs, how, graph, bench, tf, outputs, deg in itertools.product(
+                models, loaders, batch_sizes, compile_, graphs, cudnn, tf32, dali_outputs,
+                degradations):
             if loader != "dali" and outputs != dali_outputs[0]:
                 continue  # one row: the switch is DALI's
+            if loader == "synthetic" and deg != degradations[0]:
+                continue  # one row: the step alone makes no LR
             outputs = outputs if loader == "dali" else None
             cfg, _ = resolve_compile(TrainConfig(
                 db=str(db), loader=loader, model=name, scale=scale, batch_size=bs, patch=patch,
                 amp=amp, channels_last=channels_last, compile=how, cuda_graphs=graph,
-                workers=workers, schedule="constant", cudnn_benchmark=bench, tf32=tf), dev)
+                workers=workers, schedule="constant", cudnn_benchmark=bench, tf32=tf,
+                degradation=deg), dev)
             if cfg.cuda_graphs and cfg.compile == "off":
                 continue  # the graphs replay compiled code (srtrain refuses the pair)
             r = measure(cfg, dev, steps, warmup, op_table if loader == "synthetic" else None,
@@ -253,6 +264,7 @@ def main(db, count, size, models, loaders, batch_sizes, patch, scale, amp, chann
                 "amp": amp, "channels_last": channels_last, "compile": cfg.compile,
                 "cuda_graphs": cfg.cuda_graphs, "cudnn_benchmark": bench, "tf32": tf,
                 **({"dali_outputs": outputs} if outputs else {}),
+                **({"degradation": deg} if loader != "synthetic" else {}),
                 "steps": steps, "warmup": warmup, **r, "env": env})
             _common.emit(records[-1], out)
     if md:

@@ -579,7 +579,7 @@ class Trainer:
                   "lr": self.step_fn.sched.get_last_lr()[0],
                   "img_per_s": window["images"] * self.d.world_size / seconds,
                   "data_wait_ms": 1000 * wait / window["n"],
-                  "data_wait_pct": 100 * wait / seconds}
+                  "data_wait_pct": 100 * wait / seconds, "time": time.time()}
         if self.device.type == "cuda":
             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.log(record)

@@ -95,15 +95,23 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
     steps = [json.loads(x) for x in (out / "suite.jsonl").read_text().splitlines()]
     assert steps and all(s["ok"] and not s.get("skipped") for s in steps), steps
     # the quick default (the GPU one less DALI tuning and compile), most valuable first
-    assert list(dict.fromkeys(s["part"] for s in steps)) == ["db", "headline", "fetch",
+    assert list(dict.fromkeys(s["part"] for s in steps)) == ["db", "headline", "epoch", "fetch",
                                                              "loaders", "kernels", "train",
                                                              "batch", "ttq", "degradations"]
     md = (out / "results.md").read_text()
     assert "| dali | jpeg | realesrgan | 2 | 1 |" in md  # the host's time per fetch
-    for section in ("## Headline", "## Host time per fetch", "## Loader throughput",
-                    "## Training throughput", "## Kernel switches", "## Batch size",
+    for section in ("## Headline", "## One real epoch", "## Host time per fetch",
+                    "## Loader throughput", "## Training throughput", "## Kernel switches",
+                    "## Batch size", "## esrgan fed with each LR degradation",
                     "## LR degradations", "quick mode", "--preset quick"):
         assert section in md
+    epoch = json.loads((out / "real_epoch.jsonl").read_text())  # 24 images, 2% validation
+    assert epoch["count"] == 24 and epoch["steps"] == 11 and "--epochs 1" in epoch["command"]
+    assert 0 < epoch["first_window_s"] <= epoch["train_s"] <= epoch["total_s"]
+    assert "| esrgan | dali, realesrgan LR | 2 |" in md  # esrgan fed with Real-ESRGAN's LR
+    profile = (out / "fetch_profile.txt").read_text()  # cProfile of the timed fetches
+    assert "## dali, realesrgan LR, batch 2, 1 workers, cpu: 2 fetches" in profile
+    assert "Ordered by: cumulative time" in profile
     assert "| dali | 4 | 1 | on | realesrgan |" in md
     assert "| esrgan | dali | 2 |" in md and "the users' 10,000 images" in md
     assert "| esrgan | synthetic | 2 |" in md  # the headline's step alone
@@ -380,3 +388,27 @@ def test_a_short_timed_epoch_is_flagged_and_the_suite_times_full_ones(monkeypatc
     assert loader_throughput.short_epoch(10, 15, 4000, 64, 10).endswith("--batches 30 or more")
     for name, p in gpu_suite.PRESETS.items():
         assert p["codec_count"] >= (p["batches"] + 1) * p["batch"], name
+
+
+def test_real_epoch_times_launch_to_last_step_and_sets_the_compile_window_apart(monkeypatch,
+                                                                                tmp_path):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import real_epoch
+    metrics = tmp_path / "metrics.jsonl"
+    events = [{"event": "train", "step": 50, "img_per_s": 100.0, "data_wait_pct": 9.0,
+               "time": 1040.0},
+              {"event": "train", "step": 100, "img_per_s": 400.0, "data_wait_pct": 1.0,
+               "time": 1050.0},
+              {"event": "train", "step": 120, "img_per_s": 200.0, "data_wait_pct": 3.0,
+               "time": 1060.0},
+              {"event": "val", "step": 120, "psnr": 25.0, "time": 1062.5}]
+    metrics.write_text("".join(json.dumps(e) + "\n" for e in events))
+    r = real_epoch.epoch_summary(metrics, t0=1000.0, t_end=1070.0)
+    assert (r["steps"], r["train_s"], r["first_window_s"]) == (120, 60.0, 40.0)
+    assert (r["validation_s"], r["total_s"], r["val_psnr"]) == (2.5, 70.0, 25.0)
+    # the steady rate leaves the first window (the compile) out: (400 + 200) / 2
+    assert (r["steady_img_per_s"], r["data_wait_pct"]) == (300.0, 2.0)
+    assert r["computed_epoch_s"] == round(10_000 / 300, 1)
+    metrics.write_text(json.dumps({"event": "val", "psnr": 1.0, "time": 1.0}) + "\n")
+    with pytest.raises(Exception, match="no train records"):
+        real_epoch.epoch_summary(metrics, 0.0, 1.0)

@@ -53,6 +53,9 @@ def test_trains_validates_and_writes_a_run(packed, tmp_path):
     e = train_ev[-1]
     assert all(np.isfinite(e[k]) for k in ("loss", "lr", "img_per_s", "data_wait_ms"))
     assert 0 <= e["data_wait_pct"] <= 100
+    # wall-clock stamps, in order: what times a real epoch (benchmarks/real_epoch.py)
+    stamps = [x["time"] for x in train_ev] + [val_ev[-1]["time"]]
+    assert stamps == sorted(stamps) and abs(stamps[-1] - time.time()) < 600
     assert len(val_ev) == 2
     assert {"psnr", "ssim", "psnr_bicubic", "ssim_bicubic"} <= set(val_ev[0])
     assert (out / "last.pt").is_file() and (out / "best.pt").is_file()
