@@ -23,9 +23,12 @@ import lmdb
 import numpy as np
 
 from . import format as fmt
-from .reader import open_shard
+from .reader import forget_replaced, open_shard
 
 META = "meta_info.txt"
+# Records whose whole value the identity digests, evenly spread (first and last included):
+# with the LMDB's own counts, what tells a rewrite from the same LMDB (BasicSRDB.identity).
+SAMPLE = 64
 # One line, `name (h,w,c) level`, matched line by line over a whole file: (name, h, w). The
 # name is everything before the shape, so names with spaces or dots parse too.
 _ALL = re.compile(r"^[ \t]*(\S.*?)[ \t]+\((\d+),[ \t]*(\d+),[ \t]*\d+\)[ \t]+\d+[ \t\r]*$",
@@ -138,6 +141,11 @@ def stored_sizes(env, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(ok, h, 0), np.where(ok, w, 0)
 
 
+def sample_ids(n: int, k: int = SAMPLE) -> np.ndarray:
+    """``k`` ids of ``n`` evenly spread, the first and the last included (all if fewer)."""
+    return np.unique(np.linspace(0, n - 1, min(n, k)).round().astype(np.int64))
+
+
 class BasicSRDB:
     """A BasicSR LMDB with PackedDB's reading interface: ``len``, ``read(i)``, ``image(i)``.
 
@@ -159,6 +167,7 @@ class BasicSRDB:
         if not (self.path / "data.mdb").is_file():
             raise fmt.DBError(f"{self.path} is not a complete BasicSR LMDB: "
                               f"{self.path / 'data.mdb'} is missing")
+        forget_replaced(self.path)  # made again since this process read it: read it anew
         with fmt._NoGC():  # millions of short-lived strings and buffers: see _NoGC
             names, keys, h, w, listed_h, listed_w = self._read_sizes(meta)
         # a missing key or damaged header keeps the listed size: reading it names the key
@@ -171,6 +180,7 @@ class BasicSRDB:
         self.records = fmt.Index(np.zeros(n), keys, height, width, np.full(n, fmt.CHANNELS),
                                  np.zeros(n), np.zeros(n), fmt.Strings(names))
         self.heights, self.widths = self.records.height, self.records.width
+        self._identity = None
         self.manifest = {"format": "basicsr-lmdb", "count": len(self.records),
                          "codec": self.codec, "source_root": str(self.path),
                          "skipped": [], "shards": []}
@@ -178,12 +188,38 @@ class BasicSRDB:
     @property
     def identity(self) -> str:
         """What this LMDB is, as ``PackedDB.identity``: it has no pack id and its manifest
-        is made up from its path, so a digest of its meta_info.txt and image sizes. A
-        rewrite changes it; a move or copy does not."""
+        is made up from its path, so ``sha256:`` a digest of its meta_info.txt and image
+        sizes (all that earlier srpipe versions compared), then ``;data:`` one of its data:
+        the LMDB's last transaction id, its page and entry counts, and the whole value of
+        ``SAMPLE`` records spread over it; O(SAMPLE), not O(records). A rewrite changes it,
+        even with the same names and image sizes (unless it keeps every sampled image, the
+        transaction count and the page counts); a move or copy does not. Computed once."""
+        if self._identity is None:
+            self._identity = f"{self._listing_digest()};data:{self._data_digest()}"
+        return self._identity
+
+    def _listing_digest(self) -> str:
         h = hashlib.sha256((self.path / META).read_bytes())
         h.update(np.asarray(self.heights, np.int64).tobytes())
         h.update(np.asarray(self.widths, np.int64).tobytes())
         return "sha256:" + h.hexdigest()
+
+    def _data_digest(self) -> str:
+        env = open_shard(self.path)
+        info, st = env.info(), env.stat()
+        counts = (info["last_txnid"], info["last_pgno"], st["psize"], st["depth"],
+                  st["branch_pages"], st["leaf_pages"], st["overflow_pages"], st["entries"])
+        h = hashlib.sha256(" ".join(map(str, counts)).encode())
+        keys = self.records.keys
+        try:
+            with env.begin(buffers=True) as txn:
+                for i in sample_ids(len(self)):
+                    value = txn.get(keys[i])
+                    h.update(b"-" if value is None else hashlib.sha256(value).digest())
+        except lmdb.Error as e:
+            raise fmt.DBError(f"{self.path}: LMDB error: {e}; the LMDB is damaged, copy or "
+                              "make it again") from None
+        return h.hexdigest()
 
     def _read_sizes(self, meta: Path) -> tuple:
         """meta_info.txt's names, keys and listed sizes, and each stored PNG's size."""

@@ -43,11 +43,13 @@ version 2 on; in version 1, it and ``id`` are optional: older databases lack the
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import hashlib
 import json
 import os
 import re
+import stat
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -301,6 +303,14 @@ def read_manifest(db: str | os.PathLike) -> dict:
     return manifest
 
 
+def identity(manifest: dict) -> str:
+    """What tells one pack of a database from another: the manifest's ``id``, or for a
+    database packed before ids existed a digest of its manifest (creation time, checksums)."""
+    if manifest.get("id"):
+        return str(manifest["id"])
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
 # the ranges both index versions accept for a column (the rest is fixed by the format)
 COLUMN_BOUNDS = {"height": (1, 1 << 31), "width": (1, 1 << 31), "nbytes": (1, 1 << 40)}
 
@@ -499,21 +509,87 @@ def encoded_shape(buf, codec: str) -> tuple[int, int] | None:
     return None
 
 
+class NotOurFile(OSError):
+    """A name srpipe writes its own file under holds something srpipe did not make there (a
+    symbolic link, a hard link, a folder); srpipe neither writes through it nor deletes it."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.EEXIST, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+_OWN = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+
+
+def _foreign(path: Path, st: os.stat_result) -> str:
+    """Why an existing ``path`` (``st``: its lstat) is not a file srpipe made, "" if it may be:
+    a regular file with no other name (writing through a hard link would change the user's
+    file under its other name)."""
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_nlink > 1:
+        return f"has {st.st_nlink - 1} other hard link(s)"
+    return ""
+
+
+def not_our_file(path: Path, why: str) -> NotOurFile:
+    return NotOurFile(f"{path} {why}, so srpipe did not make it; srpipe neither writes "
+                      "through nor deletes it: move it away, then run this again")
+
+
+def open_own(path: Path) -> int:
+    """A read-write descriptor of ``path``, created if missing, that is srpipe's own file:
+    never through a symbolic link, nor a file with other hard links (NotOurFile)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _OWN, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # O_NOFOLLOW's answer to a symbolic link
+            raise not_our_file(path, "is a symbolic link") from None
+        raise
+    why = _foreign(path, os.fstat(fd))
+    if why:
+        os.close(fd)
+        raise not_our_file(path, why)
+    return fd
+
+
+def create_own(path: Path) -> int:
+    """A write descriptor of the new file ``path`` (O_EXCL: a link there is never followed).
+    A regular file there with no other name is our own leftover (the name holds this
+    process's id, so a process that ended by a signal wrote it) and is replaced; anything
+    else is NotOurFile."""
+    for _ in range(2):
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OWN, 0o644)
+        except FileExistsError:
+            why = _foreign(path, os.lstat(path))
+            if why:
+                raise not_our_file(path, why) from None
+            os.unlink(path)
+    raise not_our_file(path, "keeps coming back")
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path, mode: str = "w"):
     """A file to write ``path`` through: ``path`` ends up holding the whole of what was
     written or what it held before, never a part. The temporary file (``.NAME.tmp-PID``:
-    hidden, and one per process, so two writers never share one) is removed when a write
-    fails, and an OSError (a full disk) names ``path``, not the temporary file."""
+    hidden, and one per process, so two writers never share one) is created new, never
+    through a link (``create_own``), and removed when a write fails; an OSError (a full
+    disk) names ``path``, not the temporary file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = create_own(tmp)
     try:
-        with open(tmp, mode) as f:
+        with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)  # ours: created above, under this process's name
         if isinstance(e, OSError) and e.errno is not None:
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise

@@ -19,7 +19,8 @@ is free: their owner is gone. Only files named ``srpipe-handoff-<this host>-*.fl
 swept (a shared folder's locks may not reach other machines), and only after a minute, so
 a file another process has just made and not yet locked, and the unlocked
 ``srpipe-handoff-*.pkl`` of srpipe versions before the lock (and of a folder that cannot
-lock), are left alone; so are FIFOs, links and other users' files under such names.
+lock), are left alone; so are FIFOs, links (symbolic or hard) and other users' files under
+such names.
 """
 from __future__ import annotations
 
@@ -50,7 +51,9 @@ def _remove(path: str, owner: int, fd: int | None = None) -> None:
     if os.getpid() != owner:  # a forked child inherits the finalizer, not the file
         return
     try:
-        os.unlink(path)
+        # by name only while the name is still the file we made and hold (``fd``)
+        if fd is None or os.path.samestat(os.fstat(fd), os.lstat(path)):
+            os.unlink(path)
     except FileNotFoundError:
         pass
     finally:
@@ -90,17 +93,17 @@ def _lock(fd: int) -> bool:
         return False
 
 
-def _create() -> tuple[str, int | None]:
-    """A new file for the object, and the descriptor that holds its lock; where the lock
-    cannot be taken, a file under a name no sweep matches, and None."""
+def _create() -> tuple[str, int]:
+    """A new file for the object and its descriptor, which holds the file's lock; where the
+    lock cannot be taken, a file under a name no sweep matches. The object is written
+    through this descriptor, never by name again (``mkstemp`` made the file, O_EXCL)."""
     fd, path = tempfile.mkstemp(prefix=_mine(), suffix=SUFFIX)
     if _lock(fd):
         return path, fd
     os.close(fd)  # unlocked, it would look like a dead run's file to a sweep
     os.unlink(path)
     fd, path = tempfile.mkstemp(prefix=PREFIX, suffix=".pkl")
-    os.close(fd)
-    return path, None
+    return path, fd
 
 
 def _sweep(folder: str) -> None:
@@ -117,9 +120,10 @@ def _sweep(folder: str) -> None:
             continue
         try:
             st = os.fstat(fd)
-            if (stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()
+            if (stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_nlink == 1
                     and time.time() - st.st_mtime >= GRACE_SECONDS
-                    and _lock(fd)):  # under our lock, so no other sweep races us to it
+                    and _lock(fd)  # under our lock, so no other sweep races us to it
+                    and os.path.samestat(st, os.lstat(path))):  # the name is still it
                 os.unlink(path)
         except OSError:
             pass
@@ -140,11 +144,11 @@ class Handoff:
     def __getstate__(self) -> dict:
         with self._lock:
             if self._path is None:  # pickled for the first time: write the object once
-                path, fd = _create()  # fd: the lock, held while we live
+                path, fd = _create()  # fd: the file (and its lock), held while we live
                 remove = weakref.finalize(self, _remove, path, os.getpid(), fd)  # at exit too
                 try:
                     _sweep(os.path.dirname(path))
-                    with open(path, "wb") as f:
+                    with os.fdopen(os.dup(fd), "wb") as f:  # fd stays: it holds the lock
                         pickle.dump(self._obj, f, protocol=pickle.HIGHEST_PROTOCOL)
                 except BaseException as e:
                     with contextlib.suppress(OSError):  # the error to report is e

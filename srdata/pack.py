@@ -215,9 +215,14 @@ def _pack_locked(src: Path, dst: Path, cfg: PackConfig, progress: bool) -> dict:
                         "point IMAGES at a folder of images")
 
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
+    try:  # a killed pack's folder by this name is gone (pub.repair): one left is not a pack's
         tmp.mkdir()
+    except FileExistsError:
+        raise PackError(f"{tmp} is in the way: a pack builds the database there, and what "
+                        "it holds is not a pack's; move it away, then pack again") from None
+    except OSError as e:
+        raise PackError(pub.write_failure(dst, e)) from e
+    try:  # tmp is ours from here on: removed on any failure
         summary = _pack_into(src, files, tmp, cfg, progress, skipped)
         pub.publish(tmp, dst)
     except (OSError, lmdb.Error) as e:

@@ -8,8 +8,6 @@ across fork.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import threading
 from pathlib import Path
@@ -26,14 +24,22 @@ from . import publish
 _ENVS: dict[str, tuple[lmdb.Environment, str | None]] = {}
 _ENVS_PID = os.getpid()
 _ENVS_LOCK = threading.Lock()
+# (st_dev, st_ino) of each Environment's data.mdb when it was opened: see forget_replaced
+_FILES: dict[str, tuple[int, int]] = {}
 
 
-def identity(manifest: dict) -> str:
-    """What tells one pack of a database from another: the manifest's ``id``, or for a
-    database packed before ids existed a digest of its manifest (creation time, checksums)."""
-    if manifest.get("id"):
-        return str(manifest["id"])
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+# a pack's identity (its manifest's id), defined with the format
+identity = fmt.identity
+
+
+def same_database(saved: str | None, now: str | None) -> bool:
+    """Whether the identity ``saved`` (a checkpoint's) is that of the database whose identity
+    is ``now``. A BasicSR LMDB's identity saved by an earlier srpipe version lacks the
+    ``;data:`` part (``BasicSRDB.identity``): it is compared on the part it holds."""
+    if saved == now:
+        return True
+    return (isinstance(saved, str) and isinstance(now, str) and saved.startswith("sha256:")
+            and ";" not in saved and now.startswith(saved + ";data:"))
 
 
 def _check_identity(db: Path, expected: str) -> None:
@@ -92,7 +98,26 @@ def open_shard(path: Path, db_identity: str | None = None) -> lmdb.Environment:
             env.close()
             raise
         _ENVS[key] = (env, db_identity)
+        _FILES[key] = _file_id(key)
         return env
+
+
+def _file_id(folder: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(os.path.join(folder, "data.mdb"))
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def forget_replaced(path: Path) -> None:
+    """Drop this process's Environment for the LMDB folder ``path`` if its data.mdb is no
+    longer the file there (the LMDB was made again at the same path), so the next
+    ``open_shard`` maps the file that is there now rather than reading the old one."""
+    key = os.path.realpath(path)
+    with _ENVS_LOCK:
+        if _ENVS_PID == os.getpid() and key in _ENVS and _FILES.get(key) != _file_id(key):
+            del _ENVS[key]  # not closed: a read in another thread may still hold it
 
 
 class PackedDB:

@@ -1,15 +1,20 @@
 import json
 import multiprocessing
 import pickle
+import shutil
+import subprocess
+import sys
 
 import cv2
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from conftest import make_basicsr_lmdb
 from test_cli import run
 from srdata import DBError, PackedDB
 from srdata.basicsr import BasicSRDB
-from srdata.reader import open_db
+from srdata.reader import open_db, same_database
 from srdata.pack import pack
 
 
@@ -184,3 +189,75 @@ def test_exact_meta_parser_reads_what_the_general_pattern_reads(tmp_path, monkey
         assert list(fast[0]) == list(general[0]) and fast[1] == general[1], text
         assert all(np.array_equal(a, b) and a.dtype == b.dtype
                    for a, b in zip(fast[2:], general[2:])), text
+
+
+def remake_from_other_images(path, image_dir, files, keys, tmp_path):
+    """``path`` made again, as BasicSR makes it, from other images under the same names and
+    of the same sizes and channels (each one inverted): meta_info.txt is byte for byte
+    the same."""
+    other = tmp_path / "other-images"
+    for f in files:
+        img = cv2.imread(str(image_dir / f), cv2.IMREAD_UNCHANGED)
+        (other / f).parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(other / f), 255 - img)
+    meta = (path / "meta_info.txt").read_bytes()
+    shutil.rmtree(path)
+    make_basicsr_lmdb(path, other, files, keys)
+    assert (path / "meta_info.txt").read_bytes() == meta
+
+
+def test_identity_covers_the_data_not_only_the_listing(basicsr_db, tmp_path):
+    """meta_info.txt and the image sizes alone let a rewrite with the same names and sizes
+    pass for the same LMDB; a copy must still pass."""
+    path, image_dir, files, keys = basicsr_db
+    first = BasicSRDB(path)
+    ident, image = first.identity, first.image(3)
+    shutil.copytree(path, tmp_path / "copy.lmdb")
+    assert BasicSRDB(tmp_path / "copy.lmdb").identity == ident
+    remake_from_other_images(path, image_dir, files, keys, tmp_path)
+    again = BasicSRDB(path)  # in this process too: the new file, not the one mapped before
+    assert not np.array_equal(again.image(3), image) and again.identity != ident
+    # a change in place (another process: LMDB maps a file once per process): the LMDB's
+    # transaction count moves on
+    ident = again.identity
+    subprocess.run([sys.executable, "-c", f"""if True:
+        import lmdb
+        with lmdb.open({str(path)!r}).begin(write=True) as txn:
+            txn.put({keys[3].encode()!r}, txn.get({keys[3].encode()!r}))"""], check=True)
+    assert BasicSRDB(path).identity != ident
+
+
+def test_an_identity_saved_before_the_data_digest_still_matches():
+    """Checkpoints of earlier versions hold a BasicSR LMDB's listing digest alone."""
+    now = "sha256:" + "a" * 64 + ";data:" + "b" * 64
+    assert same_database(now, now) and same_database("sha256:" + "a" * 64, now)
+    assert not same_database("sha256:" + "c" * 64, now)
+    assert not same_database("sha256:" + "a" * 64 + ";data:" + "c" * 64, now)
+    assert same_database("0123abcd", "0123abcd") and not same_database("0123abcd", now)
+    assert same_database(None, None) and not same_database(None, now)
+
+
+def test_resume_refuses_an_lr_lmdb_made_again_from_other_images(tmp_path):
+    """--db HR.lmdb --lr-db LR.lmdb, LR.lmdb made again from other images with the same
+    names and sizes, --resume: training went on with mismatched pairs."""
+    from srtrain.cli import main as train_main
+    from test_paired import make_pair_folders
+    hr_dir, lr_dir = make_pair_folders(tmp_path, sizes=[(96, 120), (132, 96), (108, 108)])
+    files = sorted(str(p.relative_to(hr_dir)) for p in hr_dir.rglob("*.png"))
+    keys = [f.rsplit(".", 1)[0] for f in files]
+    hr, lr = tmp_path / "HR.lmdb", tmp_path / "LR.lmdb"
+    make_basicsr_lmdb(hr, hr_dir, files, keys)
+    make_basicsr_lmdb(lr, lr_dir, files, keys)
+    args = ["--db", str(hr), "--lr-db", str(lr), "--out", str(tmp_path / "run"), "--model",
+            "srcnn", "--patch", "48", "--batch-size", "2", "--loader", "torch", "--workers",
+            "0", "--device", "cpu", "--val-split", "0.34", "--val-images", "1", "-q"]
+    r = CliRunner().invoke(train_main, args + ["--epochs", "1"])
+    assert r.exit_code == 0, r.output
+    remake_from_other_images(lr, lr_dir, files, keys, tmp_path)
+    r = CliRunner().invoke(train_main, args + ["--epochs", "2", "--resume"])
+    assert r.exit_code == 1 and (f"--lr-db {lr} is not the database the checkpoint was "
+                                 "trained on") in r.output, r.output
+    shutil.rmtree(lr)  # the same images again: the same LMDB, byte for byte
+    make_basicsr_lmdb(lr, lr_dir, files, keys)
+    r = CliRunner().invoke(train_main, args + ["--epochs", "2", "--resume"])
+    assert r.exit_code == 0, r.output

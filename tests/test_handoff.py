@@ -275,3 +275,15 @@ def test_a_file_that_cannot_be_locked_is_never_swept(temp, monkeypatch):
     del h
     gc.collect()
     assert _ours() == []
+
+
+def test_a_hard_link_under_a_handoff_name_is_left_alone(temp, tmp_path_factory):
+    """A name that is one of several of a file (a user's, hard-linked) was never made by a
+    handoff, which creates its file new: a sweep leaves that name too."""
+    target = tmp_path_factory.mktemp("elsewhere") / "users-file"
+    target.write_bytes(b"keep")
+    linked = temp / f"{handoff._mine()}linked{SUFFIX}"
+    os.link(target, linked)
+    _aged(linked)
+    pickle.dumps(Handoff([1]))
+    assert linked.read_bytes() == b"keep" and os.path.samefile(linked, target)

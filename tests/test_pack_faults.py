@@ -2,6 +2,7 @@
 window (Ctrl-C, kill -9), symlinked folders, disk full, read-only and impossible
 destinations. Each case checks the user's files, the exit and the one-line message."""
 import errno
+import json
 import logging
 import os
 import resource
@@ -157,7 +158,7 @@ def test_publish_window_is_recoverable(image_dir, tmp_path, caplog, small_cfg):
     # kill -9 between the renames: no DB at DB, the old one aside; the next open restores it
     kill_during_publish(dst, "between")
     assert not dst.exists() and [n.split("-")[0] for n in leftovers(tmp_path)] == [
-        ".db.lock", ".db.old", ".db.partial"]
+        ".db.lock", ".db.old", ".db.partial", ".db.publish"]
     with caplog.at_level(logging.WARNING):
         assert len(PackedDB(dst)) > 0
     assert any(r.message.startswith(f"restored {dst} from .db.old-") for r in caplog.records)
@@ -167,7 +168,8 @@ def test_publish_window_is_recoverable(image_dir, tmp_path, caplog, small_cfg):
     # kill -9 after the new DB is in place: the next pack removes the old one and says so
     kill_during_publish(dst, "after")
     assert '"new": 1' in (dst / "manifest.json").read_text()
-    assert [n.split("-")[0] for n in leftovers(tmp_path)] == [".db.lock", ".db.old"]
+    assert [n.split("-")[0] for n in leftovers(tmp_path)] == [".db.lock", ".db.old",
+                                                              ".db.publish"]
     with caplog.at_level(logging.WARNING):
         with pytest.raises(PackError, match="pass --overwrite"):
             pack(image_dir, dst, small_cfg(), progress=False)
@@ -206,7 +208,7 @@ def test_ctrl_c_in_the_publish_window_tells_the_truth(image_dir, tmp_path, monke
     with pytest.raises(Interrupted, match="holds the new database, complete; the previous"):
         pack(image_dir, dst, small_cfg(shard_size=4), overwrite=True, progress=False)
     monkeypatch.setattr(publish.shutil, "rmtree", real_rmtree)
-    assert [n.split("-")[0] for n in leftovers(tmp_path)] == [".db.old"]
+    assert [n.split("-")[0] for n in leftovers(tmp_path)] == [".db.old", ".db.publish"]
     assert any("removed .db.old-" in d for d in recover_publish(dst))
     assert leftovers(tmp_path) == [] and len(PackedDB(dst).manifest["shards"]) == 2
 
@@ -317,3 +319,175 @@ def test_really_full_disk(image_dir, full_disk):
     line = one_error_line(result)
     assert line.startswith(f"Error: the disk holding {full_disk} is full (")
     assert "nothing was written" in line and list(full_disk.iterdir()) == []
+
+
+def link(kind, target, name):
+    """``name`` made a symbolic or hard link to ``target``."""
+    if kind == "symlink":
+        name.symlink_to(target.name)
+    else:
+        os.link(target, name)
+    return name
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
+def test_the_lock_file_is_never_written_through_a_link(image_dir, tmp_path, caplog, kind):
+    """`ln -s notes.txt .db.lock; srdata pack IMAGES db` wrote the pack's pid into
+    notes.txt; so did opening a database with a killed pack's leftovers next to it."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("notes\n")
+    lock = link(kind, notes, tmp_path / ".db.lock")
+    line = one_error_line(cli(image_dir, tmp_path / "db", "--overwrite"))
+    why = "is a symbolic link" if kind == "symlink" else "has 1 other hard link(s)"
+    assert line == (f"Error: cannot lock {tmp_path / 'db'}: {lock} {why}, so srpipe did not "
+                    "make it; srpipe neither writes through nor deletes it: move it away, "
+                    "then run this again")
+    assert notes.read_text() == "notes\n" and os.path.lexists(lock)
+    assert not (tmp_path / "db").exists()
+
+    lock.unlink()
+    assert cli(image_dir, tmp_path / "db").exit_code == 0
+    link(kind, notes, lock)
+    (tmp_path / ".db.partial-99999").mkdir()  # a killed pack's: the open repairs under the lock
+    with caplog.at_level(logging.WARNING):
+        assert run("inspect", tmp_path / "db").exit_code == 0
+    assert notes.read_text() == "notes\n" and os.path.lexists(lock)
+    assert any(f"not repairing what a killed pack left next to {tmp_path / 'db'}: {lock} "
+               f"{why}" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
+def test_temporary_files_are_never_written_through_a_link(tmp_path, kind):
+    """atomic_file (a pack's manifest and index, a run's checkpoints) and the publish
+    journal make their files new, and never write through a link of that name."""
+    from srdata.format import atomic_file
+    from srdata.publish import publish
+    notes = tmp_path / "notes.txt"
+    notes.write_text("notes\n")
+    tmp = link(kind, notes, tmp_path / f".config.json.tmp-{os.getpid()}")
+    with pytest.raises(OSError, match=f"{tmp} (is a symbolic link|has 1 other hard link)"):
+        with atomic_file(tmp_path / "config.json") as f:
+            f.write("{}")
+    assert notes.read_text() == "notes\n" and os.path.lexists(tmp)
+    assert not (tmp_path / "config.json").exists()
+    # a regular file by that name is this process's own leftover: replaced
+    tmp.unlink()
+    tmp.write_text("part of an earlier write")
+    with atomic_file(tmp_path / "config.json") as f:
+        f.write("{}")
+    assert (tmp_path / "config.json").read_text() == "{}" and not tmp.exists()
+
+    dst, new = tmp_path / "db", tmp_path / ".db.partial-1"
+    for d in (dst, new):
+        d.mkdir()
+    (new / "manifest.json").write_text('{"format": "srpipe-lmdb", "id": "new"}')
+    journal = link(kind, notes, tmp_path / f".db.publish-{os.getpid()}")
+    with pytest.raises(OSError, match=f"{journal} (is a symbolic link|has 1 other hard link)"):
+        publish(new, dst)
+    assert notes.read_text() == "notes\n" and os.path.lexists(journal)
+    assert dst.is_dir() and not any(dst.iterdir()) and new.is_dir()  # nothing moved
+
+
+def fake_db(path, ident):
+    """A complete database as recovery sees it: our manifest (with ``ident``) and an index."""
+    path.mkdir()
+    (path / "manifest.json").write_text(
+        f'{{"format": "srpipe-lmdb", "format_version": 2, "id": "{ident}"}}')
+    (path / "index.bin").write_bytes(ident.encode())
+    return path
+
+
+def test_recovery_never_chooses_between_two_databases(tmp_path, caplog):
+    """Two databases set aside and no DB: restoring one by name order deleted the other.
+    A database a killed pack finished beside them may be the one to put back: kept too."""
+    a, b = fake_db(tmp_path / ".x.old-100", "a"), fake_db(tmp_path / ".x.old-99", "b")
+    fake_db(tmp_path / ".x.partial-101", "new")
+    before = tree(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        line = one_error_line(run("inspect", tmp_path / "x"))
+    assert tree(tmp_path) == before and a.is_dir() and b.is_dir()
+    assert "database" in line and "does not exist" in line
+    assert any(f"{tmp_path / 'x'} is missing and 2 earlier databases were set aside by killed "
+               "packs (.x.old-99, .x.old-100); srpipe does not choose between them: rename "
+               "the one you want to x" in r.message for r in caplog.records)
+
+
+def test_recovery_keeps_the_old_database_when_db_is_not_a_database(tmp_path, caplog):
+    """A complete .x.old-7 and an x/ with no manifest: the old one was deleted, then the
+    open failed, leaving no database at all."""
+    fake_db(tmp_path / ".x.old-7", "seven")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "thesis.txt").write_text("mine")
+    before = tree(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        line = one_error_line(run("inspect", tmp_path / "x"))
+    assert "is not an srpipe database (no manifest.json)" in line
+    assert tree(tmp_path) == before
+    assert any(r.message.startswith(f"kept .x.old-7, the previous database of {tmp_path / 'x'}"
+                                    ": x is not a complete srpipe database (no manifest.json)")
+               for r in caplog.records)
+
+
+def test_recovery_removes_only_what_a_journal_or_the_format_proves(image_dir, tmp_path,
+                                                                   caplog, small_cfg):
+    """The family: every deletion recovery makes. A database set aside with no journal,
+    one that differs from its journal, and a partial folder holding someone's file all stay;
+    a journal that proves the publish, and a pack's own partial folder, are cleared."""
+    dst = tmp_path / "db"
+    pack(image_dir, dst, small_cfg(), progress=False)
+    ident = json.loads((dst / "manifest.json").read_text())["id"]
+    no_journal = fake_db(tmp_path / ".db.old-5", "older")
+    changed = fake_db(tmp_path / ".db.old-6", "six")
+    (tmp_path / ".db.publish-6").write_text(json.dumps(
+        {"format": "srpipe-publish", "old": ["db", "not six"], "new": ident}))
+    proved = fake_db(tmp_path / ".db.old-7", "seven")
+    (tmp_path / ".db.publish-7").write_text(json.dumps(
+        {"format": "srpipe-publish", "old": ["db", "seven"], "new": ident}))
+    theirs = tmp_path / ".db.partial-8"
+    theirs.mkdir()
+    (theirs / "thesis.txt").write_text("mine")
+    ours = tmp_path / ".db.partial-9"
+    (ours / "shard-00000").mkdir(parents=True)
+    (ours / "shard-00000" / "data.mdb").write_bytes(b"x")
+    keep = {p: tree(p) for p in (no_journal, changed, theirs)}
+    with caplog.at_level(logging.WARNING):
+        done = recover_publish(dst)
+    assert {p: tree(p) for p in keep} == keep and (tmp_path / ".db.publish-6").exists()
+    assert not proved.exists() and not (tmp_path / ".db.publish-7").exists()
+    assert [r.message for r in caplog.records if r.levelno == logging.WARNING] == done
+    assert [d.split(":")[0].split(",")[0] for d in done] == [
+        "kept .db.old-5", "kept .db.old-6", "removed .db.old-7", "kept .db.partial-8",
+        "removed .db.partial-9"]
+    assert "it holds 'thesis.txt', which srpipe did not write" in done[3]
+    assert not ours.exists() and len(PackedDB(dst)) == 6
+
+
+def test_a_pack_never_deletes_files_added_to_db_while_it_ran(image_dir, tmp_path,
+                                                            monkeypatch, small_cfg):
+    """DB was checked before packing; what someone wrote into it since is not the pack's
+    to delete with the old database."""
+    import srdata.pack as pack_mod
+    dst = tmp_path / "db"
+    pack(image_dir, dst, small_cfg(), progress=False)
+    real = pack_mod._pack_into
+
+    def pack_into(*args, **kwargs):
+        summary = real(*args, **kwargs)
+        (dst / "thesis.txt").write_text("mine")
+        return summary
+    monkeypatch.setattr(pack_mod, "_pack_into", pack_into)
+    before = tree(dst)
+    with pytest.raises(PackError, match=f"{dst} changed while the pack ran and is no longer "
+                                        r"an srpipe database \(it holds 'thesis.txt'"):
+        pack(image_dir, dst, small_cfg(), overwrite=True, progress=False)
+    assert tree(dst) == before | {Path("thesis.txt"): b"mine"} and leftovers(tmp_path) == []
+
+
+def test_a_partial_folder_of_someone_elses_is_never_removed(image_dir, tmp_path, small_cfg):
+    """The name a pack builds under, holding what a pack never writes: left as it is."""
+    part = tmp_path / f".db.partial-{os.getpid()}"
+    part.mkdir()
+    (part / "thesis.txt").write_text("mine")
+    with pytest.raises(PackError, match=f"{part} is in the way"):
+        pack(image_dir, tmp_path / "db", small_cfg(), progress=False)
+    assert (part / "thesis.txt").read_text() == "mine" and not (tmp_path / "db").exists()
