@@ -21,11 +21,17 @@ PR_SET_PDEATHSIG = 1
 
 def die_with_parent(parent: int, started_by_main_thread: bool = True,
                     poll_seconds: float = 1.0) -> None:
-    """End this process as soon as process ``parent`` dies, even by SIGKILL.
+    """End this process as soon as process ``parent`` dies, even by SIGKILL, and leave
+    Ctrl-C to ``parent``.
 
     Call once, early, in the worker. ``started_by_main_thread``: whether ``parent`` started
     this process from its main thread (else the parent-death signal would come too early,
     when that thread ends, and the pid is polled every ``poll_seconds`` instead)."""
+    # Ctrl-C in a terminal interrupts every process of its group: the parent answers it
+    # (a checkpoint, one line) and ends its workers; a worker's own KeyboardInterrupt
+    # would only add a traceback each to that line
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform != "linux":
         return
     if started_by_main_thread and _set_pdeathsig(signal.SIGKILL):

@@ -4,6 +4,9 @@ The same stages as ``srdata/degrade.py``'s torch reference, for the DALI pipelin
 functions of DataNodes (float32 HWC images in [0, 1]) and per-sample parameter nodes, which
 the pipeline gets from an external source fed with ``dali_inputs(sample_params(...))``.
 They use DALI conditionals: call them inside ``@pipeline_def(enable_conditionals=True)``.
+With ``usm`` each downscale starts from the USM-sharpened HR (``usm_sharpen``, unrounded),
+as the reference's loaders do; the HR the pipeline returns stays plain (the loader sharpens
+its targets on the device, so both loaders' targets are the same bits).
 
 Where DALI differs from the reference (measured in tests/test_dali_degrade.py, README):
 - resize: DALI has no ``area`` mode; it is DALI's linear filter with antialiasing (a
@@ -107,10 +110,36 @@ def jpeg(img, quality):
     return fn.cast(fn.jpeg_compression_distortion(u8, quality=quality), dtype=types.FLOAT) / 255.0
 
 
-def degrade(hr, p: dict):
-    """The whole chain on ``hr`` (uint8 HWC); ``p``: {name: node} for every name of INPUTS.
-    Returns the LR as uint8 HWC (Real-ESRGAN's final clamp and round)."""
+def _gaussian_blur(img, taps):
+    """The separable blur ``taps`` (outer) ``taps``, reflect-101 borders, as the
+    reference's ``gaussian_blur``: a column filter, then a row filter."""
+    for kernel in (taps[:, None], taps[None, :]):
+        img = fn.filter(img, types.Constant(np.ascontiguousarray(kernel)),
+                        border="reflect_101")
+    return img
+
+
+def usm_sharpen(img, cfg=reference.REALESRGAN_X4PLUS):
+    """``degrade.usm_sharpen`` of float32 HWC images in [0, 1] (unrounded)."""
+    taps = reference.usm_taps(cfg.usm_size).astype(np.float32)
+    detail = img - _gaussian_blur(img, taps)
+    mask = fn.cast(dmath.abs(detail) * 255.0 > cfg.usm_threshold, dtype=types.FLOAT)
+    soft = _gaussian_blur(mask, taps)
+    sharp = dmath.clamp(img + detail * cfg.usm_weight, 0.0, 1.0)
+    return soft * sharp + (1.0 - soft) * img
+
+
+def _unit(hr, usm: bool):
+    """uint8 HWC -> float32 in [0, 1], USM-sharpened if asked for."""
     x = fn.cast(hr, dtype=types.FLOAT) / 255.0
+    return usm_sharpen(x) if usm else x
+
+
+def degrade(hr, p: dict, usm: bool = False):
+    """The whole chain on ``hr`` (uint8 HWC), USM-sharpened first with ``usm``; ``p``:
+    {name: node} for every name of INPUTS. Returns the LR as uint8 HWC (Real-ESRGAN's final
+    clamp and round)."""
+    x = _unit(hr, usm)
     x = resize(blur(x, p["kernel1"]), p["size1"], p["mode1"])
     x = add_noise(x, p["gaussian1"], p["sigma1"], p["poisson1"], p["gray1"])
     x = jpeg(x, p["jpeg1"])
@@ -138,18 +167,25 @@ def bicubic_taps(scale: int) -> tuple[np.ndarray, int]:
     return w[0, 1:].astype(np.float32), scale // 2 - first
 
 
-def bicubic_downscale(hr, patch: int, scale: int):
-    """``degrade.bicubic_downscale`` of uint8 HWC ``patch``-px squares in the graph: the
-    same separable MATLAB weights as a column then a row filter (symmetric borders, as
-    MATLAB's), each rounded to uint8 as MATLAB does, then every ``scale``-th pixel picked by
-    INTERP_NN. Only float32 instead of float64 accumulation differs (a grey level on .5
-    ties). Each filter is computed at every pixel and 1 in scale² kept: cheap next to the
-    decode, and no strided filter exists in DALI."""
+def bicubic_downscale(hr, patch: int, scale: int, usm: bool = False):
+    """``degrade.bicubic_downscale`` of uint8 HWC ``patch``-px squares in the graph (of the
+    unrounded USM-sharpened ones with ``usm``): the same separable MATLAB weights as a
+    column then a row filter (symmetric borders, as MATLAB's), every ``scale``-th pixel
+    picked by INTERP_NN, rounded once. Only float32 instead of float64 accumulation differs
+    (a grey level on .5 ties). Each filter is computed at every pixel and 1 in scale² kept:
+    cheap next to the decode, and no strided filter exists in DALI."""
     taps, anchor = bicubic_taps(scale)
-    x = fn.cast(hr, dtype=types.FLOAT)
+    x = _unit(hr, True) * 255.0 if usm else fn.cast(hr, dtype=types.FLOAT)
     for kernel, a in ((taps[:, None], [anchor, 0]), (taps[None, :], [0, anchor])):
         x = fn.filter(x, types.Constant(np.ascontiguousarray(kernel)), anchor=a,
                       border="reflect_1001")
-        x = dmath.clamp(dmath.floor(x + 0.5), 0.0, 255.0)
     lr = fn.resize(x, size=[patch // scale] * 2, interp_type=types.INTERP_NN, antialias=False)
-    return fn.cast(lr, dtype=types.UINT8)
+    return fn.cast(dmath.clamp(dmath.floor(lr + 0.5), 0.0, 255.0), dtype=types.UINT8)
+
+
+def nn_downscale(hr, patch: int, scale: int, usm: bool = False):
+    """``sampler.nn_downscale`` of uint8 HWC ``patch``-px squares (of the USM-sharpened
+    ones, rounded, with ``usm``): the pixels INTERP_NN picks."""
+    x = _unit(hr, True) if usm else hr
+    lr = fn.resize(x, size=[patch // scale] * 2, interp_type=types.INTERP_NN, antialias=False)
+    return fn.cast(_round255(lr), dtype=types.UINT8) if usm else lr

@@ -10,9 +10,12 @@ database the source hands over both records and the graph decodes and cuts both,
 """
 from __future__ import annotations
 
+import logging
 import signal
+import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -36,7 +39,7 @@ MISSING_DALI = ("NVIDIA DALI is not installed: `pip install '.[dali]'` (nvidia-d
 # Tuning of the GPU (``mixed``) decoders, for library users and the GPU suite to measure.
 # All JPEGs to the hardware decoder: on an H100 with 16 cores, DALI's default 0.65 leaves a
 # third to CPU Huffman decoding and made 7,511 img/s against 11,230 at 1.0 (same call,
-# benchmarks/results/h100-2026-11-27-session2); GPUs without one ignore it.
+# benchmarks/results/h100-2026-11-27-2); GPUs without one ignore it.
 HW_DECODER_LOAD = 1.0
 DECODER_HINTS = ("device_memory_padding", "host_memory_padding", "preallocate_width_hint",
                  "preallocate_height_hint", "hybrid_huffman_threshold")
@@ -109,7 +112,8 @@ _DALI_TYPES = {np.float32: types.FLOAT, np.int32: types.INT32, np.bool_: types.B
     if types else {}
 
 
-def _sr_pipeline(source, raw, patch, scale, gpu, roi, workers, dec, degradation="nn"):
+def _sr_pipeline(source, raw, patch, scale, gpu, roi, workers, dec, degradation="nn",
+                 usm=False):
     # realesrgan: the source also hands over each row's parameters (dali_degrade.INPUTS)
     names = list(dd.INPUTS) if degradation == "realesrgan" else []
     extra = [_DALI_TYPES[dd.INPUTS[k]] for k in names]
@@ -124,13 +128,14 @@ def _sr_pipeline(source, raw, patch, scale, gpu, roi, workers, dec, degradation=
             data, where, flags, *params = _source(
                 source, workers, [types.UINT8, types.INT32, types.INT32, *extra])
             hr = _decode_patch(data, where, flags, patch, gpu, roi, dec)
+        # with usm the LR is made from the sharpened HR; the plain HR goes back, to be
+        # sharpened on the device as the torch loader's is (Loader._target)
         if degradation == "bicubic":
-            lr = dd.bicubic_downscale(hr, patch, scale)
+            lr = dd.bicubic_downscale(hr, patch, scale, usm)
         elif names:
-            lr = dd.degrade(fn.reshape(hr, layout="HWC"), dict(zip(names, params)))
+            lr = dd.degrade(fn.reshape(hr, layout="HWC"), dict(zip(names, params)), usm)
         else:
-            lr = fn.resize(hr, size=[patch // scale] * 2, interp_type=types.INTERP_NN,
-                           antialias=False)
+            lr = dd.nn_downscale(hr, patch, scale, usm)
         return lr, hr
 
     return sr_pipeline
@@ -189,7 +194,8 @@ class DaliLoader(Loader):
             real = self.degradation == "realesrgan"
             source = PatchSource(self.db, s, first, skip, padded, self.scale if real else 0)
             build = _sr_pipeline(source, self.db.codec == "raw", s.patch, self.scale, gpu,
-                                 self.roi_decode, self.workers, self.dec, self.degradation)
+                                 self.roi_decode, self.workers, self.dec, self.degradation,
+                                 self.usm)
         else:
             source = PairedSource(self.db, self.lr, s, self.scale, epoch, skip, padded)
             build = _paired_pipeline(source, self.db.codec == "raw", self.lr.codec == "raw",
@@ -199,8 +205,15 @@ class DaliLoader(Loader):
                     device_id=self.device.index if gpu else None, prefetch_queue_depth=2,
                     seed=s.seed)
         try:
-            pipe = build(**args, **rng)
+            with _conversion_failures() as failed:
+                pipe = build(**args, **rng)
             pipe.build()
+        except TypeError as e:
+            if not failed:
+                raise
+            raise OSError(failed[0].errno, f"{failed[0].strerror} (DALI writes the pipeline's "
+                          "converted code there; set TMPDIR to a folder with room)",
+                          failed[0].filename or tempfile.gettempdir()) from e
         except RuntimeError as e:
             if not rng or "checkpoint" not in str(e).lower():
                 raise
@@ -299,6 +312,30 @@ class DaliLoader(Loader):
                                    "record")
         return RuntimeError(f"DALI pipeline failed on batch {b} of epoch {epoch} of "
                             f"{self.db.path}: {err}")
+
+
+@contextmanager
+def _conversion_failures():
+    """The OSErrors that made DALI's AutoGraph give up converting the pipeline's ``if``
+    statements (it writes the converted code to TMPDIR; a full one fails). AutoGraph only
+    logs them, runs the code unconverted, and the first ``if`` on a DataNode then fails with
+    a TypeError about enabling conditionals that hides the cause; the warning is held back
+    here, for the build's error to name the cause in one line."""
+    failed = []
+
+    def keep(record: logging.LogRecord) -> bool:
+        cause = record.args[-1] if isinstance(record.args, tuple) and record.args else None
+        if str(record.msg).startswith("AutoGraph could not transform") and \
+                isinstance(cause, OSError):
+            failed.append(cause)
+            return False
+        return True
+    root = logging.getLogger()  # AutoGraph logs with logging.warning
+    root.addFilter(keep)
+    try:
+        yield failed
+    finally:
+        root.removeFilter(keep)
 
 
 def _dead_worker(loader: DaliLoader) -> str | None:

@@ -34,7 +34,7 @@ class PatchSource:
     feeds every sample of every output of a per-sample source in Python, time the GPU
     waits under a CUDA-graph step. Batches cut the host's time per fetch from 3.8 to
     1.3 ms (32 JPEGs) and from 16.3 to 7.4 ms (Real-ESRGAN's 20 more inputs) on the CI
-    VM (benchmarks/fetch_host.py, results/cpu2-2026-11-28-fetch).
+    VM (benchmarks/fetch_host.py, results/cpu2-2026-11-28).
     """
 
     def __init__(self, db, sampler, first_epoch: int, skip: int, padded_len: int,

@@ -12,12 +12,29 @@ random number and both loaders apply the same degradation to a sample:
 - ``make_kernels`` (numpy) and ``realesrgan_degrade`` (torch, on the tensor's device): apply
   them. ``srdata/dali_degrade.py`` is the same graph in DALI.
 
+As theirs, with USM on (their ``gt_usm``, both x4plus stages) the HR is sharpened first
+(``usm_sharpen``, BasicSR's ``USMSharp``); the sharpened HR is what is degraded (unrounded,
+as theirs) and what the model is trained against (rounded to grey levels by the loaders).
+
 Where we differ from Real-ESRGAN's training step (``RealESRNetModel.feed_data``):
 every parameter is drawn per sample (they draw resize, noise type and stage order once per
 batch and rely on a 180-sample pool for variety); JPEG qualities are whole numbers and the
 reference encodes with OpenCV (libjpeg, 4:2:0) instead of their differentiable DiffJPEG;
 gray Gaussian noise is drawn per sample (theirs shares one pattern across the batch); resize
 takes explicit output sizes, ``floor(side * factor)``, so DALI can be given the same sizes.
+Kept on purpose:
+
+- no 180-sample pool (``queue_size``): it exists to mix, within a batch, samples degraded
+  with different per-batch draws; ours draws per sample, so every batch is mixed already,
+  and a pool would carry samples across batches and epochs, which the two loaders' equal
+  samples and an exact resume cannot have.
+- the HR patch is sharpened and degraded as cut, not a 400-px crop degraded and then cut
+  to the patch: 2.4x fewer pixels to degrade at 256 px, and the crop is the sampler's. The
+  cost is context at the patch's edges: within ~2 sigma (16 px) of them the USM sees the
+  patch mirrored where theirs sees more image (sharpened 256-px patches of three
+  scikit-image photos: 0.19 grey levels apart on average, up to 40 at edge pixels, 4
+  beyond 16 px), the blur kernels within 10 px; and the JPEG block grids start at the
+  patch's corner, where theirs fall anywhere relative to it.
 """
 from __future__ import annotations
 
@@ -71,16 +88,18 @@ def _matlab_round(x: torch.Tensor) -> torch.Tensor:
 def bicubic_downscale(hr: torch.Tensor, scale: int) -> torch.Tensor:
     """``imresize(hr, 1/scale, 'bicubic')`` of an NCHW batch, on its device.
 
-    MATLAB resizes along H first (the smaller scale first; ties keep dimension order), and
-    its intermediate image has the input's class: uint8 input is rounded after each pass
-    (and returned as uint8), float input is not rounded at all (and may leave [0, 1] near
-    edges, as MATLAB's does). Sides are ``ceil(side / scale)``.
+    MATLAB resizes along H first (the smaller scale first; ties keep dimension order).
+    Both passes run in float64 and a uint8 input is rounded once, at the end (half up,
+    saturating): MATLAB's ``im2uint8(imresize(im2double(hr), 1/scale))``, which is how
+    DIV2K's and Set5-style LR are made, and BasicSR's ``imresize`` on float input. (MATLAB
+    given uint8 itself rounds after each pass: 0.1 grey levels apart on average, up to 5.)
+    Float input is not rounded (and may leave [0, 1] near edges, as MATLAB's does). Sides
+    are ``ceil(side / scale)``.
 
     Measured against ours on three scikit-image photos at x2-x4 (grey levels, mean / max):
     PIL BICUBIC 0.16-0.22 / 3-13 (the same filter; PIL renormalises taps at borders and
     resizes W first), OpenCV INTER_AREA 0.84-1.4 / 11-30, OpenCV INTER_CUBIC 1.9-5.7 /
-    45-140 (a = -0.75, no antialiasing). Against MATLAB: exact formulas, so 0 expected
-    (1 on a .5 tie); computing in float and rounding once differs by up to 7 at clipped edges.
+    45-140 (a = -0.75, no antialiasing).
     """
     if hr.ndim != 4:
         raise ValueError(f"got a tensor of shape {tuple(hr.shape)}, expected NCHW")
@@ -90,13 +109,9 @@ def bicubic_downscale(hr: torch.Tensor, scale: int) -> torch.Tensor:
     oh, ow = math.ceil(h / scale), math.ceil(w / scale)
     mh = torch.from_numpy(matlab_resize_matrix(h, oh, 1 / scale)).to(hr.device)
     mw = torch.from_numpy(matlab_resize_matrix(w, ow, 1 / scale)).to(hr.device)
-    is_uint8 = hr.dtype == torch.uint8
-    x = hr.to(torch.float64)
-    x = torch.einsum("oh,nchw->ncow", mh, x)
-    if is_uint8:
-        x = _matlab_round(x)
+    x = torch.einsum("oh,nchw->ncow", mh, hr.to(torch.float64))
     x = torch.einsum("pw,nchw->nchp", mw, x)
-    if is_uint8:
+    if hr.dtype == torch.uint8:
         return _matlab_round(x).to(torch.uint8)
     return x.to(hr.dtype)
 
@@ -148,9 +163,11 @@ class RealESRGANConfig:
     kernel_pad: int = 21  # every kernel is zero-padded to this size
     final_sinc_prob: float = 0.8
     final_sinc_first_prob: float = 0.5  # [resize back + sinc] before the last JPEG
-    usm_weight: float = 0.5  # USM sharpening of the HR target (their gt_usm)
+    # USM sharpening of the HR (their gt_usm), which is then degraded and trained against:
+    # BasicSR's USMSharp(), whose radius=50 is its Gaussian's size (made odd: 51 taps)
+    usm_weight: float = 0.5
     usm_threshold: float = 10.0
-    usm_radius: int = 50
+    usm_size: int = 51
 
 
 REALESRGAN_X4PLUS = RealESRGANConfig()
@@ -429,31 +446,54 @@ def realesrgan_degrade(hr: torch.Tensor, params: dict, scale: int) -> torch.Tens
 
 def make_lr(hr: torch.Tensor, scale: int, degradation: str, params: dict | None = None
             ) -> torch.Tensor:
-    """The LR of a uint8 NCHW HR batch as ``degradation`` makes it (uint8, on hr's
-    device); ``params``: Real-ESRGAN's, one per sample (``sample_params``)."""
-    from .sampler import nn_downscale
-    if degradation == "nn":
-        return nn_downscale(hr, scale)
-    if degradation == "bicubic":
-        return bicubic_downscale(hr, scale)
-    if degradation != "realesrgan":
+    """The LR of an NCHW HR batch as ``degradation`` makes it (uint8, on hr's device).
+
+    ``hr``: uint8, or float in [0, 1] (the USM-sharpened HR before it is rounded: Real-ESRGAN
+    degrades that, and every degradation here rounds once, at the end); ``params``:
+    Real-ESRGAN's, one per sample (``sample_params``)."""
+    from .sampler import DEGRADATIONS, nn_downscale
+    if degradation not in DEGRADATIONS:
         raise ValueError(f"got degradation={degradation!r}, expected nn, bicubic or "
                          "realesrgan")
-    lr = realesrgan_degrade(hr, params, scale)
-    return lr.mul_(255).round_().to(torch.uint8)  # already whole grey levels
+    if degradation == "realesrgan":
+        lr = realesrgan_degrade(hr, params, scale)
+        return lr.mul_(255).round_().to(torch.uint8)  # already whole grey levels
+    if hr.is_floating_point():
+        hr = hr.to(torch.float64) * 255
+    lr = nn_downscale(hr, scale) if degradation == "nn" else bicubic_downscale(hr, scale)
+    return lr if lr.dtype == torch.uint8 else _matlab_round(lr).to(torch.uint8)
+
+
+def usm_taps(size: int = REALESRGAN_X4PLUS.usm_size) -> np.ndarray:
+    """The 1-D Gaussian of the USM: OpenCV's ``getGaussianKernel(size, 0)`` for odd sizes
+    above 7 (sigma = 0.3 ((size - 1) / 2 - 1) + 0.8: 8.0 at 51 taps), float64, sum 1."""
+    if size % 2 == 0 or size <= 7:
+        raise ValueError(f"got usm size {size}, expected an odd size above 7")
+    sigma = 0.3 * ((size - 1) * 0.5 - 1) + 0.8
+    g = np.exp(-0.5 * ((np.arange(size) - size // 2) / sigma) ** 2)
+    return g / g.sum()
+
+
+def gaussian_blur(img: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """The separable blur ``taps`` (outer) ``taps`` of an NCHW float batch, borders
+    reflected without repeating the edge: BasicSR's ``filter2D`` with that 2-D kernel, in
+    2k instead of k² multiplies per pixel."""
+    n, c, h, w = img.shape
+    k, p = len(taps), len(taps) // 2
+    x = img.reshape(n * c, 1, h, w)[:, :, _reflect_index(h, p, img.device)]
+    x = F.conv2d(x, taps.to(img).view(1, 1, k, 1))
+    x = F.conv2d(x[..., _reflect_index(w, p, img.device)], taps.to(img).view(1, 1, 1, k))
+    return x.reshape(n, c, h, w)
 
 
 def usm_sharpen(img: torch.Tensor, cfg: RealESRGANConfig = REALESRGAN_X4PLUS) -> torch.Tensor:
-    """Unsharp masking of an NCHW float batch in [0, 1] (Real-ESRGAN's ``gt_usm``): add
-    ``weight`` x the detail (image minus its Gaussian blur) where the detail exceeds
-    ``threshold`` grey levels, blended in through a blurred mask so no edge is hard."""
-    k = 2 * cfg.usm_radius + 1
-    sigma = 0.3 * ((k - 1) * 0.5 - 1) + 0.8  # OpenCV's sigma for a k-tap kernel
-    g = np.exp(-0.5 * ((np.arange(k) - cfg.usm_radius) / sigma) ** 2)
-    g = torch.from_numpy(np.outer(g, g) / g.sum() ** 2).float().to(img.device)
-    kernels = g.expand(img.shape[0], k, k)
-    detail = img - filter2d(img, kernels)
+    """Unsharp masking of an NCHW float batch in [0, 1], as BasicSR's ``USMSharp()`` that
+    Real-ESRGAN's ``gt_usm`` runs: add ``weight`` x the detail (image minus its Gaussian
+    blur, ``usm_taps``) where the detail exceeds ``threshold`` grey levels, blended in
+    through the mask blurred by the same Gaussian, so no edge is hard. Unrounded."""
+    taps = torch.from_numpy(usm_taps(cfg.usm_size)).float().to(img.device)
+    detail = img - gaussian_blur(img, taps)
     mask = ((detail.abs() * 255) > cfg.usm_threshold).to(img.dtype)
-    soft = filter2d(mask, kernels)
+    soft = gaussian_blur(mask, taps)
     sharp = torch.clamp(img + cfg.usm_weight * detail, 0, 1)
     return soft * sharp + (1 - soft) * img

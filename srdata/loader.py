@@ -65,19 +65,22 @@ def resolve_device(device) -> torch.device:
 def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int = 256,
                 scale: int = 4, seed: int = 0, sample_ratio: float = 1.0, rank: int = 0,
                 world_size: int = 1, device=None, dtype: torch.dtype = torch.float32,
-                channels_last: bool = True, augment: bool = True, drop_last: bool = True,
+                channels_last: bool = True, augment: bool | str = True, drop_last: bool = True,
                 workers: int | None = None, roi_decode: bool = True,
                 ids=None, lr_db=None, patch_schedule=None, degradation: str = "nn",
-                usm: bool = False, dali_threads: int | None = None,
+                usm: bool | str = False, dali_threads: int | None = None,
                 hw_decoder_load: float | None = None, decoder_hints: dict | None = None,
                 dali_outputs: str | None = None) -> Loader:
     """An iterable of ``(lr, hr)`` batches from the database ``db`` (a path or an open one).
 
+    ``augment``: the flips drawn per patch (``srdata.sampler``): ``"all"`` (or True), the
+    eight symmetries of the square; ``"hflip"``, left-right flips only (Real-ESRGAN's
+    x4plus); ``"none"`` (or False).
     ``workers``: CPU processes reading the database (torch: DataLoader workers; dali:
     external-source workers); default all cores but one. ``roi_decode`` (dali only, default
     on): decode just the patch's region of each JPEG; 1.7x the full decode on the CPU
     (benchmarks/results/cpu-2core-2026-11-26) and as fast or faster with ``mixed`` decode on
-    an H100 (+1% to +40%, benchmarks/results/h100-2026-11-27-session2). ``ids``:
+    an H100 (+1% to +40%, benchmarks/results/h100-2026-11-27-2). ``ids``:
     draw from these images only (e.g. the training part of a train/validation split).
     ``lr_db``: paired training (a path or an open database): ``lr`` is the crop of this
     database's image of the same name (see ``srdata.paired``) instead of a downscale of
@@ -88,8 +91,10 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
     ``degradation``: how ``lr`` is made from ``hr``: ``"nn"`` (nearest neighbour, the
     fastest), ``"bicubic"`` (MATLAB ``imresize``, as DIV2K's LR) or ``"realesrgan"``
     (Real-ESRGAN's second-order degradation, every parameter drawn by the sampler per row;
-    see ``srdata.degrade``). ``usm``: USM-sharpen the ``hr`` targets (Real-ESRGAN's
-    ``gt_usm``).
+    see ``srdata.degrade``). ``usm``: USM-sharpen the HR (Real-ESRGAN's ``gt_usm``): ``hr``
+    is the sharpened HR, and ``lr`` is made from it; ``"lr"``: ``lr`` is made from the
+    sharpened HR and ``hr`` is the plain one (Real-ESRGAN's GAN stage sharpens the target
+    of its pixel and perceptual losses and shows the discriminator the plain HR).
     DALI tuning: ``dali_threads`` (the pipeline's CPU threads; default ``workers``), and for
     GPU decode ``hw_decoder_load`` (the share of JPEGs sent to the hardware decoder; default
     1.0, not DALI's 0.65, as measured on an H100) and ``decoder_hints`` (the decoders'
@@ -112,6 +117,8 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
     if degradation not in DEGRADATIONS:
         raise ValueError(f"got degradation={degradation!r}, expected one of "
                          f"{', '.join(DEGRADATIONS)}")
+    if usm not in (False, True, "lr"):
+        raise ValueError(f"got usm={usm!r}, expected False, True or 'lr'")
     if lr_db is not None and degradation != "nn":
         raise ValueError(f"got lr_db and degradation={degradation!r}: a paired database "
                          "brings its own LR; leave degradation at 'nn' (or drop lr_db)")

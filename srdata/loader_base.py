@@ -29,7 +29,10 @@ class Loader:
         self.epoch, self.batch = 0, 0
         self.lr = lr  # paired data: the LR database (srdata.paired.LRSource)
         self.schedule = schedule  # epoch -> (patch, batch size); None: as last set by hand
-        self.degradation, self.usm = degradation, usm  # how LR is made; USM-sharpened targets
+        # how LR is made; from the USM-sharpened HR (usm), which is the target too unless
+        # usm is "lr" (the GAN stage sharpens its own copy of the plain target)
+        self.degradation, self.usm = degradation, bool(usm)
+        self.sharp_target = self.usm and usm != "lr"
         self._params = None  # realesrgan: RowParams of the epoch under way
 
     def __len__(self) -> int:
@@ -109,9 +112,9 @@ class Loader:
         return p.rows(start, stop)
 
     def _degrade(self, hr: torch.Tensor, epoch: int, b: int) -> torch.Tensor:
-        """The LR of batch ``b`` of ``epoch`` (uint8 NCHW HR on the device -> uint8 LR),
-        made on the device after the batch arrived (the torch loader's way; DALI makes
-        bicubic and Real-ESRGAN LR in its graph)."""
+        """The LR of batch ``b`` of ``epoch`` (NCHW HR on the device, uint8 or the float
+        ``_sharpen`` made -> uint8 LR), made on the device after the batch arrived (the
+        torch loader's way; DALI makes bicubic and Real-ESRGAN LR in its graph)."""
         from .degrade import make_lr
         params = None
         if self.degradation == "realesrgan":
@@ -119,11 +122,20 @@ class Loader:
             params = self._row_params(epoch, first, first + len(hr))
         return make_lr(hr, self.scale, self.degradation, params)
 
-    def _target(self, hr: torch.Tensor) -> torch.Tensor:
-        """The uint8 NCHW HR batch -> the output target, USM-sharpened if asked for."""
-        if self.usm:
-            from .degrade import usm_sharpen
-            hr = usm_sharpen(hr.float().div_(255)).mul_(255).round_().to(torch.uint8)
+    def _sharpen(self, hr: torch.Tensor) -> torch.Tensor | None:
+        """The uint8 NCHW HR batch USM-sharpened (float in [0, 1], unrounded: what the LR is
+        made from, as Real-ESRGAN's ``gt_usm``); None without USM."""
+        if not self.usm:
+            return None
+        from .degrade import usm_sharpen
+        return usm_sharpen(hr.float().div_(255))
+
+    def _target(self, hr: torch.Tensor, sharp: torch.Tensor | None = None) -> torch.Tensor:
+        """The uint8 NCHW HR batch -> the output target: with USM (not "lr"), the sharpened
+        HR (``sharp`` if already made) rounded to grey levels."""
+        if self.sharp_target:
+            sharp = self._sharpen(hr) if sharp is None else sharp
+            hr = (sharp * 255).round_().to(torch.uint8)
         return self._output(hr)
 
     def _output(self, t: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,11 @@ Both loaders consume the rows of ``Sampler.plan(epoch)``, so ``loader="torch"`` 
     (image id, crop y, crop x, horizontal flip, vertical flip, transpose)
 
 with the crop the HR patch's top-left corner. Augmentations are applied in that order:
-flip left-right, flip top-bottom, then transpose (swap H and W). With the three bits the
-eight symmetries of the square (flips and 90-degree rotations) are equally likely.
+flip left-right, flip top-bottom, then transpose (swap H and W). ``augment``: ``"all"``
+(or True), the three bits drawn, so the eight symmetries of the square (flips and
+90-degree rotations) are equally likely; ``"hflip"``, the left-right flip only, half the
+rows (BasicSR's ``use_hflip: True, use_rot: False``, as Real-ESRGAN's x4plus trains);
+``"none"`` (or False). The bits are drawn in every case, so the crops do not depend on it.
 With ``align=scale`` (paired HR and LR databases) crops start on multiples of the scale:
 ``lr_row`` gives the LR crop that the HR crop is exactly ``scale`` times.
 
@@ -30,11 +33,21 @@ import cv2
 import numpy as np
 
 ID, Y, X, HFLIP, VFLIP, TRANSPOSE = range(6)
+AUGMENTS = ("all", "hflip", "none")
 DEGRADATIONS = ("nn", "bicubic", "realesrgan")
 # Degradation parameters come from their own generator, (seed, epoch, PARAM_STREAM, block),
 # so drawing them leaves the crop and flip draws as they were; rows are drawn in blocks of
 # PARAM_BLOCK so that row j's parameters do not depend on the epoch's length or the ranks.
 PARAM_STREAM, PARAM_BLOCK = 1, 256
+
+
+def _augment(augment) -> str:
+    """``augment`` as one of AUGMENTS (True and False: "all" and "none")."""
+    if isinstance(augment, (bool, np.bool_)):
+        return "all" if augment else "none"
+    if augment not in AUGMENTS:
+        raise ValueError(f"got augment={augment!r}, expected one of {', '.join(AUGMENTS)}")
+    return augment
 
 
 def _image_ids(ids) -> np.ndarray:
@@ -50,7 +63,8 @@ def _image_ids(ids) -> np.ndarray:
 class Sampler:
     def __init__(self, heights, widths, batch_size: int, patch: int, seed: int = 0,
                  sample_ratio: float = 1.0, rank: int = 0, world_size: int = 1,
-                 augment: bool = True, drop_last: bool = True, ids=None, align: int = 1):
+                 augment: bool | str = True, drop_last: bool = True, ids=None,
+                 align: int = 1):
         self.heights = np.asarray(heights, np.int64)
         self.widths = np.asarray(widths, np.int64)
         # the images this sampler draws from: all, or a subset (a held-out validation split)
@@ -82,7 +96,7 @@ class Sampler:
         # exactly the LR crop at (y/scale, x/scale) blown up; 1 draws every position
         self.align = align
         self.rank, self.world_size = rank, world_size
-        self.augment, self.drop_last = augment, drop_last
+        self.augment, self.drop_last = _augment(augment), drop_last
         self.sample_ratio = sample_ratio
         self.draw = max(1, round(sample_ratio * n))
         if drop_last:
@@ -111,8 +125,10 @@ class Sampler:
         rows[:, X] = (rng.random(self.draw) * ((self.widths[ids] - self.patch) // a + 1)
                       ).astype(np.int64) * a
         flips = rng.integers(0, 2, (self.draw, 3))
-        if self.augment:
+        if self.augment == "all":
             rows[:, HFLIP:] = flips
+        elif self.augment == "hflip":
+            rows[:, HFLIP] = flips[:, 0]
         total = self.per_rank * self.world_size
         rows = np.resize(rows, (total, 6)) if total > self.draw else rows[:total]
         return rows[self.rank::self.world_size]

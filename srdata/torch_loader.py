@@ -3,10 +3,10 @@
 Each worker opens the database lazily (see ``srdata.reader``), decodes with OpenCV, and cuts
 the HR patch the row describes; batches travel as uint8 NHWC in pinned memory and the LR is
 made on the device (picked, bicubic, or Real-ESRGAN's degradation, as Real-ESRGAN does in
-its training step) (paired databases: the LR patch is cut from the LR database in the
-worker too). It is the baseline DALI is measured against, and a fallback that needs
-nothing beyond PyTorch. Workers are spawned, as DALI's are: a script that builds a loader
-needs the usual ``if __name__ == "__main__":`` guard.
+its training step; with ``usm``, of the sharpened HR) (paired databases: the LR patch is
+cut from the LR database in the worker too). It is the baseline DALI is measured against,
+and a fallback that needs nothing beyond PyTorch. Workers are spawned, as DALI's are: a
+script that builds a loader needs the usual ``if __name__ == "__main__":`` guard.
 """
 from __future__ import annotations
 
@@ -102,7 +102,9 @@ class TorchLoader(Loader):
                     yield self._output(lr), self._target(hr)
                     continue
                 hr = hr.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-                yield self._output(self._degrade(hr, epoch, b)), self._target(hr)
+                sharp = self._sharpen(hr)  # with USM, the LR is made from the sharpened HR
+                lr = self._degrade(hr if sharp is None else sharp, epoch, b)
+                yield self._output(lr), self._target(hr, sharp)
         except fmt.DBError as e:
             # A worker's error arrives with its traceback folded into the message; the
             # last line is ours and names the database and key.

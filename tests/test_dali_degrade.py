@@ -112,13 +112,40 @@ def test_whole_chain_against_reference(batch):
     other = nhwc(d.realesrgan_degrade(hr, d.sample_params(np.random.default_rng(4), N), S))
     assert (lr - other * 255).std() > diff.std()
     # without noise and with bilinear resizes every stage is exact: within one grey level
+    p = exact(p)
+    (lr,) = run(lambda img, a: (dd.degrade(img, a),), imgs, dd.dali_inputs(p, H, H, S))
+    diff = np.abs(lr - nhwc(d.realesrgan_degrade(hr, p, S)) * 255)
+    assert diff.max() <= 1 and diff.mean() < 0.01
+
+
+def exact(p):
+    """``p`` without noise and with bilinear resizes only: the stages DALI computes as the
+    reference does."""
+    p = dict(p)
     for s in "12":
         p[f"gaussian{s}"], p[f"sigma{s}"] = np.ones(N, bool), np.zeros(N)
         p[f"mode{s}"] = np.ones(N, np.int64)
     p["mode_final"] = np.ones(N, np.int64)
-    (lr,) = run(lambda img, a: (dd.degrade(img, a),), imgs, dd.dali_inputs(p, H, H, S))
-    diff = np.abs(lr - nhwc(d.realesrgan_degrade(hr, p, S)) * 255)
-    assert diff.max() <= 1 and diff.mean() < 0.01
+    return p
+
+
+def test_usm_and_the_lr_of_the_sharpened_hr_match_reference(batch):
+    imgs, hr = batch
+    fimgs = [im.astype(np.float32) / 255 for im in imgs]
+    (sharp,) = run(lambda img, a: (dd.usm_sharpen(img),), fimgs, {})
+    sharp_ref = d.usm_sharpen(hr.float() / 255)
+    assert np.abs(sharp - nhwc(sharp_ref)).max() * 255 < 0.01
+    p = exact(d.sample_params(np.random.default_rng(5), N))
+    inputs = dd.dali_inputs(p, H, H, S)
+    lr, bic, nn = run(lambda img, a: (dd.degrade(img, a, usm=True),
+                                      dd.bicubic_downscale(img, H, S, usm=True),
+                                      dd.nn_downscale(img, H, S, usm=True)), imgs, inputs)
+    for got, kind in ((lr, "realesrgan"), (bic, "bicubic"), (nn, "nn")):
+        want = nhwc(d.make_lr(sharp_ref, S, kind, p)).astype(np.int16)
+        diff = np.abs(got.astype(np.int16) - want)
+        assert got.dtype == np.uint8 and diff.max() <= 1 and diff.mean() < 0.01, kind
+        plain = nhwc(d.make_lr(hr, S, kind, p)).astype(np.int16)
+        assert np.abs(got - plain).mean() > 1, kind  # the sharpened HR's LR, not the HR's
 
 
 def test_dali_inputs_dtypes():

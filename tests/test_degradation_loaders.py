@@ -91,21 +91,50 @@ def test_realesrgan_same_parameters_and_statistics_across_loaders(packed):
     (lr_d, hr_d), = batches(dali_lo, 1)
     assert np.array_equal(hr_t, hr_d)  # the same crops, the same USM targets
     assert lr_t.shape == lr_d.shape == (4, 16, 16, 3)
-    # the torch reference with the sampler's parameters of these rows, on the plain HR
+    # the torch reference with the sampler's parameters of these rows, on the sharpened HR
     s = torch_lo.sampler
     p = {k: v[:4] for k, v in s.degradation_params(0).items()}
-    db = srdata.PackedDB(path)
-    from srdata.sampler import ID, crop_and_flip
-    hr = np.stack([crop_and_flip(db.image(int(r[ID])), r, 64) for r in s.plan(0)[:4]])
-    assert not np.array_equal(hr, hr_t)  # sharpened
-    ref = degrade.realesrgan_degrade(torch.from_numpy(hr).permute(0, 3, 1, 2), p, 4)
-    ref = (ref * 255).round().permute(0, 2, 3, 1).numpy().astype(np.int16)
+    hr = plain_hr(path, s)
+    sharp = degrade.usm_sharpen(hr.float() / 255)
+    assert np.array_equal(nhwc((sharp * 255).round()), hr_t)  # the targets: sharpened
+    ref = nhwc(degrade.make_lr(sharp, 4, "realesrgan", p))
     assert np.array_equal(lr_t, ref)
+    assert np.abs(lr_t - nhwc(degrade.make_lr(hr, 4, "realesrgan", p))).mean() > 1
     diff = (lr_d - lr_t).astype(np.float64)  # bounds of tests/test_dali_degrade.py
     assert abs(diff.mean()) < 2 and diff.std() < 20
     other = {k: v[4:8] for k, v in s.degradation_params(0).items()}
-    other = degrade.realesrgan_degrade(torch.from_numpy(hr).permute(0, 3, 1, 2), other, 4)
-    assert np.std(lr_d - (other * 255).round().permute(0, 2, 3, 1).numpy()) > diff.std()
+    other = nhwc(degrade.make_lr(sharp, 4, "realesrgan", other))
+    assert np.std(lr_d - other) > diff.std()
+
+
+def plain_hr(path, sampler, n=4):
+    """The first ``n`` HR patches of the sampler's epoch 0, unsharpened, uint8 NCHW."""
+    from srdata.sampler import ID, crop_and_flip
+    db = srdata.PackedDB(path)
+    hr = [crop_and_flip(db.image(int(r[ID])), r, sampler.patch) for r in sampler.plan(0)[:n]]
+    return torch.from_numpy(np.stack(hr)).permute(0, 3, 1, 2)
+
+
+def nhwc(t):
+    return t.permute(0, 2, 3, 1).numpy().astype(np.int16)
+
+
+@pytest.mark.dali
+@pytest.mark.parametrize("degradation", ["nn", "bicubic"])
+def test_usm_lr_is_made_from_the_sharpened_hr_in_both_loaders(packed, degradation):
+    pytest.importorskip("nvidia.dali")
+    path = packed("png")
+    loaders = [srdata.make_loader(path, name, **KW, degradation=degradation, usm=True)
+               for name in ("torch", "dali")]
+    (lr_t, hr_t), (lr_d, hr_d) = (batches(lo, 1)[0] for lo in loaders)
+    assert np.array_equal(hr_t, hr_d)  # the targets: sharpened on the device in both
+    diff = np.abs(lr_t - lr_d)
+    assert diff.max() <= 1 and diff.mean() < 0.01  # float32 sums apart on .5 ties
+    hr = plain_hr(path, loaders[0].sampler)
+    sharp = degrade.usm_sharpen(hr.float() / 255)
+    assert np.array_equal(nhwc((sharp * 255).round()), hr_t)
+    assert np.array_equal(lr_t, nhwc(degrade.make_lr(sharp, 4, degradation)))
+    assert np.abs(lr_t - nhwc(degrade.make_lr(hr, 4, degradation))).mean() > 1  # not plain
 
 
 @pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=pytest.mark.dali)])
@@ -184,6 +213,13 @@ def test_srtrain_degradation_options(packed, tmp_path):
     cfg = checkpoint.load(tmp_path / "a" / "last.pt")["config"]
     assert (cfg["degradation"], cfg["val_degradation"], cfg["usm"]) == ("realesrgan",
                                                                         "bicubic", True)
+    assert cfg["augment"] == "all"  # the default: every symmetry, as runs before the option
+    r = train(db, tmp_path / "d", *tiny, "--degradation", "realesrgan", "--usm",
+              "--augment", "hflip")
+    assert r.exit_code == 0, r.output
+    assert checkpoint.load(tmp_path / "d" / "last.pt")["config"]["augment"] == "hflip"
+    r = train(db, tmp_path / "e", *tiny, "--augment", "rot")
+    assert r.exit_code == 2 and "'rot' is not one of 'all', 'hflip', 'none'" in r.output
     r = train(db, tmp_path / "b", *tiny, "--degradation", "box")
     assert r.exit_code == 2 and "'box' is not one of 'nn', 'bicubic', 'realesrgan'" in r.output
     r = train(db, tmp_path / "c", *tiny, "--lr-db", db, "--degradation", "bicubic")

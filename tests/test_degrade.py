@@ -217,3 +217,84 @@ def test_usm_sharpen():
     assert 0 <= sharp.min() and sharp.max() <= 1
     assert sharp[0, 0, 4, 78] < 0.3 - 0.01 and sharp[0, 0, 4, 81] > 0.7 + 0.01  # overshoot
     assert torch.allclose(sharp[..., :20], edge[..., :20], atol=1e-3)  # 7 sigmas away
+
+
+def usm_by_opencv(img):
+    """BasicSR's USMSharp() written out with OpenCV, float64, for an HxWx3 image in [0, 1]:
+    the 2-D kernel getGaussianKernel(51, 0) x its transpose, reflect-101 borders."""
+    g = cv2.getGaussianKernel(51, 0)
+    k2 = g @ g.T
+    blur = cv2.filter2D(img, -1, k2, borderType=cv2.BORDER_REFLECT_101)
+    detail = img - blur
+    mask = (np.abs(detail) * 255 > 10).astype(np.float64)
+    soft = cv2.filter2D(mask, -1, k2, borderType=cv2.BORDER_REFLECT_101)
+    sharp = np.clip(img + 0.5 * detail, 0, 1)
+    return soft * sharp + (1 - soft) * img
+
+
+def test_usm_is_basicsr_s_usmsharp_to_a_grey_level():
+    # OpenCV's sigma for 51 taps: 0.3 * ((51 - 1) / 2 - 1) + 0.8 = 8.0
+    g = np.exp(-np.arange(-25, 26) ** 2 / (2 * 8.0**2))
+    np.testing.assert_allclose(cv2.getGaussianKernel(51, 0)[:, 0], g / g.sum(), atol=1e-12)
+    np.testing.assert_allclose(d.usm_taps(51), g / g.sum(), atol=1e-12)
+    for seed in range(3):
+        img = synthetic_image(96, 80, seed)
+        ref = usm_by_opencv(img.astype(np.float64) / 255)
+        ours = hwc(d.usm_sharpen(nchw(img).float() / 255)).astype(np.float64)
+        assert np.abs(ours - ref).max() * 255 < 0.01  # float32 against float64
+        levels = np.abs((ours * 255).round() - (ref * 255).round())
+        assert levels.max() <= 1 and levels.mean() < 1e-3
+        assert np.abs(ref - img / 255).max() * 255 > 10  # and it does sharpen
+    with pytest.raises(ValueError, match="expected an odd size above 7"):
+        d.usm_taps(50)
+
+
+def keys_cubic(x):
+    x = abs(x)
+    return 1.5 * x**3 - 2.5 * x**2 + 1 if x <= 1 else (
+        -0.5 * x**3 + 2.5 * x**2 - 4 * x + 2 if x < 2 else 0.0)
+
+
+def imresize_down_matrix(n, s):
+    """MATLAB imresize(., 1/s) along one axis, from its definition: output i's centre at
+    input (i + 0.5) s - 0.5 (0-based), Keys' cubic widened by s, symmetric borders."""
+    out = -(-n // s)
+    m = np.zeros((out, n))
+    for i in range(out):
+        u = (i + 0.5) * s - 0.5
+        for j in range(int(np.floor(u - 2 * s)), int(np.ceil(u + 2 * s)) + 1):
+            folded = -j - 1 if j < 0 else (2 * n - 1 - j if j >= n else j)
+            m[i, folded] += keys_cubic((u - j) / s) / s
+    return m / m.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_bicubic_rounds_once_as_matlab_on_double_input(scale):
+    # im2uint8(imresize(im2double(hr), 1/s)): float all the way, one rounding at the end
+    img = synthetic_image(72, 60, scale)
+    mh, mw = imresize_down_matrix(72, scale), imresize_down_matrix(60, scale)
+    ref = np.einsum("oh,hwc->owc", mh, img.astype(np.float64))
+    ref = np.clip(np.floor(np.einsum("pw,owc->opc", mw, ref) + 0.5), 0, 255)
+    ours = hwc(d.bicubic_downscale(nchw(img), scale)).astype(np.float64)
+    diff = np.abs(ours - ref)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # .5 ties only
+    # rounding after each pass (MATLAB on uint8 input) is measurably apart
+    twice = np.clip(np.floor(np.einsum("pw,owc->opc", mw, np.clip(np.floor(
+        np.einsum("oh,hwc->owc", mh, img.astype(np.float64)) + 0.5), 0, 255)) + 0.5), 0, 255)
+    assert (np.abs(twice - ref) > 0).mean() > 0.02
+
+
+def test_make_lr_of_the_sharpened_float_hr_rounds_once():
+    hr = torch.from_numpy(np.stack([synthetic_image(64, 64, i) for i in range(2)]))
+    hr = hr.permute(0, 3, 1, 2)
+    sharp = d.usm_sharpen(hr.float() / 255)
+    target = (sharp * 255).round().to(torch.uint8)
+    nn = d.make_lr(sharp, 4, "nn")
+    assert nn.dtype == torch.uint8 and torch.equal(nn, target[..., 2::4, 2::4])
+    bic = d.make_lr(sharp, 4, "bicubic")
+    ref = d.bicubic_downscale(sharp.double() * 255, 4)
+    assert bic.dtype == torch.uint8 and torch.equal(bic, ref.add(0.5).floor().clamp(0, 255)
+                                                    .to(torch.uint8))
+    assert (bic.float() - d.make_lr(hr, 4, "bicubic").float()).abs().mean() > 0.5
+    with pytest.raises(ValueError, match="expected nn, bicubic or realesrgan"):
+        d.make_lr(hr, 4, "box")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from srdata.sampler import (HFLIP, ID, X, Y, Sampler, crop_and_flip,
+from srdata.sampler import (HFLIP, ID, TRANSPOSE, VFLIP, X, Y, Sampler, crop_and_flip,
                             nn_downscale)
 
 H = np.array([100, 120, 64, 80, 90, 200, 70, 66, 150, 99])
@@ -38,6 +38,21 @@ def test_crops_cover_the_whole_range():
 
 def test_no_augment_means_no_flips():
     assert (sampler(augment=False).plan(0)[:, HFLIP:] == 0).all()
+    assert np.array_equal(sampler(augment="none").plan(0), sampler(augment=False).plan(0))
+
+
+def test_hflip_draws_left_right_flips_only_and_the_same_crops():
+    s = Sampler(np.full(400, 90), np.full(400, 90), batch_size=4, patch=64, seed=1,
+                augment="hflip")
+    rows, every = s.plan(0), Sampler(np.full(400, 90), np.full(400, 90), 4, 64, seed=1).plan(0)
+    assert (rows[:, VFLIP] == 0).all() and (rows[:, TRANSPOSE] == 0).all()  # never rotated
+    assert 0.4 < rows[:, HFLIP].mean() < 0.6
+    assert np.array_equal(rows[:, HFLIP], every[:, HFLIP])  # the same draws, fewer kinds
+    assert np.array_equal(rows[:, :HFLIP], every[:, :HFLIP])  # and the same crops
+    assert s.resized(32, 2).augment == "hflip"
+    assert sampler(augment=True).augment == "all" and sampler(augment=np.False_).augment == "none"
+    with pytest.raises(ValueError, match="got augment='rot', expected one of all, hflip, none"):
+        sampler(augment="rot")
 
 
 def test_sample_ratio_draws_a_fresh_subset_each_epoch():
