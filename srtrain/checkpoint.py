@@ -1,12 +1,14 @@
 """Checkpoints: written atomically, read with ``weights_only=True``.
 
 A checkpoint holds everything a run needs to continue with exactly the next batch: model,
-optimizer, scheduler, GradScaler and EMA states, the loader's position, the step and epoch
-counters, the best validation score and the config. Everything in it is tensors, numbers,
+optimizer, scheduler, GradScaler and EMA states (``--stage gan``: the discriminator's
+weights, optimizer and schedule too), the loader's position, the step and epoch counters,
+the best validation score and the config. Everything in it is tensors, numbers,
 strings, lists and dicts, so it loads without unpickling arbitrary objects.
 """
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -92,13 +94,29 @@ def load_model(path: Path, ema: bool = True) -> torch.nn.Module:
     cfg = TrainConfig.from_dict(state["config"])
     model = build_model(cfg.model, cfg.scale, cfg.num_feat, cfg.num_block, cfg.num_grow_ch)
     weights, kind = model_weights(state, ema)
-    bad = nonfinite(weights)
-    if bad:  # it would upscale every image to black
-        raise ValueError(f"{path} holds non-finite {'EMA ' if kind == 'ema' else ''}weights "
-                         f"(NaN or inf in {bad[0]}{' and more' if len(bad) > 1 else ''}): "
-                         "training had diverged when it was saved; use an earlier checkpoint")
+    check_finite(path, weights, kind)
     model.load_state_dict(weights)
     return model.eval()
+
+
+def check_finite(path: Path, weights: dict, kind: str) -> None:
+    """ValueError when ``weights`` (``kind`` "ema", "model" or "net_d") of the checkpoint ``path``
+    hold NaN or inf: they would upscale every image to black."""
+    bad = nonfinite(weights)
+    if bad:
+        what = {"ema": "EMA weights", "net_d": "discriminator weights"}.get(kind, "weights")
+        raise ValueError(f"{path} holds non-finite {what} "
+                         f"(NaN or inf in {bad[0]}{' and more' if len(bad) > 1 else ''}): "
+                         "training had diverged when it was saved; use an earlier checkpoint")
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` holds an srtrain checkpoint (memory-mapped: its tensors are not read)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a file torch reads: not ours
+        return False
+    return isinstance(state, dict) and "config" in state and "model" in state
 
 
 def plain_weights(state: dict) -> dict:
@@ -110,28 +128,71 @@ def plain_weights(state: dict) -> dict:
     ``module.`` prefix, no channels_last strides, so any tool loads it with
     ``torch.load(weights_only=True)`` and a strict ``load_state_dict``.
     """
-    def plain(sd: dict) -> dict:
-        return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
-    out = {"params": plain(model_weights(state, ema=False)[0])}
+    out = {"params": _plain(model_weights(state, ema=False)[0])}
     ema, kind = model_weights(state, ema=True)
     if kind == "ema":
-        out["params_ema"] = plain(ema)
+        out["params_ema"] = _plain(ema)
     return out
 
 
-def export(ckpt: Path, out: Path, overwrite: bool = False) -> dict:
-    """Write the weights of the checkpoint ``ckpt`` as BasicSR's ``.pth`` at ``out``
-    (atomically; an existing ``out`` only with ``overwrite``). Returns the run's model facts."""
+def _plain(sd: dict) -> dict:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
+
+
+def discriminator_weights(state: dict, ckpt: Path) -> dict:
+    """BasicSR's weight file for the discriminator of a ``--stage gan`` checkpoint:
+    ``{"params": ...}`` with the spectral norm's ``weight_u``/``weight_v`` (as
+    ``RealESRGAN_x4plus_netD.pth`` holds it)."""
+    net_d = state.get("net_d")
+    if not net_d:
+        raise ValueError(f"{ckpt} holds no discriminator (a --stage l1 run, or --gan-weight "
+                         "0); drop --discriminator")
+    check_finite(ckpt, net_d, "net_d")
+    return {"params": _plain(net_d)}
+
+
+def export(ckpt: Path, out: Path, overwrite: bool = False,
+           discriminator: Path | None = None) -> dict:
+    """Write the weights of the checkpoint ``ckpt`` as BasicSR's ``.pth`` at ``out``, and
+    its discriminator's at ``discriminator`` if given (atomically; an existing file only
+    with ``overwrite``; both checked before either is written). Returns the run's model
+    facts."""
     from .config import TrainConfig
-    out = Path(out)
-    if out.is_dir():
-        raise ValueError(f"the output {out} is a folder; give a file name such as "
-                         f"{out / 'net_g.pth'}")
-    if out.exists() and not overwrite:
-        raise ValueError(f"{out} already exists; pass --overwrite to replace it")
+    outs = [Path(out)] + ([Path(discriminator)] if discriminator is not None else [])
+    if len(outs) == 2 and os.path.abspath(outs[0]) == os.path.abspath(outs[1]):
+        raise ValueError(f"the generator and the discriminator would both be written to "
+                         f"{outs[0]}; give --discriminator another file (such as net_d.pth)")
+    for path, name in zip(outs, ("net_g.pth", "net_d.pth")):
+        if path.is_dir():
+            raise ValueError(f"the output {path} is a folder; give a file name such as "
+                             f"{path / name}")
+        check_output(path, ckpt, overwrite)
     state = load(ckpt)
     weights = plain_weights(state)
-    save(out, weights)
+    for key, kind in (("params", "model"), ("params_ema", "ema")):
+        check_finite(ckpt, weights.get(key, {}), kind)
+    files = [(outs[0], weights)]
+    if discriminator is not None:
+        files.append((outs[1], discriminator_weights(state, ckpt)))
+    for path, held in files:
+        save(path, held)
     cfg = TrainConfig.from_dict(state["config"])
     return {"model": cfg.model, "scale": cfg.scale, "keys": sorted(weights),
-            "tensors": len(weights["params"])}
+            "tensors": len(weights["params"]),
+            "d_tensors": len(files[1][1]["params"]) if discriminator is not None else None}
+
+
+def check_output(out: Path, ckpt: Path, overwrite: bool) -> None:
+    """Refuse to write ``out`` over the checkpoint ``ckpt`` (however spelled or linked) or any
+    other srtrain checkpoint, ``overwrite`` or not: a run resumes from them; refuse any other
+    existing file unless ``overwrite``."""
+    if not out.exists():
+        return
+    if os.path.samefile(out, ckpt):
+        raise ValueError(f"the output {out} is the checkpoint {ckpt} itself; choose another "
+                         "OUTPUT (such as net_g.pth)")
+    if is_checkpoint(out):
+        raise ValueError(f"{out} is an srtrain checkpoint, which export never replaces "
+                         "(--overwrite or not); choose another OUTPUT (such as net_g.pth)")
+    if not overwrite:
+        raise ValueError(f"{out} already exists; pass --overwrite to replace it")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,8 @@ AMPS = ("auto", "bf16", "fp16", "off")
 # the whole model, or each repeated block (srtrain.kernels.compile_net)
 COMPILES = ("auto", "off", "model", "blocks")
 SCHEDULES = ("onecycle", "cosine", "constant", "cosine_restarts")
+# l1: the generator alone against L1 (Real-ESRNet); gan: Real-ESRGAN's second stage
+STAGES = ("l1", "gan")
 
 # What a resumed run may change: where and how fast it runs, never what it computes.
 RESUMABLE_CHANGES = {"resume", "device", "workers", "log_every", "progress", "profile_loader",
@@ -19,6 +22,10 @@ RESUMABLE_CHANGES = {"resume", "device", "workers", "log_every", "progress", "pr
                      "out", "init_weights", "tensorboard",
                      # compared by database identity, not path text (Trainer._check_data)
                      "db", "val_db", "lr_db",
+                     # the validation set's LR: it changes the scores, never the weights
+                     "val_lr_db",
+                     # the same VGG19 weights may live elsewhere on another machine
+                     "vgg_weights",
                      # more (or fewer, not below the epochs done) re-plans the LR schedule
                      "epochs"}
 
@@ -60,6 +67,7 @@ class TrainConfig:
     profile_loader: bool = False
     progress: bool = True
     lr_db: str | None = None
+    val_lr_db: str | None = None
     # CUDA only (srtrain.kernels.set_kernels): cuDNN autotuning and TF32 for fp32 math
     cudnn_benchmark: bool = True
     tf32: bool = True
@@ -76,6 +84,18 @@ class TrainConfig:
     degradation: str = "nn"
     val_degradation: str | None = None
     usm: bool = False
+    # the flips drawn per training patch (srdata.sampler.AUGMENTS): "all" 8 symmetries,
+    # "hflip" left-right only (Real-ESRGAN's x4plus), "none"; checkpoints from before: "all"
+    augment: str = "all"
+    # the training stage (srtrain.gan for "gan"): each loss term's weight, 0 turning it
+    # off; VGG19's weights for the perceptual loss (None: looked for where torchvision and
+    # BasicSR keep them); the discriminator's width. Checkpoints from before: "l1"
+    stage: str = "l1"
+    pixel_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    gan_weight: float = 0.1
+    vgg_weights: str | None = None
+    d_num_feat: int = 64
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -110,3 +130,12 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}
+
+
+def loader_workers(asked: int | None) -> int:
+    """The loader's CPU workers: as asked, or this process's share of the cores (torchrun
+    starts one process per GPU on the same machine) less one for the training loop."""
+    if asked is not None:
+        return asked
+    cores = len(os.sched_getaffinity(0))
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)

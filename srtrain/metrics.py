@@ -40,6 +40,7 @@ GAP = 4
 # grid tiles are enlarged (nearest, whole multiples) to at least this side, so a 32-64 px
 # validation patch is big enough to judge by eye
 MIN_TILE = 192
+LABEL_H = 28  # px: the strip above the grid that names its columns
 
 
 def _check_images(name: str, t: torch.Tensor) -> None:
@@ -141,10 +142,22 @@ def _grid(tiles: list[np.ndarray]) -> np.ndarray:
     return out
 
 
+def _labelled(grid: np.ndarray, labels: tuple[str, ...], tile_w: int) -> np.ndarray:
+    """The grid under a white strip naming each column, so a grid opened alone (in a file
+    browser, in TensorBoard) says which column is the model's."""
+    head = np.full((LABEL_H, grid.shape[1], 3), 255, np.uint8)
+    for c, text in enumerate(labels):
+        cv2.putText(head, text, (c * (tile_w + GAP) + 6, LABEL_H - 9),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([head, grid])
+
+
 def save_grid(path, lr: torch.Tensor, bic: torch.Tensor, sr: torch.Tensor,
-              hr: torch.Tensor, max_rows: int = 4) -> Path:
+              hr: torch.Tensor, max_rows: int = 4,
+              labels: tuple[str, ...] = ("LR", "bicubic", "SR", "HR")) -> Path:
     """A PNG at ``path``: a row per image (up to ``max_rows``), LR | bicubic | SR | HR,
-    tiles enlarged by nearest neighbour to at least MIN_TILE px."""
+    tiles enlarged by nearest neighbour to at least MIN_TILE px, under a strip of
+    LABEL_H px naming the columns (``labels``)."""
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     for name, t in (("lr", lr), ("bic", bic), ("sr", sr), ("hr", hr)):
@@ -160,7 +173,7 @@ def save_grid(path, lr: torch.Tensor, bic: torch.Tensor, sr: torch.Tensor,
     tiles = [_to_uint8_hwc(t[:n]) for t in (lr_up, bic, sr, hr)]
     if zoom > 1:
         tiles = [t.repeat(zoom, axis=1).repeat(zoom, axis=2) for t in tiles]
-    grid = _grid(tiles)
+    grid = _labelled(_grid(tiles), labels, tiles[0].shape[2])
     ok, buf = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
     if not ok:
         raise ValueError(f"OpenCV could not encode the {grid.shape} sample grid as PNG")

@@ -188,6 +188,12 @@ WRAPPER_KEYS = ("params_ema", "params", "model")
 
 
 def _unwrap(ckpt: Mapping) -> tuple[Mapping, str | None]:
+    ema = ckpt.get("ema")
+    if "config" in ckpt and isinstance(ema, Mapping) and ema:
+        # an srtrain checkpoint that kept an EMA: the weights its validation scored, as
+        # BasicSR's params_ema (what Real-ESRGAN's GAN stage starts from); AveragedModel
+        # keeps them under "module." beside its "n_averaged" counter
+        return {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}, "ema"
     for key in WRAPPER_KEYS:
         if isinstance(ckpt.get(key), Mapping):
             return ckpt[key], key
@@ -216,8 +222,9 @@ def _listed(label: str, items: list[str], limit: int = 5) -> str:
 def load_weights(model: nn.Module, source, what: str = "weights") -> str | None:
     """Load ``source`` (a path or an already-loaded dict) into ``model``, strictly.
 
-    Returns the wrapper key the state dict came from (``"params_ema"``, ``"params"`` or
-    ``"model"``), or None for a plain state dict. Raises ValueError naming the file when it
+    Returns the wrapper key the state dict came from (``"ema"`` for an srtrain checkpoint
+    that kept one, ``"params_ema"``, ``"params"`` or ``"model"``), or None for a plain state
+    dict. Raises ValueError naming the file when it
     cannot be read or does not fit the model.
     """
     ckpt, name = _read(source, what)
@@ -236,5 +243,11 @@ def load_weights(model: nn.Module, source, what: str = "weights") -> str | None:
                      ("shape mismatches", shapes)) if items]
         raise ValueError(f"{what} in {name} do not fit the model (check --model and --scale "
                          "match the weights):" + "".join(problems))
+    from .checkpoint import nonfinite
+    bad = nonfinite(state)
+    if bad:  # training would start from NaN and stop at the first loss it reads
+        raise ValueError(f"{what} in {name} hold NaN or inf (in {bad[0]}"
+                         f"{' and more' if len(bad) > 1 else ''}); give weights saved before "
+                         "their training diverged")
     model.load_state_dict(state, strict=True)
     return key

@@ -33,6 +33,9 @@ from srdata.format import atomic_file
 from srdata.images import has_alpha
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# The largest input upscaled unless asked (--max-pixels): 4096 x 4096. A 100 KB PNG can
+# declare 6000 x 6000 pixels, which a CPU upscales for many minutes into gigabytes.
+MAX_PIXELS = 4096 * 4096
 
 
 def _check_tiling(tile: int, overlap: int) -> None:
@@ -128,6 +131,29 @@ def read_rgb(path: Path) -> np.ndarray | None:
 ALPHA_EXTS = (".png", ".webp", ".tif", ".tiff")
 
 
+def declared_pixels(path: Path) -> int | None:
+    """Width x height as the image file's header declares it (nothing is decoded); None
+    when Pillow cannot tell. Above Pillow's own bomb limit, that limit (a lower bound)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.width * im.height
+    except Image.DecompressionBombError:
+        return 2 * Image.MAX_IMAGE_PIXELS + 1
+    except (OSError, ValueError, SyntaxError, EOFError):
+        return None
+
+
+def too_large(pixels: int | None, max_pixels: int) -> str | None:
+    """Why an image of ``pixels`` is not upscaled under ``max_pixels`` (0: no limit); None
+    when it is."""
+    if not max_pixels or pixels is None or pixels <= max_pixels:
+        return None
+    return (f"{pixels:,} pixels, more than --max-pixels {max_pixels:,} (a small file can "
+            f"declare a huge image); pass --max-pixels {pixels} to upscale it anyway")
+
+
 def read_image(path: Path) -> tuple[np.ndarray, np.ndarray | None] | None:
     """(HxWx3 uint8 RGB, HxW uint8 alpha or None when it has none), upright; None when the
     file cannot be read or decoded."""
@@ -192,7 +218,7 @@ def _plan_folder(src: Path, dst: Path) -> tuple[list[tuple[Path, Path]], list[di
         if dst_in_src and inside in p.resolve().parents:
             outputs += 1  # outputs of an earlier run
             continue
-        inputs[p.resolve()] = p
+        inputs[_identity(p)] = p
         out = dst / p.relative_to(src).with_suffix(".png")
         if out in taken:  # a.jpg and a.png would both become a.png
             skipped.append({"path": str(p), "reason": f"{out} already comes from {taken[out]}"})
@@ -213,13 +239,40 @@ def _nothing_to_do(src: Path, dst: Path, outputs: int) -> str:
             "give a folder of images or an image file")
 
 
-def _check_inputs_kept(pairs: list[tuple[Path, Path]], inputs: dict[Path, Path]) -> None:
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file ``path`` names, however spelled or linked (symlink, hard link, ``..``); None
+    when there is none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _check_inputs_kept(pairs: list[tuple[Path, Path]], inputs: dict) -> None:
     """With INPUT inside OUTPUT, in/x/a.png becomes x/a.png, which may be an input itself:
-    never write over an input, --overwrite or not. ``inputs``: resolved path -> input."""
+    never write over an input, --overwrite or not. ``inputs``: _identity -> input."""
     for p, out in pairs:
-        if out.resolve() in inputs:
+        same = inputs.get(_identity(out)) if out.exists() else None
+        if same is not None:
             raise ValueError(f"the output {out} of {p} would replace the input "
-                             f"{inputs[out.resolve()]}; choose another OUTPUT folder")
+                             f"{same}; choose another OUTPUT folder")
+
+
+def _check_protected(pairs: list[tuple[Path, Path]], protect) -> None:
+    """Never write over a file of ``protect`` (the model's checkpoint) or any other srtrain
+    checkpoint, --overwrite or not."""
+    from .checkpoint import is_checkpoint
+    kept = {_identity(Path(k)): k for k in protect}
+    for _, out in pairs:
+        if not out.exists():
+            continue
+        if _identity(out) in kept:
+            raise ValueError(f"the output {out} is the checkpoint {kept[_identity(out)]}; "
+                             "choose another OUTPUT")
+        if is_checkpoint(out):
+            raise ValueError(f"the output {out} is an srtrain checkpoint, which upscale "
+                             "never replaces; choose another OUTPUT")
 
 
 def _check_existing(pairs: list[tuple[Path, Path]], dst: Path, folder: bool) -> None:
@@ -240,7 +293,7 @@ def _plan_file(src: Path, dst: Path) -> list[tuple[Path, Path]]:
     if not cv2.haveImageWriter(str(dst)):
         raise ValueError(f"OpenCV cannot write the output extension {dst.suffix!r} of {dst}; "
                          "use .png, .jpg, .bmp, .tif or .webp")
-    if dst.resolve() == src.resolve():
+    if dst.resolve() == src.resolve() or (dst.exists() and _identity(dst) == _identity(src)):
         raise ValueError(f"the output {dst} is the input file; choose another name")
     if dst.is_dir():
         raise ValueError(f"the input {src} is a file but the output {dst} is a folder")
@@ -249,13 +302,15 @@ def _plan_file(src: Path, dst: Path) -> list[tuple[Path, Path]]:
 
 def upscale_path(model, src, dst, tile: int = 256, overlap: int = 16,
                  device: str | torch.device = "cpu", half: bool | None = None,
-                 progress: bool = True, overwrite: bool = False) -> dict:
+                 progress: bool = True, overwrite: bool = False,
+                 max_pixels: int = MAX_PIXELS, protect=()) -> dict:
     """Upscale the image file ``src`` into the file ``dst``, or every image under the folder
     ``src`` into ``dst/<relative path>/<stem>.png``.
 
     An output that already exists is replaced only with ``overwrite`` (checked for all of
-    them before anything is written); an input never is. Unreadable images in a folder are
-    skipped with a warning, not fatal. Returns
+    them before anything is written); an input, a file of ``protect`` or an srtrain
+    checkpoint never is. An image of more than ``max_pixels`` (0: no limit) is refused, and
+    unreadable ones; in a folder they are skipped with a warning, not fatal. Returns
     ``{"written": [path, ...], "skipped": [{"path", "reason"}, ...], "seconds": float}``.
     """
     _check_tiling(tile, overlap)
@@ -267,18 +322,26 @@ def upscale_path(model, src, dst, tile: int = 256, overlap: int = 16,
         pairs, skipped = _plan_file(src, dst), []
     else:
         raise ValueError(f"the input {src} is neither a file nor a folder")
+    _check_protected(pairs, protect)
     if not overwrite:
         _check_existing(pairs, dst, src.is_dir())
     for s in skipped:
         warnings.warn(f"skipping {s['path']}: {s['reason']}", stacklevel=2)
     written = []
     for inp, out in tqdm(pairs, desc="upscale", unit="img", disable=not progress):
-        image = read_image(inp)
+        why = too_large(declared_pixels(inp), max_pixels)  # before decoding it
+        image = read_image(inp) if why is None else None
+        if image is not None:  # a header Pillow cannot read: the decoded size
+            why = too_large(image[0].shape[0] * image[0].shape[1], max_pixels)
+            image = image if why is None else None
         if image is None:
             if not src.is_dir():
-                raise ValueError(f"cannot read the image {inp}: missing, corrupt or not an image")
-            skipped.append({"path": str(inp), "reason": "cannot be read or decoded"})
-            warnings.warn(f"skipping {inp}: cannot be read or decoded", stacklevel=2)
+                raise ValueError(f"the image {inp} has {why}" if why else
+                                 f"cannot read the image {inp}: missing, corrupt or not an "
+                                 "image")
+            reason = why or "cannot be read or decoded"
+            skipped.append({"path": str(inp), "reason": reason})
+            warnings.warn(f"skipping {inp}: {reason}", stacklevel=2)
             continue
         rgb, alpha = image
         sr = upscale_image(model, rgb, tile, overlap, device, half)

@@ -105,6 +105,11 @@ def test_tools_script_runs_from_a_checkout(image_dir, tmp_path):
                          timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "packed 6 images" in out.stdout
+    # its --help shows the defaults, as `srdata pack --help` does
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "pack_lmdb.py"), "--help"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0 and "Usage: pack_lmdb.py" in out.stdout
+    assert out.stdout.count("[default: ") >= 5, out.stdout
 
 
 def test_make_samples(tmp_path):

@@ -118,7 +118,8 @@ def test_trainer_on_the_gpu_with_amp_compile_and_data_wait(packed, tmp_path):
                                   "--loader", "dali", "--val-split", "0.2", "--val-images", "2",
                                   "--resume", "-q"])
     assert r.exit_code == 0, r.output  # a compiled run resumed: a third epoch
-    assert json.loads(r.output.splitlines()[-1])["epoch"] == 3
+    end = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert end["event"] == "end" and end["epoch"] == 3
     from srdata.samples import synthetic_image, write_image
     write_image(tmp_path / "small.png", synthetic_image(40, 56, 0))
     r = CliRunner().invoke(main, ["upscale", "--ckpt", str(out / "last.pt"),

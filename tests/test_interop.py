@@ -15,12 +15,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import SMALL, make_images, one_error_line
+from srdata import format as fmt
 from srdata.reader import open_db
 from srdata.pack import PackConfig, pack
 from srtrain import checkpoint, metrics, tboard
 from srtrain.cli import main
 from srtrain.models import RRDBNet, build_model, load_weights
-from srtrain.train import cosine_restarts, ema_decay, make_scheduler
+from srtrain.stepper import cosine_restarts, ema_decay, make_scheduler
 from srtrain.upscale import read_rgb, upscale_image, upscale_path
 from test_models import basicsr_keys
 from test_train import events, train
@@ -137,8 +138,11 @@ def test_export_write_failures_are_one_line(tmp_path, monkeypatch):
         dst = out / "net_g.pth"
         if existing:
             dst.write_bytes(existing)
-        (out / f".net_g.pth.tmp-{os.getpid()}").symlink_to("/dev/full")  # ENOSPC
+        # ENOSPC: /dev/full handed out as the temporary file (a link there is refused)
+        monkeypatch.setattr(fmt, "create_own",
+                            lambda p: os.open("/dev/full", os.O_WRONLY | os.O_CLOEXEC))
         line = one_error_line(export(dst, "--overwrite"))
+        monkeypatch.undo()
         assert line == f"Error: no space left on the device to write {dst}; free some space"
         assert sorted(p.name for p in out.iterdir()) == (["net_g.pth"] if existing else [])
         assert not existing or dst.read_bytes() == existing

@@ -169,7 +169,7 @@ def test_the_ema_copy_of_compiled_blocks_runs_its_own_weights():
     leaves the compiled call out of a module's copied state; this holds it to that)."""
     from srtrain.kernels import compile_net
     from srtrain.models import build_model
-    from srtrain.train import Stepper
+    from srtrain.stepper import Stepper
     torch.manual_seed(0)
     model = build_model("rrdbnet", 4, 8, 2, 4)
     compile_net(model, model, "blocks")
@@ -217,7 +217,7 @@ def test_cuda_graphs_compile_in_reduce_overhead_mode_and_mark_each_step(how, mon
     """Each step begins a new CUDA graph iteration; on the CPU the compiled code runs as
     without graphs."""
     from srtrain.models import build_model
-    from srtrain.train import timing_stepper
+    from srtrain.timing import timing_stepper
     modes, marks = [], []
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile",
@@ -246,7 +246,7 @@ def test_cuda_graphs_train_as_the_eager_step_does():
     from torch._dynamo.utils import counters
 
     from srtrain.models import build_model
-    from srtrain.train import timing_stepper
+    from srtrain.timing import timing_stepper
     dev = torch.device("cuda")
     before = switches()
     torch.manual_seed(0)

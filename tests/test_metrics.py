@@ -175,9 +175,18 @@ def test_save_grid_layout_and_pixels(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["grid.png"]  # no temporary left over
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     gap, rows, zoom = 4, 3, 16  # 12 px tiles enlarged to 192, the smallest legible size
-    th, tw = h * zoom, w * zoom
-    assert img.shape == (rows * th + (rows - 1) * gap, 4 * tw + 3 * gap, 3)
+    th, tw, head = h * zoom, w * zoom, metrics.LABEL_H
+    assert img.shape == (head + rows * th + (rows - 1) * gap, 4 * tw + 3 * gap, 3)
     rgb = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    # a white strip naming each column: dark text above every column, nowhere else
+    strip = rgb[:head].min(axis=2)
+    for c in range(4):
+        x = c * (tw + gap)
+        assert (strip[:, x:x + tw] < 128).sum() > 20, f"no label above column {c}"
+    widths = [(strip[:, c * (tw + gap):c * (tw + gap) + tw] < 128).any(0).sum()
+              for c in range(4)]
+    assert widths[1] > widths[0]  # "bicubic" is wider than "LR"
+    rgb = rgb[head:]
 
     def tile(r, c):
         y, x = r * (th + gap), c * (tw + gap)
@@ -199,4 +208,4 @@ def test_save_grid_fewer_images_than_rows(tmp_path):
     hr = torch.rand(1, 3, 8, 8)
     lr = hr[..., ::2, ::2]
     path = metrics.save_grid(tmp_path / "g.png", lr, metrics.bicubic(lr, 2), hr, hr)
-    assert cv2.imread(str(path)).shape == (192, 4 * 192 + 3 * 4, 3)
+    assert cv2.imread(str(path)).shape == (metrics.LABEL_H + 192, 4 * 192 + 3 * 4, 3)

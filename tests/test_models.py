@@ -125,6 +125,11 @@ def test_srcnn_shapes(scale):
     (lambda sd: {"model": sd, "step": 10}, "model"),
     (lambda sd: {"module." + k: v for k, v in sd.items()}, None),
     (lambda sd: {"params_ema": {"module." + k: v for k, v in sd.items()}}, "params_ema"),
+    # an srtrain checkpoint: its EMA (AveragedModel's keys), not its raw weights
+    (lambda sd: {"config": {}, "model": {k: v + 1 for k, v in sd.items()},
+                 "ema": {"n_averaged": torch.tensor(5),
+                         **{"module." + k: v for k, v in sd.items()}}}, "ema"),
+    (lambda sd: {"config": {}, "model": sd, "ema": None}, "model"),
 ])
 def test_load_weights_round_trip(tmp_path, wrap, expected):
     torch.manual_seed(0)

@@ -204,7 +204,8 @@ def test_srtrain_with_lr_db_trains_and_validates_on_the_real_lr(paired, tmp_path
             "--val-images", "2", "-q"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output.strip().splitlines()[-1])["step"] == 2  # 4 train images
+    end = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert end["event"] == "end" and end["step"] == 2  # 4 train images
     cfg = checkpoint.load(out / "last.pt")["config"]
     assert cfg["lr_db"] == str(lr_path)
     # validation: the same held-out split, its LR the LR database's centre crops
@@ -216,12 +217,31 @@ def test_srtrain_with_lr_db_trains_and_validates_on_the_real_lr(paired, tmp_path
     psnr = [e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
             if e["event"] == "val"][0]["psnr_bicubic"]
     assert np.isclose(psnr, val.baseline["psnr_bicubic"])
-    # resume needs the same LR database; --val-db has no LR to pair with
+    # a resume left without --lr-db takes the run's own (OUT/config.json)
     r = CliRunner().invoke(main, args[:2] + args[4:] + ["--resume", "--epochs", "2"])
-    assert r.exit_code != 0 and "own databases: --lr-db None is not" in r.output
+    assert r.exit_code == 0, r.output
+    assert checkpoint.load(out / "last.pt")["config"]["lr_db"] == str(lr_path)
+    # a separate validation set needs its own LR: paired by --val-lr-db (as BasicSR's
+    # DIV2K -> Set5 recipe validates), or made by --val-degradation
     r = CliRunner().invoke(main, args + ["--out", str(tmp_path / "v"), "--val-db",
                                          str(hr_path)])
-    assert r.exit_code != 0 and "--val-db has no LR pairs" in r.output
+    assert r.exit_code != 0 and "give them with --val-lr-db" in r.output
+    r = CliRunner().invoke(main, args + ["--out", str(tmp_path / "v"), "--val-lr-db",
+                                         str(lr_path)])
+    assert r.exit_code != 0 and "give the validation HR database with --val-db" in r.output
+    out = tmp_path / "v"
+    r = CliRunner().invoke(main, args + ["--out", str(out), "--val-db", str(hr_path),
+                                         "--val-lr-db", str(lr_path)])
+    assert r.exit_code == 0, r.output
+    val = ValSet(hr_db, range(len(hr_db)), 48, 4, 2, lr=pair(hr_db, lr_db, 4))
+    psnr = [e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if e["event"] == "val"][0]["psnr_bicubic"]
+    assert np.isclose(psnr, val.baseline["psnr_bicubic"])
+    end = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert end["step"] == 3  # every one of the 6 images trains: validation is --val-db
+    r = CliRunner().invoke(main, args + ["--out", str(tmp_path / "b"), "--val-db",
+                                         str(hr_path), "--val-degradation", "bicubic"])
+    assert r.exit_code == 0, r.output
 
 
 @pytest.mark.dali

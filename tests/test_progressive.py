@@ -13,7 +13,7 @@ import srdata
 from srdata.schedule import PatchSchedule
 from srtrain import checkpoint
 from srtrain.cli import main
-from srtrain.train import total_steps
+from srtrain.stepper import total_steps
 
 from test_train import TINY as FIXED, events, run_killed_and_resumed, same_weights
 

@@ -46,7 +46,7 @@ def test_trains_validates_and_writes_a_run(packed, tmp_path):
     out = tmp_path / "run"
     r = train(packed("png"), out, "--epochs", 2)
     assert r.exit_code == 0, r.output
-    result = json.loads(r.output.strip().splitlines()[-1])
+    result = events(out, "end")[-1]
     assert result["epoch"] == 2 and result["step"] == 8  # 8 training images, batch 2
     train_ev, val_ev = events(out, "train"), events(out, "val")
     assert [e["step"] for e in train_ev] == list(range(1, 9))
@@ -171,7 +171,8 @@ def test_init_weights_from_a_basicsr_file(packed, tmp_path):
     torch.save(bad, tmp_path / "nan.pth")
     r = train(packed("png"), tmp_path / "nan", "--epochs", 1, "--init-weights",
               tmp_path / "nan.pth")
-    assert r.exit_code == 1 and "the loss became nan" in r.output
+    # refused before any step: NaN weights would only train into a NaN loss
+    assert r.exit_code == 1 and "nan.pth hold NaN or inf (in conv_first.weight" in r.output
     assert not (tmp_path / "nan" / "last.pt").exists()
 
 
@@ -243,3 +244,93 @@ def test_out_of_memory_suggests_a_smaller_batch(packed, tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "train", oom)
     r = train(packed("png"), tmp_path / "run")
     assert r.exit_code == 1 and "--batch-size 1 --accum 2" in r.output
+
+
+def test_resume_from_the_run_folder_alone_takes_the_runs_settings(packed, tmp_path):
+    """`srtrain --out RUN --resume`: the database, the model and every non-default flag come
+    from RUN/config.json; a flag given again that differs is still refused."""
+    db, out = packed("png"), tmp_path / "run"
+    assert train(db, out, "--epochs", 1, "--seed", 3, "--ema", 0.9).exit_code == 0
+    r = CliRunner().invoke(main, ["--out", str(out), "--resume", "--epochs", "2", "-q",
+                                  "--device", "cpu", "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    assert [e["epoch"] for e in events(out, "val")] == [0, 1]
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["seed"], saved["ema"], saved["num_feat"], saved["epochs"]) == (3, 0.9, 8, 2)
+    r = CliRunner().invoke(main, ["--out", str(out), "--resume", "--epochs", "2", "-q",
+                                  "--seed", "4"])
+    assert r.exit_code == 1 and "--seed: checkpoint 3, now 4" in r.output, r.output
+    (out / "config.json").write_text("[1, 2]")
+    r = CliRunner().invoke(main, ["--out", str(out), "--resume"])
+    assert r.exit_code == 1 and "is not a run's settings" in r.output
+
+
+def test_the_terminal_shows_the_run_an_epoch_a_line_and_what_to_do_next(packed, tmp_path):
+    db, out = packed("png"), tmp_path / "run"
+    args = [a for a in TINY if a != "-q"]
+    with pytest.warns(UserWarning, match=r"validation scores 2 image\(s\) only \(--val-split "
+                                         r"0\.2 of 10 images\)"):
+        r = CliRunner().invoke(main, ["--db", str(db), "--out", str(out), *args,
+                                      "--epochs", "2"])
+    assert r.exit_code == 0, r.output
+    text = r.output
+    assert "srtrain: rrdbnet (0.01 M parameters), x4, on cpu (off, compile off)" in text
+    assert f"8 training images from {db}; validation on 2 images" in text
+    assert "2 epochs of 4 steps, batch 2, 32 px patches" in text
+    epochs = [line for line in text.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epochs] == ["1/2", "2/2"], text
+    val = events(out, "val")[-1]
+    assert f"val {val['psnr']:.2f} dB ({val['psnr'] - val['psnr_bicubic']:+.2f} vs bicubic)" \
+        in epochs[-1] and " img/s  wait " in epochs[-1]
+    assert "done: 2 epochs, 8 steps in" in text and f"best {val['psnr']:.2f} dB" in text
+    assert f"srtrain upscale --ckpt {out / 'best.pt'}" in text and '"step"' not in text
+    epoch = events(out, "epoch")[-1]  # the same numbers in metrics.jsonl
+    assert epoch["epochs"] == 2 and epoch["loss"] > 0 and epoch["psnr"] == val["psnr"]
+    r = CliRunner().invoke(main, ["--out", str(out), "--resume", "--epochs", "3"])
+    assert r.exit_code == 0, r.output
+    assert f"resumed   from {out / 'last.pt'}: epoch 3/3, step 8" in r.output
+    assert [line.split()[1] for line in r.output.splitlines()
+            if line.startswith("epoch ")] == ["3/3"]
+
+
+@pytest.mark.dali
+def test_ctrl_c_in_a_terminal_ends_in_one_line_not_the_workers_tracebacks(packed, tmp_path):
+    """A terminal's Ctrl-C reaches every process of the group, DALI's workers too: they
+    leave it to the trainer, which saves and says so in one line."""
+    pytest.importorskip("nvidia.dali")
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "srtrain", "--db", str(packed("jpeg")),
+                          "--out", str(out), "--model", "srcnn", "--patch", "32",
+                          "--batch-size", "2", "--epochs", "10000", "--loader", "dali",
+                          "--workers", "2", "--device", "cpu", "--log-every", "1", "-q"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not ((out / "metrics.jsonl").exists() and events(out, "train")):
+            assert p.poll() is None and time.time() < deadline, p.stderr and p.stderr.read()
+            time.sleep(0.2)
+        time.sleep(1)  # the workers busy with the next batches
+        os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "interrupted" in err and "--resume" in err
+
+
+def test_the_loader_is_dali_where_it_is_installed_else_torch(packed, tmp_path, monkeypatch):
+    import srtrain.train
+    seen = []
+    monkeypatch.setattr(srtrain.train, "train", lambda cfg: seen.append(cfg) or {})
+    args = ["--db", str(packed("png")), "--out", str(tmp_path / "run"), "--patch", "32", "-q"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as if not installed
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert CliRunner().invoke(main, [*args, "--loader", "dali"]).exit_code == 0
+    monkeypatch.undo()
+    from importlib.util import find_spec
+    installed = "dali" if find_spec("nvidia.dali") else "torch"
+    assert [c.loader for c in seen] == [installed, "torch", "dali"]  # asked for: as asked

@@ -107,10 +107,20 @@ def test_a_script_on_standard_input_is_told_to_save_itself(packed):
 
 
 def full_disk_at(path):
-    """Make the next write to ``path`` fail as on a full disk: ENOSPC from the kernel."""
+    """Make the next write to ``path``, a temporary file of format.atomic_file, fail as on a
+    full disk: ENOSPC from the kernel (/dev/full, handed out once in its place: atomic_file
+    refuses a link there)."""
     if not os.path.exists("/dev/full"):
         pytest.skip("needs /dev/full (Linux)")
-    path.symlink_to("/dev/full")
+    from srdata import format as fmt
+    real = fmt.create_own
+
+    def create_own(p):
+        if Path(p) != path:
+            return real(p)
+        fmt.create_own = real
+        return os.open("/dev/full", os.O_WRONLY | os.O_CLOEXEC)
+    fmt.create_own = create_own
 
 
 def test_a_full_disk_gets_a_message_and_leaves_the_last_checkpoint(packed, tmp_path,
@@ -152,7 +162,8 @@ def test_a_full_disk_gets_a_message_and_leaves_the_last_checkpoint(packed, tmp_p
     # no last.pt to resume from, and a fresh run refuses the stopped run's files
     assert line.endswith(f"then start again with another --out (or move config.json, "
                          f"metrics.jsonl out of {out})")
-    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [e["step"] for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if e["event"] == "train"]
     assert steps == [1, 2]
 
 
@@ -192,6 +203,14 @@ def alive(pid):
         return False
 
 
+def trained(out) -> bool:
+    """Whether the run in ``out`` has logged a training step."""
+    try:
+        return '"event": "train"' in (out / "metrics.jsonl").read_text()
+    except FileNotFoundError:
+        return False
+
+
 def start_training(db, out, loader):
     """srtrain in a subprocess with one loader worker, once it is training: (process, workers)."""
     p = subprocess.Popen(srtrain_cmd(db, out, "--loader", loader, "--workers", 1, "--epochs",
@@ -199,7 +218,9 @@ def start_training(db, out, loader):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=this_tree(OMP_NUM_THREADS="1"))
     deadline = time.time() + 120
-    while not (out / "metrics.jsonl").exists() and p.poll() is None and time.time() < deadline:
+    # a train record: the loader's workers have made a batch (the start record comes
+    # before any worker)
+    while not trained(out) and p.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     workers = spawned_children(p.pid)
     if p.poll() is not None or len(workers) != 1:
@@ -500,3 +521,153 @@ def test_the_next_run_removes_what_killed_saves_left(packed, tmp_path):
     assert r.exit_code == 0, r.output
     assert not any(p.exists() for p in partial)
     assert all(p.read_text() == "mine" for p in kept) and (out / ".best.pt.tmp-18").is_dir()
+
+
+def test_tensorboard_write_failures_are_one_line(packed, tmp_path, monkeypatch):
+    """The events are written by the writer's thread: its traceback must not be printed
+    with our line, which names the events folder."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.summary.writer import record_writer
+    db, out = packed("png"), tmp_path / "run"
+    assert train(db, out, "--epochs", 1).exit_code == 0
+    undo = read_only_folder(out / "tb")
+    try:
+        r = train(db, out, "--epochs", 2, "--resume", "--tensorboard")
+    finally:
+        subprocess.run(undo, check=True)
+    line = one_error_line(r)
+    assert line.startswith(f"Error: cannot write TensorBoard events in {out / 'tb'} (")
+    assert line.endswith("); make it writable, or drop --tensorboard"), line
+    assert "Exception in thread" not in r.output and "Traceback" not in r.output
+
+    real, writes = record_writer.RecordWriter.write, []
+
+    def write(self, data):  # the disk fills up after the first events
+        writes.append(len(data))
+        if len(writes) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+    monkeypatch.setattr(record_writer.RecordWriter, "write", write)
+    out = tmp_path / "run2"
+    r = train(db, out, "--epochs", 2, "--tensorboard", "--log-every", 1)
+    time.sleep(0.5)  # what the writer thread would print comes after the command's end
+    line = one_error_line(r)
+    assert f"no space left on the device to write {out / 'tb'}; free some space" in line
+    assert "Exception in thread" not in r.output
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_nothing(packed, tmp_path, monkeypatch):
+    """A loader that cannot start (a full TMPDIR): the run's config.json, metrics.jsonl and
+    TensorBoard events would make the same command refuse the folder afterwards."""
+    from srtrain import train as train_mod
+    db, out = packed("png"), tmp_path / "run"
+    tb = ["--tensorboard"] if _has_tensorboard() else []
+
+    def no_room(self, epoch):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "tmp" / "x"))
+    monkeypatch.setattr(train_mod.Trainer, "train_epoch", no_room)
+    r = train(db, out, "--epochs", 1, *tb)
+    line = one_error_line(r)
+    assert line.endswith(f"write {tmp_path / 'tmp' / 'x'}; free some space, then start again")
+    assert not out.exists()
+    out.mkdir()
+    (out / "mine.txt").write_text("the user's")
+    r = train(db, out, "--epochs", 1, *tb)
+    assert r.exit_code == 1 and sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    monkeypatch.undo()
+    r = train(db, out, "--epochs", 1, *tb)
+    assert r.exit_code == 0, r.output
+
+
+def _has_tensorboard():
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def nearly_full_tmpdir(cmd: list, folder) -> list | None:
+    """``cmd`` with TMPDIR a tmpfs of 8 KiB holding 4 KiB in ``folder`` (a mount namespace
+    of its own): small files still fit, so Python keeps it as its temporary folder; None
+    where this machine cannot make one."""
+    mount = (f"mount -t tmpfs -o size=8k tmpfs {folder} && "
+             f"head -c 4096 /dev/zero > {folder}/fill")
+    probe = ["unshare", "-rm", "sh", "-c", mount]
+    try:
+        if subprocess.run(probe, capture_output=True, timeout=30).returncode != 0:
+            return None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return probe[:-1] + [f'{mount} && TMPDIR={folder} exec "$@"', "sh", *map(str, cmd)]
+
+
+@pytest.mark.dali
+def test_a_nearly_full_tmpdir_under_dali_is_named(packed, tmp_path):
+    """DALI writes its pipeline's converted code to TMPDIR; when that failed, the graph ran
+    unconverted and failed with a TypeError about enabling conditionals."""
+    pytest.importorskip("nvidia.dali")
+    tmp, out = tmp_path / "tmp", tmp_path / "run"
+    tmp.mkdir()
+    cmd = nearly_full_tmpdir(srtrain_cmd(packed("png"), out, "--loader", "dali",
+                                         "--workers", 1, "--epochs", 1), tmp)
+    if cmd is None:
+        pytest.skip("cannot mount a small TMPDIR here (unshare -rm)")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                       env=this_tree(OMP_NUM_THREADS="1"))
+    lines = [x for x in r.stderr.splitlines() if x.startswith("Error: ")]
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(lines) == 1, \
+        r.stderr[-3000:]
+    assert lines[0] == (f"Error: no space left on the device to write {tmp}; free some "
+                        "space, then start again"), lines
+    assert "AutoGraph" not in r.stderr and not out.exists()
+
+
+RRDB = ["--model", "rrdbnet", "--num-feat", "8", "--num-block", "1", "--num-grow-ch", "8"]
+
+
+@pytest.mark.parametrize("flag, value, more", [
+    ("--lr", "1e38", []), ("--lr", "nan", []), ("--lr", "inf", []),
+    ("--weight-decay", "nan", []), ("--weight-decay", "1e38", []), ("--ema", "nan", []),
+    ("--sample-ratio", "nan", []), ("--val-split", "nan", []), ("--seed", "-1", []),
+    ("--seed", str(2**64), []), ("--epochs", "1000000000", []),
+    ("--workers", str(10**20), []), ("--num-feat", str(10**20), RRDB),
+    ("--num-block", str(10**9), RRDB), ("--num-grow-ch", str(10**9), RRDB),
+])
+def test_numbers_that_overflow_or_are_not_finite_are_refused(packed, tmp_path, flag, value,
+                                                             more):
+    r = train(packed("png"), tmp_path / "run", "--epochs", 1, *more, flag, value)
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert f"Invalid value for '{flag}'" in r.output, r.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_init_weights_or_ema_are_refused(packed, tmp_path):
+    db, out = packed("png"), tmp_path / "run"
+    assert train(db, out, "--epochs", 1, "--ema", 0.5).exit_code == 0
+    state = checkpoint.load(out / "last.pt")
+    ema = state["ema"]
+    ema["module.conv1.bias"] = torch.full_like(ema["module.conv1.bias"], float("inf"))
+    checkpoint.save(out / "last.pt", state)  # finite model, diverged EMA
+    r = train(db, out, "--epochs", 2, "--ema", 0.5, "--resume")
+    assert "holds non-finite weights" in one_error_line(r) and "cannot be resumed" in r.output
+    bad = tmp_path / "nan.pth"
+    torch.save({"params": {k: torch.full_like(v, float("nan"))
+                           for k, v in state["model"].items()}}, bad)
+    line = one_error_line(train(db, tmp_path / "run2", "--epochs", 1, "--init-weights", bad))
+    assert f"weights in {bad} hold NaN or inf (in conv1.weight and more)" in line
+    assert not (tmp_path / "run2").exists()
+
+
+def test_dali_workers_that_never_start_are_one_line(packed, tmp_path, monkeypatch):
+    """DALI's pool says only "Workers initialization failed" when a source worker ends
+    while starting (out of memory on a loaded machine)."""
+    import srdata
+
+    def no_workers(*args, **kwargs):
+        raise RuntimeError("Workers initialization failed")
+    monkeypatch.setattr(srdata, "make_loader", no_workers)
+    r = train(packed("png"), tmp_path / "run")
+    line = one_error_line(r)
+    assert "DALI's worker processes did not start" in line and "--loader torch" in line
+    assert line.endswith("then start again")

@@ -1,3 +1,9 @@
+import errno
+import os
+import shutil
+import struct
+import zlib
+
 import cv2
 import numpy as np
 import pytest
@@ -300,3 +306,140 @@ def test_an_input_is_never_replaced(rgb, tmp_path):
         upscale_path(Tiny(), tmp_path / "in", tmp_path, progress=False, overwrite=True)
     assert (tmp_path / "in" / "a.png").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def export_cli(ckpt, *args):
+    return CliRunner().invoke(main, ["export", "--ckpt", str(ckpt), *map(str, args)])
+
+
+def test_no_output_replaces_a_checkpoint_or_an_input(rgb, tmp_path, ckpt):
+    """A run resumes from its checkpoints: export and upscale never write over one, however
+    OUTPUT names it (the same path, through .., a symlink, a hard link), --overwrite or not."""
+    run = tmp_path / "run"
+    (run / "sub").mkdir(parents=True)
+    last, best = run / "last.pt", run / "best.pt"
+    shutil.copy(ckpt, last)
+    shutil.copy(ckpt, best)
+    (run / "link.pt").symlink_to(last)
+    os.link(last, run / "hard.pt")
+    kept = last.read_bytes()
+    for out in (last, run / "sub" / ".." / "last.pt", run / "link.pt", run / "hard.pt"):
+        line = one_error_line(export_cli(last, out, "--overwrite"))
+        assert f"the output {out} is the checkpoint {last} itself" in line
+    line = one_error_line(export_cli(last, best, "--overwrite"))
+    assert f"{best} is an srtrain checkpoint, which export never replaces" in line
+    assert last.read_bytes() == kept == best.read_bytes()
+    # an earlier export (BasicSR's params file, no srtrain checkpoint) is replaced when asked
+    assert export_cli(last, tmp_path / "net_g.pth").exit_code == 0
+    assert export_cli(last, tmp_path / "net_g.pth", "--overwrite").exit_code == 0
+
+    # upscale: its checkpoint and other checkpoints under image names, and its input
+    model, other = tmp_path / "model.png", tmp_path / "other.png"
+    shutil.copy(ckpt, model)
+    shutil.copy(ckpt, other)
+    src = tmp_path / "in.png"
+    write_image(src, rgb)
+    line = one_error_line(upscale_cli(model, src, model, "--overwrite"))
+    assert f"the output {model} is the checkpoint {model}" in line
+    line = one_error_line(upscale_cli(model, src, other, "--overwrite"))
+    assert f"the output {other} is an srtrain checkpoint" in line
+    (tmp_path / "folder").mkdir()
+    write_image(tmp_path / "folder" / "other.bmp", rgb)
+    line = one_error_line(upscale_cli(model, tmp_path / "folder", tmp_path, "--overwrite"))
+    assert f"the output {other} is an srtrain checkpoint" in line
+    assert model.read_bytes() == other.read_bytes() == ckpt.read_bytes()
+    os.link(src, tmp_path / "hard.png")
+    before = src.read_bytes()
+    line = one_error_line(upscale_cli(ckpt, src, tmp_path / "hard.png", "--overwrite"))
+    assert "is the input file" in line
+    assert src.read_bytes() == before and os.path.samefile(src, tmp_path / "hard.png")
+
+
+@pytest.mark.parametrize("bad", ["model", "ema"])
+def test_export_refuses_non_finite_weights(tmp_path, ckpt, bad):
+    state = torch.load(ckpt, weights_only=True)
+    good = state["model"]
+    state["ema"] = {**{f"module.{k}": v.clone() for k, v in good.items()},
+                    "n_averaged": torch.tensor(3)}
+    key = "conv2.weight" if bad == "model" else "module.conv2.weight"
+    target = state["model"] if bad == "model" else state["ema"]
+    target[key] = torch.full_like(target[key], float("nan"))
+    torch.save(state, tmp_path / "nan.pt")
+    dst = tmp_path / "net_g.pth"
+    line = one_error_line(export_cli(tmp_path / "nan.pt", dst))
+    said = "non-finite EMA weights" if bad == "ema" else "non-finite weights"
+    assert said in line and "conv2.weight" in line and "use an earlier checkpoint" in line
+    assert not dst.exists()
+
+
+def test_a_full_disk_under_an_export_or_upscale_is_one_line(rgb, tmp_path, ckpt, monkeypatch):
+    """torch.save's zip writer hides the ENOSPC of a full disk under "unexpected pos"."""
+    dst = tmp_path / "net_g.pth"
+    dst.write_bytes(b"an earlier export")
+    real = torch.save
+
+    def full(obj, f, *args, **kwargs):
+        f.write(b"PK part of a file")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                               "4160 vs 4096")
+    monkeypatch.setattr(torch, "save", full)
+    line = one_error_line(export_cli(ckpt, dst, "--overwrite"))
+    assert line == f"Error: no space left on the device to write {dst}; free some space"
+    assert dst.read_bytes() == b"an earlier export"
+    monkeypatch.setattr(torch, "save", real)
+    # a bug raised while writing keeps its traceback
+    monkeypatch.setattr(torch, "save", lambda *a, **k: 1 / 0)
+    r = export_cli(ckpt, dst, "--overwrite")
+    assert isinstance(r.exception, ZeroDivisionError)
+    monkeypatch.setattr(torch, "save", real)
+    # upscale: the disk found full when the image is flushed to it
+    src, out = tmp_path / "in.png", tmp_path / "big.png"
+    write_image(src, rgb)
+
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", fsync)
+    line = one_error_line(upscale_cli(ckpt, src, out))
+    monkeypatch.undo()
+    assert line == f"Error: no space left on the device to write {out}; free some space"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "net_g.pth"]
+
+
+def png_declaring(path, h, w):
+    """A black h x w PNG: a few KB that decode to h * w * 3 bytes."""
+    z = zlib.compressobj(9)
+    row = b"\0" * (1 + 3 * w)  # filter byte, RGB
+    data = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+
+    def chunk(kind, body):
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body)))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2,
+                                                                       0, 0, 0))
+                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+def test_an_image_declaring_too_many_pixels_is_refused_before_decoding(rgb, tmp_path, ckpt,
+                                                                       monkeypatch):
+    from srtrain import upscale
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    write_image(src / "a.png", rgb)  # 37 x 53 = 1,961 pixels
+    png_declaring(src / "bomb.png", 4097, 4097)  # one row and column more than 4096 x 4096
+    assert (src / "bomb.png").stat().st_size < 100_000
+    decoded, real = [], upscale.read_image
+    monkeypatch.setattr(upscale, "read_image", lambda p: decoded.append(p.name) or real(p))
+    r = upscale_cli(ckpt, src, dst)
+    assert r.exit_code == 0 and "wrote 1 image(s)" in r.output, r.output
+    assert (f"skipped {src / 'bomb.png'}: 16,785,409 pixels, more than --max-pixels "
+            "16,777,216") in r.output and "pass --max-pixels 16785409" in r.output
+    assert decoded == ["a.png"] and sorted(p.name for p in dst.iterdir()) == ["a.png"]
+    line = one_error_line(upscale_cli(ckpt, src / "a.png", tmp_path / "a2.png",
+                                      "--max-pixels", 1960))
+    assert f"the image {src / 'a.png'} has 1,961 pixels, more than --max-pixels 1,960" in line
+    assert not (tmp_path / "a2.png").exists()
+    r = upscale_cli(ckpt, src / "a.png", tmp_path / "a2.png", "--max-pixels", 1961)
+    assert r.exit_code == 0 and read_rgb(tmp_path / "a2.png").shape == (2 * H, 2 * W, 3)

@@ -11,4 +11,5 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from srdata.cli import pack_cmd  # noqa: E402
 
 if __name__ == "__main__":
-    pack_cmd(prog_name="pack_lmdb.py")
+    # the defaults in --help, as `srdata pack --help` shows them (the group sets that there)
+    pack_cmd(prog_name="pack_lmdb.py", show_default=True)
