@@ -32,7 +32,7 @@ def fetch_times(loader, fetches: int, warmup: int, pause: float,
     ``profiler`` (a ``cProfile.Profile``): on during the timed fetches only."""
     import torch
 
-    from srtrain.train import forever
+    from srtrain.timing import forever
     cuda = loader.device.type == "cuda"
     it, times = forever(loader), []
     for i in range(warmup + fetches):

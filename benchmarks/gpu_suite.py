@@ -23,17 +23,21 @@ most valuable first, so that a budget that runs out loses the least:
    levers toward its goal);
 7. ``kernels``: the same step with cudnn.benchmark and TF32 (at fp32) on and off, and where
    its time goes (``op_table.txt``);
-8. ``train``: the other presets fed by each loader (on a GPU, DALI both ways it can hand
-   over a batch: synchronised with the host, and on the step's CUDA stream);
-9. ``batch``: one model's img/s and peak memory over a range of batch sizes;
-10. ``ttq``: time to quality, validation PSNR against wall time for a fixed patch, a
+8. ``train``: the other presets fed by each loader (DALI's batches handed over synchronised
+   with the host; ``train_throughput.py --dali-outputs host,stream`` measures both ways);
+9. ``gan``: the GAN stage's step alone (esrgan on a GPU): srtrain's with its defaults and
+   with each switch off alone, against Real-ESRGAN's step written the way BasicSR runs it
+   (fp32, eager, NCHW), timed side by side; then both over smaller batches, for the peak
+   memory each needs;
+10. ``batch``: one model's img/s and peak memory over a range of batch sizes;
+11. ``ttq``: time to quality, validation PSNR against wall time for a fixed patch, a
     progressive patch schedule and ``--sample-ratio 0.3`` (esrgan on a GPU);
-11. ``degradations``: esrgan fed by each loader making nearest-neighbour and Real-ESRGAN LR,
+12. ``degradations``: esrgan fed by each loader making nearest-neighbour and Real-ESRGAN LR,
     then the loaders' img/s alone (all cores) with nearest neighbour, MATLAB bicubic and
     Real-ESRGAN's degradation;
-12. ``codecs``: jpeg q90/q95/q100, png, raw (``--codecs`` picks): bytes and PSNR, and DALI
+13. ``codecs``: jpeg q90/q95/q100, png, raw (``--codecs`` picks): bytes and PSNR, and DALI
     and torch img/s;
-13. ``quality``: each model preset's validation PSNR over bicubic after the demo's training.
+14. ``quality``: each model preset's validation PSNR over bicubic after the demo's training.
 
 The GPU default (``--preset full``) leaves out codecs (CPU-side) and quality (presets
 already ranked); ``--parts codecs,quality`` runs them. Every part uses one database, packed
@@ -76,13 +80,14 @@ PARTS = {"headline": ["train_esrgan.jsonl", "headline.jsonl"],
          "compile": ["compile.jsonl"],
          "kernels": ["kernels.jsonl", "op_table.txt"],
          "train": ["train_throughput.jsonl"],
+         "gan": ["gan_step.jsonl"],
          "batch": ["batch_sizes.jsonl"],
          "ttq": ["time_to_quality.jsonl"],
          "degradations": ["train_degradation.jsonl", "loader_degradation.jsonl"],
          "codecs": ["codec_compare.jsonl", "codec_loaders.jsonl"],
          "quality": ["model_quality.jsonl"]}
 # codecs: CPU-side; quality: presets ranked already
-GPU_PARTS = ("headline,epoch,fetch,loaders,tuning,compile,kernels,train,batch,ttq,"
+GPU_PARTS = ("headline,epoch,fetch,loaders,tuning,compile,kernels,train,gan,batch,ttq,"
              "degradations")
 STEP_TIMEOUT = 240  # s: a hung step costs at most this much of a GPU session
 CODECS = [("jpeg", 90), ("jpeg", 95), ("jpeg", 100), ("png", 95), ("raw", 95)]
@@ -110,31 +115,42 @@ PRESETS = {
              "fetches": 20, "pause": 0.2,
              # one real epoch of the users' 10K images with srtrain's defaults
              "epoch_count": 10_000, "epoch_args": [],
+             # the GAN stage's step: esrgan at the users' batch (train_batch), then smaller
+             # batches for peak memory; Real-ESRGAN's discriminator width
+             "gan_model": "esrgan", "gan_sizes": "8,16", "gan_args": [],
+             # gan: the BasicSR-style step, srtrain's defaults and four switches each off
+             # alone, three of them compiling the generator's blocks again (~15 s each)
              "est": {"db": 40, "headline": 130, "epoch": 200, "fetch": 60, "loaders": 70, "tuning": 50,
                      "kernels": 80, "tf32": 90, "compile": 100, "compile_fed": 120,
-                     "compile_model": 160, "train": 90, "batch": 150, "ttq": 150,
+                     "compile_model": 160, "train": 90, "gan": 300, "gan_batch": 150,
+                     "batch": 150, "ttq": 150,
                      "degradations": 200, "train_degradation": 130, "codecs": 60,
                      "quality": 200}},
     # the same images and patches on a few CPU cores, where esrgan trains at ~0.5 img/s:
-    # few steps and small batches: ~11 minutes on 2 cores, and ~25 more for quality
+    # few steps and small batches: ~11 minutes on 2 cores, ~6 more for the GAN step (est.)
+    # and ~25 more for quality
     "cpu": {"count": 2000, "size": 512, "patch": 256, "batch": 32, "train_batch": 4,
             "steps": 6, "warmup": 1, "batches": 20, "codec_count": 700, "photos": 24,
             "models": "fast,srcnn", "workers": "1", "cold": True, "timeout": 2400,
             # the kernel switches act on CUDA only; DALI's knobs are GPU decoder ones
-            "parts": "headline,fetch,loaders,train,batch,ttq,degradations,codecs,quality",
+            "parts": "headline,fetch,loaders,train,gan,batch,ttq,degradations,codecs,quality",
             "batch_model": "fast", "batch_sizes": "1,2,4,8", "codecs": CODECS,
             "step_model": "esrgan",
             "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
             "degradation_loaders": "dali,torch", "dali_outputs": "host",  # no CUDA stream
             "fetches": 10, "pause": 1.0,  # DALI's CPU threads make the LR meanwhile
+            # VGG19 and the discriminator at 256² dominate the GAN step on a CPU: the small
+            # generator, the users' batch only
+            "gan_model": "fast", "gan_sizes": None, "gan_args": [],
             "est": {"db": 120, "headline": 200, "fetch": 120, "loaders": 200, "kernels": 0,
-                    "compile": 0, "train": 150, "batch": 100, "ttq": 900,
+                    "compile": 0, "train": 150, "gan": 400, "batch": 100, "ttq": 900,
                     "degradations": 300, "codecs": 150, "quality": 1500}},
     # tiny sizes: the suite end to end in a test, not a measurement
     "quick": {"count": 48, "size": 96, "patch": 48, "batch": 4, "train_batch": 2, "steps": 2,
               "warmup": 1, "batches": 3, "codec_count": 16, "photos": 4,
               "models": "srcnn", "workers": "1", "cold": True, "timeout": STEP_TIMEOUT,
-              "parts": "headline,epoch,fetch,loaders,kernels,train,batch,ttq,degradations",
+              "parts": "headline,epoch,fetch,loaders,kernels,train,gan,batch,ttq,"
+                       "degradations",
               "batch_model": "srcnn", "batch_sizes": "1,2", "codecs": [("jpeg", 95), ("raw", 95)],
               # the kernel switches' plumbing: esrgan's op table took a minute of CPU
               "step_model": "srcnn",
@@ -143,8 +159,10 @@ PRESETS = {
               "dali_outputs": "host",
               "fetches": 2, "pause": 0.05,
               "epoch_count": 24, "epoch_args": ["--model", "srcnn", "--batch-size", 2],
+              "gan_model": "srcnn", "gan_sizes": None, "gan_args": ["--d-num-feat", 8],
               "est": {"db": 5, "headline": 15, "epoch": 20, "fetch": 10, "loaders": 15, "kernels": 10,
-                      "compile": 0, "train": 10, "batch": 10, "ttq": 20, "degradations": 15,
+                      "compile": 0, "train": 10, "gan": 15, "batch": 10, "ttq": 20,
+                      "degradations": 15,
                       "train_degradation": 10,
                       "codecs": 10, "quality": 15}},
 }
@@ -314,6 +332,15 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
             s.run("train", *fed, "--models", p["models"], "--loaders", "dali,torch",
                   "--batch-sizes", p["train_batch"], "--dali-outputs", p["dali_outputs"],
                   "--out", out / "train_throughput.jsonl")
+        if part == "gan":  # the step alone: no database
+            gan = [py, "train_throughput.py", "--stages", "gan", "--reference", "--models",
+                   p["gan_model"], *train, *p["gan_args"], "--out", out / "gan_step.jsonl"]
+            # the users' batch: the goal's rows (srtrain's defaults and the reference) first,
+            # then each switch off alone; compiling four times needs more than one timeout
+            s.run("gan", *gan, "--batch-sizes", p["train_batch"], "--ablate",
+                  timeout=2 * p["timeout"])
+            if p["gan_sizes"]:  # srtrain's defaults and the reference: peak memory by batch
+                s.run("gan", *gan, "--batch-sizes", p["gan_sizes"], est="gan_batch")
         if part == "batch" and db:
             s.run("batch", *fed, "--models", p["batch_model"], "--loaders", "dali",
                   "--batch-sizes", p["batch_sizes"], "--out", out / "batch_sizes.jsonl",

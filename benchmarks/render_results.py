@@ -3,9 +3,9 @@
     python benchmarks/render_results.py benchmarks/results/<gpu>-<date>
 
 Reads whichever of these exist: headline.jsonl, fetch_host.md, loader_throughput.{md,png},
-train_esrgan.jsonl, train_throughput.jsonl, kernels.jsonl, compile.jsonl, batch_sizes.jsonl,
-codec_compare.jsonl, codec_loaders.jsonl, loader_degradation.md, model_quality.md,
-suite.jsonl, environment.json, and notes.md (how the run went, by hand: shown under the
+train_esrgan.jsonl, train_throughput.jsonl, kernels.jsonl, compile.jsonl, gan_step.jsonl,
+batch_sizes.jsonl, codec_compare.jsonl, codec_loaders.jsonl, loader_degradation.md,
+model_quality.md, suite.jsonl, environment.json, and notes.md (how the run went, by hand: shown under the
 title). Writes results.md, train_throughput.png, batch_sizes.png and codecs.png next to them.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from _common import read_lines
 from train_throughput import _table as train_table
+from train_throughput import gan_table
 
 
 def _plt():
@@ -42,6 +43,7 @@ def _save(plt, fig, ax, ylabel: str, title: str, path: Path) -> None:
 
 def train_section(out: Path) -> list[str]:
     rows = read_lines(out / "train_esrgan.jsonl") + read_lines(out / "train_throughput.jsonl")
+    rows = [r for r in rows if r.get("stage", "l1") == "l1"]  # GAN rows: gan_section
     if not rows:
         return []
     md = train_table(rows)
@@ -69,6 +71,23 @@ def train_section(out: Path) -> list[str]:
                "training throughput: synthetic data vs fed by each loader",
                out / "train_throughput.png")
     return ["## Training throughput", "", md, "![train](train_throughput.png)", ""]
+
+
+def gan_section(out: Path) -> list[str]:
+    """The GAN stage's step (``gan`` part): srtrain's against Real-ESRGAN's step written
+    the way BasicSR runs it, timed side by side, and peak memory by batch size."""
+    rows = read_lines(out / "gan_step.jsonl")
+    if not rows:
+        return []
+    return ["## GAN stage step", "", "Real-ESRGAN's second stage, one iteration per batch "
+            "(generator step with L1, perceptual and GAN losses against a frozen "
+            "discriminator, discriminator step on the real and the generated batch, EMA), "
+            "timed alone on one random batch: srtrain's step (`srtrain --stage gan`; "
+            "`defaults`: as srtrain runs it without switches, the other rows each with a "
+            "switch off) against the same iteration written the way BasicSR runs it, in "
+            "the same process. `× reference`: img/s over the reference's at that batch "
+            "size. VGG19 on random weights: timing does not depend on them.", "",
+            gan_table(rows)]
 
 
 def _graphs(r: dict) -> str:
@@ -242,7 +261,7 @@ def render(out: Path) -> Path:
     if (out / "op_table.txt").exists():
         md += ["Where the step's time goes: [op_table.txt](op_table.txt), torch.profiler's "
                "ops by their own device time.", ""]
-    md += batch_section(out)
+    md += gan_section(out) + batch_section(out)
     fed = read_lines(out / "train_degradation.jsonl")
     if fed:
         md += ["## esrgan fed with each LR degradation", "", "The step fed by each loader "

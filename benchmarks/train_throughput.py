@@ -3,11 +3,12 @@ and fed by each loader, and loader efficiency = fed img/s / synthetic img/s.
 
     python benchmarks/train_throughput.py [--db DB | --count 2048] \
         [--models esrgan,fast,srcnn] [--loaders dali,torch] [--batch-sizes 32] [--patch 256] \
-        [--amp auto] [--compile off,model,blocks] [--cuda-graphs on,off] \
-        [--cudnn-benchmark on,off] [--tf32 on,off] [--dali-outputs host,stream] \
-        [--degradations nn,bicubic,realesrgan] [--out F.jsonl] [--md F.md]
+        [--amp auto,off] [--channels-last on,off] [--compile off,model,blocks] \
+        [--cuda-graphs on,off] [--cudnn-benchmark on,off] [--tf32 on,off] \
+        [--dali-outputs host,stream] [--degradations nn,bicubic,realesrgan] \
+        [--stages l1,gan] [--reference] [--ablate] [--d-num-feat 64] [--out F.jsonl] [--md F.md]
 
-The step is srtrain's own (``srtrain.train.Stepper``: autocast, channels_last, fused AdamW,
+The step is srtrain's own (``srtrain.stepper.Stepper``: autocast, channels_last, fused AdamW,
 L1), on a fresh model per configuration: ``--warmup`` untimed steps, then ``--steps`` timed,
 synchronised on the GPU. Synthetic data is one loader batch repeated, so the two numbers
 differ only by the loader. One JSON line per model x loader x batch size, with peak GPU
@@ -18,6 +19,18 @@ for as long as a step takes. ``--dali-outputs host,stream`` measures both ways D
 hand over a batch (``srdata.make_loader``'s ``dali_outputs``). ``--degradations`` makes the
 LR of fed rows as srtrain's ``--degradation`` does, each kind a row: what making Real-ESRGAN's
 LR in the loader costs the step.
+
+``--stages gan`` (``l1`` by default, ``l1,gan`` both) times the GAN stage's step alone
+(``srtrain.gan``: generator, discriminator, perceptual loss, EMA; Real-ESRGAN's weights and
+USM-sharpened targets; VGG19 on random weights, as timing does not depend on them) on one
+random batch whatever ``--loaders`` says, a row per model x batch size x switches, and
+``--d-num-feat`` the discriminator's width; ``--reference`` adds, per model and
+batch size, the same iteration written the way BasicSR runs it (``gan_reference.py``: fp32,
+eager, NCHW) and each srtrain row's speedup over it, measured in the same process.
+``--ablate``: instead of every combination of ``--compile``, ``--cuda-graphs``, ``--amp`` and
+``--channels-last``, the first of each and then that with each switch off alone. Every row
+says its ``stage`` and its peak GPU memory (``--batch-sizes 8,16,32``: where each step runs
+out of it; a GAN row that ran out stays, its img/s none).
 
 ``--loaders synthetic`` times the step alone on one random batch (no database, no loader):
 what the kernel switches (``--cudnn-benchmark``, ``--tf32``; CUDA only) are measured with,
@@ -42,6 +55,20 @@ def _ms(v) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
+def _unlike(r: dict, first: dict) -> str:
+    """The switches where row ``r`` differs from the first row (the one the note under
+    the table describes), as a suffix of its loader cell."""
+    notes = []
+    if r["amp"] != first["amp"]:
+        notes.append(f"amp {r['amp']}")
+    if r.get("channels_last", True) != first.get("channels_last", True):
+        notes.append("channels_last" if r["channels_last"] else "NCHW")
+    if (r["compile"], r.get("cuda_graphs")) != (first["compile"], first.get("cuda_graphs")):
+        notes.append(f"compile {r['compile']}" + (" + CUDA graphs" if r.get("cuda_graphs")
+                                                  else ""))
+    return "".join(", " + n for n in notes)
+
+
 def _table(records: list[dict]) -> str:
     # the fed step's waits, where the rows measured them (not before 2026-11-28)
     waits = any(r.get("fed_fetch_ms") is not None for r in records)
@@ -54,6 +81,7 @@ def _table(records: list[dict]) -> str:
         loader = r["loader"] + (", stream outputs" if r.get("dali_outputs") == "stream" else "")
         if r.get("degradation", "nn") != "nn":
             loader += f", {r['degradation']} LR"
+        loader += _unlike(r, records[0])
         lines.append(f"| {r['model']} | {loader} | {r['batch_size']} | "
                      f"{r['synthetic_img_per_s']:,.1f} | "
                      + (f"{fed:,.1f} | {100 * r['loader_efficiency']:.0f}% | " if fed else
@@ -71,6 +99,61 @@ def _table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _img_s(v) -> str:
+    return f"{v:,.1f}" if v >= 10 else f"{v:.2f}"  # a CPU's 0.48, not 0.5
+
+
+def _gan_step(r: dict) -> str:
+    if r["step"] == "reference":
+        return "reference (BasicSR's way)"
+    return "srtrain" + (" (defaults)" if r.get("srtrain_defaults") else "")
+
+
+def _gan_rate(r: dict) -> str:
+    return "out of memory" if r.get("out_of_memory") else _img_s(r["img_per_s"])
+
+
+def _gib(r: dict) -> str:
+    return "-" if r.get("peak_gpu_gib") is None else f"{r['peak_gpu_gib']:.1f}"
+
+
+def gan_table(records: list[dict]) -> str:
+    """The GAN rows: each step's img/s, its speedup over the BasicSR-style reference timed
+    in the same run, first step and peak GPU memory; then, where the rows span several
+    batch sizes, srtrain's defaults beside the reference at each."""
+    lines = ["| model | step | batch | amp | channels_last | compile | img/s | × reference "
+             "| first step | peak GiB |", "|---|---|---:|---|---|---|---:|---:|---:|---:|"]
+    for r in records:
+        how = (r["compile"] + (" + CUDA graphs" if r.get("cuda_graphs") else "")
+               + ("" if r["cudnn_benchmark"] else ", cudnn.benchmark off")
+               + ("" if r["tf32"] else ", TF32 off"))
+        speedup = r.get("speedup_vs_reference")
+        times = ("1×" if r["step"] == "reference" and not r.get("out_of_memory") else
+                 f"{speedup:.2f}×" if speedup else "-")
+        first = "-" if r.get("first_step_s") is None else f"{r['first_step_s']:.1f} s"
+        lines.append(f"| {r['model']} | {_gan_step(r)} | {r['batch_size']} | {r['amp']} | "
+                     f"{'on' if r['channels_last'] else 'off'} | {how} | {_gan_rate(r)} | "
+                     f"{times} | {first} | {_gib(r)} |")
+    if len({r["batch_size"] for r in records}) > 1:
+        lines += ["", "| model | batch | srtrain img/s | srtrain peak GiB | reference img/s "
+                  "| reference peak GiB |", "|---|---:|---:|---:|---:|---:|"]
+        for model, bs in dict.fromkeys((r["model"], r["batch_size"]) for r in records):
+            mine = [r for r in records if (r["model"], r["batch_size"]) == (model, bs)]
+            ours = next((r for r in mine if r.get("srtrain_defaults")), None)
+            ref = next((r for r in mine if r["step"] == "reference"), None)
+            cells = [f"{_gan_rate(x)} | {_gib(x)}" if x else "- | -" for x in (ours, ref)]
+            lines.append(f"| {model} | {bs} | {cells[0]} | {cells[1]} |")
+    env, r = records[0]["env"], records[0]
+    lines.append(f"\n{env.get('gpu') or 'no GPU'}, {env['cpus']} CPUs, torch {env['torch']}, "
+                 f"{env['date'][:10]}; the GAN stage's step alone on one random batch: patch "
+                 f"{r['patch']}, scale {r['scale']}, discriminator width {r['d_num_feat']}, "
+                 f"VGG19 {r['vgg']}; {r['steps']} steps timed after {r['warmup']}. Reference: "
+                 "Real-ESRGAN's step as BasicSR's RealESRGANModel.optimize_parameters runs it "
+                 "(fp32, eager, NCHW, Adam, separate discriminator passes, per-parameter EMA, "
+                 "losses read back each step), timed in the same process.")
+    return "\n".join(lines) + "\n"
+
+
 def synthetic_rate(cfg, model, dev, steps: int, warmup: int,
                    trace: Path | None = None) -> dict:
     """The training step alone, on one random batch of the loader's dtype and layout.
@@ -82,19 +165,14 @@ def synthetic_rate(cfg, model, dev, steps: int, warmup: int,
     from srdata.sampler import nn_downscale
     from srtrain.config import AMP_DTYPES
     from srtrain.kernels import set_kernels
-    from srtrain.train import repeat, step_rate, timing_stepper
+    from srtrain.timing import timing_stepper
     set_kernels(cfg, dev)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     hr = torch.rand(cfg.batch_size, 3, cfg.patch, cfg.patch, device=dev,
                     dtype=AMP_DTYPES[cfg.amp]).contiguous(memory_format=fmt)
     lr = nn_downscale(hr, cfg.scale).contiguous(memory_format=fmt)  # the loaders' nn LR
     stepper = timing_stepper(cfg, model, dev, cfg.amp)
-    first = time.perf_counter()  # the first step: with --compile, the compile's cost
-    stepper(lr, hr)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    first = time.perf_counter() - first
-    rate = step_rate(stepper, repeat(lr, hr), steps, max(0, warmup - 1), dev)
+    first, rate = first_and_rate(stepper, lr, hr, dev, steps, warmup)
     if trace is not None and not cfg.cuda_graphs:  # a graph is one op to the profiler
         title = (f"{cfg.model}, batch {cfg.batch_size}, patch {cfg.patch}, amp {cfg.amp}, "
                  f"compile {cfg.compile}, cudnn.benchmark {cfg.cudnn_benchmark}, tf32 "
@@ -102,6 +180,20 @@ def synthetic_rate(cfg, model, dev, steps: int, warmup: int,
         write_op_table(stepper, lr, hr, dev, trace, title)
     return {"synthetic_img_per_s": rate, "loader_img_per_s": None, "loader_efficiency": None,
             "first_step_s": first}
+
+
+def first_and_rate(stepper, lr, hr, dev, steps: int, warmup: int) -> tuple[float, float]:
+    """(seconds of the first step: with --compile, the compile's cost; img/s of ``steps``
+    steps on the batch after ``warmup`` untimed ones, the first step among them)."""
+    import torch
+
+    from srtrain.timing import repeat, step_rate
+    first = time.perf_counter()
+    stepper(lr, hr)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    first = time.perf_counter() - first
+    return first, step_rate(stepper, repeat(lr, hr), steps, max(0, warmup - 1), dev)
 
 
 def write_op_table(stepper, lr, hr, dev, path: Path, title: str, steps: int = 5) -> None:
@@ -127,12 +219,12 @@ def measure(cfg, dev, steps: int, warmup: int, trace: Path | None = None,
     """One configuration's img/s (synthetic and fed) and peak GPU memory; None on OOM.
     ``trace``: see synthetic_rate (synthetic data only). With CUDA graphs, also how many
     compiled graphs torch.compile ran without them (``cudagraph_skips``; all on a CPU).
-    Fed rows also give the fed step's waits (``srtrain.train.loader_efficiency``)."""
+    Fed rows also give the fed step's waits (``srtrain.timing.loader_efficiency``)."""
     import torch
     from torch._dynamo.utils import counters
 
     from srtrain.models import build_model
-    from srtrain.train import loader_efficiency
+    from srtrain.timing import loader_efficiency
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
@@ -153,6 +245,165 @@ def measure(cfg, dev, steps: int, warmup: int, trace: Path | None = None,
     return {**{k: None if v is None else round(v, 3) for k, v in r.items()},
             "peak_gpu_gib": round(peak, 2) if peak is not None else None,
             "cudagraph_skips": skips}
+
+
+# -- the GAN stage ------------------------------------------------------------------------
+def gan_batch(cfg, dev, dtype, channels_last: bool):
+    """The GAN rows' one random batch, the same values in every row: (LR by nearest
+    neighbour, as the loaders make it by default; HR), in the dtype and layout asked."""
+    import torch
+
+    from srdata.sampler import nn_downscale
+    g = torch.Generator().manual_seed(cfg.seed)
+    hr = torch.rand(cfg.batch_size, 3, cfg.patch, cfg.patch, generator=g).to(dev, dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return (nn_downscale(hr, cfg.scale).contiguous(memory_format=fmt),
+            hr.contiguous(memory_format=fmt))
+
+
+def our_gan_step(cfg, dev):
+    """srtrain's GAN-stage step as its trainer builds it (``gan.build_gan_stepper``) on
+    fresh networks, the perceptual loss on random VGG19 weights; (stepper, lr, hr)."""
+    import torch
+
+    from gan_reference import random_perceptual
+    from srtrain import ddp, gan
+    from srtrain.config import AMP_DTYPES
+    from srtrain.discriminator import UNetDiscriminatorSN
+    from srtrain.kernels import check_cuda_graphs, compile_net, set_kernels
+    from srtrain.models import build_model
+    set_kernels(cfg, dev)
+    check_cuda_graphs(cfg)
+    torch.manual_seed(cfg.seed)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = build_model(cfg.model, cfg.scale).to(dev, memory_format=fmt)
+    disc = UNetDiscriminatorSN(3, cfg.d_num_feat) if cfg.gan_weight else None
+    percep = random_perceptual(cfg.perceptual_weight) if cfg.perceptual_weight else None
+    for part in (disc, percep):
+        if part is not None:
+            part.to(dev, memory_format=fmt)
+    net = compile_net(model, model, cfg.compile, cfg.cuda_graphs)
+    stepper = gan.build_gan_stepper(cfg, (disc, percep), model, net, dev, cfg.amp, 10**6,
+                                    ddp.Dist())
+    return (stepper, *gan_batch(cfg, dev, AMP_DTYPES[cfg.amp], cfg.channels_last))
+
+
+def basicsr_kernels(dev) -> None:
+    """The kernel settings a BasicSR run trains with: cudnn.benchmark on (its train.py sets
+    it), TF32 as torch leaves it (on for convolutions, off for matmuls)."""
+    import torch
+    if dev.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("highest")
+
+
+def reference_step(cfg, dev):
+    """gan_reference.ReferenceStep on fresh networks of ``cfg``'s sizes, with BasicSR's
+    kernel settings; (stepper, lr, hr), the batch fp32 NCHW as BasicSR's loader gives it."""
+    import torch
+
+    from gan_reference import ReferenceStep, random_perceptual
+    from srtrain import gan
+    from srtrain.discriminator import UNetDiscriminatorSN
+    from srtrain.models import build_model
+    basicsr_kernels(dev)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, cfg.scale).to(dev)
+    disc = UNetDiscriminatorSN(3, cfg.d_num_feat).to(dev) if cfg.gan_weight else None
+    vgg = random_perceptual().vgg.to(dev) if cfg.perceptual_weight else None
+    step = ReferenceStep(model, disc, vgg, gan.stage_config(cfg), cfg.lr, cfg.ema)
+    return (step, *gan_batch(cfg, dev, torch.float32, False))
+
+
+def gan_measure(cfg, dev, steps: int, warmup: int, reference: bool = False) -> dict:
+    """One GAN-stage row: img/s, first step and peak GPU memory of srtrain's step, or with
+    ``reference`` the BasicSR-style one; img/s None and ``out_of_memory`` where it ran out
+    of GPU memory (the row stays: where a batch size stops fitting is a result)."""
+    import gc
+
+    import torch
+    from torch._dynamo.utils import counters
+    if dev.type == "cuda":
+        # the last row's compiled code and its CUDA graphs' memory pool would count in this
+        # row's peak
+        torch._dynamo.reset()
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    counters["inductor"]["cudagraph_skips"] = 0
+    try:
+        step, lr, hr = (reference_step if reference else our_gan_step)(cfg, dev)
+        first, rate = first_and_rate(step, lr, hr, dev, steps, warmup)
+    except torch.cuda.OutOfMemoryError:
+        return {"img_per_s": None, "first_step_s": None, "out_of_memory": True,
+                "peak_gpu_gib": None, "cudagraph_skips": None}
+    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+    return {"img_per_s": round(rate, 3), "first_step_s": round(first, 3),
+            "out_of_memory": False, "peak_gpu_gib": round(peak, 2) if peak is not None else None,
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"] if cfg.cuda_graphs
+            else None}
+
+
+def switch_sets(compiles: list, graphs: list, amps: list, layouts: list,
+                ablate: bool = False) -> list[tuple]:
+    """(compile, cuda_graphs, amp, channels_last) of each configuration: every combination
+    of the options' lists; with ``ablate``, the first of each, then that one with each
+    switch off alone (the same configuration twice, once made concrete for the device, is
+    timed once: see ``main``)."""
+    if not ablate:
+        return list(itertools.product(compiles, graphs, amps, layouts))
+    how, graph, amp, cl = compiles[0], graphs[0], amps[0], layouts[0]
+    return [(how, graph, amp, cl), (how, False, amp, cl), ("off", False, amp, cl),
+            (how, graph, "off", cl), (how, graph, amp, False)]
+
+
+def gan_rows(base: dict, sets: list[tuple], dev, steps: int, warmup: int, reference: bool,
+             row: dict, env: dict, out: Path | None) -> list[dict]:
+    """The GAN-stage rows of one model and batch size (``base``: TrainConfig's fields;
+    ``row``: the fields every row shares): the reference first when asked (so its speedup
+    goes on each srtrain row as it is written), then srtrain's step per configuration of
+    ``sets`` (switch_sets x cudnn.benchmark x TF32)."""
+    from gan_reference import REFERENCE, VGG_NOTE
+    from srtrain.config import TrainConfig, resolve_amp
+    from srtrain.kernels import resolve_compile
+    defaults, _ = resolve_compile(TrainConfig(**base), dev)
+    default_key = (defaults.compile, defaults.cuda_graphs, resolve_amp("auto", dev), True,
+                   True, True)
+    common = {"stage": "gan", **row, "model": base["model"], "batch_size": base["batch_size"],
+              "d_num_feat": base["d_num_feat"], "usm": True, "ema": TrainConfig.ema,
+              "vgg": VGG_NOTE}
+    rows, ref, seen = [], None, set()
+    if reference:
+        cfg = TrainConfig(**base, amp="off", channels_last=False, compile="off",
+                          cuda_graphs=False)
+        r = gan_measure(cfg, dev, steps, warmup, reference=True)
+        ref = r["img_per_s"]
+        rows.append(common | {"step": "reference", "reference": REFERENCE, "amp": "off",
+                              "channels_last": False, "compile": "off", "cuda_graphs": False,
+                              "cudnn_benchmark": True, "tf32": True, **r,
+                              "srtrain_defaults": False, "speedup_vs_reference": None,
+                              "env": env})
+        _common.emit(rows[-1], out)
+    for how, graph, amp, cl, bench, tf in sets:
+        cfg, _ = resolve_compile(TrainConfig(**base, amp=amp, channels_last=cl, compile=how,
+                                             cuda_graphs=graph, cudnn_benchmark=bench,
+                                             tf32=tf), dev)
+        key = (cfg.compile, cfg.cuda_graphs, amp, cl, bench, tf)
+        if (cfg.cuda_graphs and cfg.compile == "off") or key in seen:
+            continue  # graphs replay compiled code; a configuration is timed once
+        seen.add(key)
+        r = gan_measure(cfg, dev, steps, warmup)
+        rate = r["img_per_s"]
+        rows.append(common | {"step": "srtrain", "amp": amp, "channels_last": cl,
+                              "compile": cfg.compile, "cuda_graphs": cfg.cuda_graphs,
+                              "cudnn_benchmark": bench, "tf32": tf, **r,
+                              "srtrain_defaults": key == default_key,
+                              "speedup_vs_reference": round(rate / ref, 3) if rate and ref
+                              else None, "env": env})
+        _common.emit(rows[-1], out)
+    return rows
 
 
 def _switch(ctx, param, value: str) -> list[bool]:
@@ -179,6 +430,16 @@ def _models(ctx, param, value: str) -> list[str]:
     return _common.some_of(value, MODELS)
 
 
+def _amps(ctx, param, value: str) -> list[str]:
+    from srtrain.config import AMPS
+    return _common.some_of(value, AMPS)
+
+
+def _stages(ctx, param, value: str) -> list[str]:
+    from srtrain.config import STAGES
+    return _common.some_of(value, STAGES)
+
+
 def _loaders(ctx, param, value: str) -> list[str]:
     from srdata.loader import LOADERS
     return _common.some_of(value, (*LOADERS, "synthetic"))
@@ -191,13 +452,29 @@ def _loaders(ctx, param, value: str) -> list[str]:
 @click.option("--size", default=512, show_default=True)
 @click.option("--models", default="esrgan,fast,srcnn", show_default=True, callback=_models)
 @click.option("--loaders", default="dali,torch", show_default=True, callback=_loaders,
-              help="Some of dali, torch, synthetic (the step alone).")
+              help="Some of dali, torch, synthetic (the step alone). L1 rows only: GAN rows "
+                   "time the step alone.")
+@click.option("--stages", default="l1", show_default=True, callback=_stages,
+              help="l1, gan or l1,gan: srtrain's --stage; gan rows time Real-ESRGAN's GAN "
+                   "step alone on one random batch.")
+@click.option("--reference", is_flag=True,
+              help="GAN rows: also time the same iteration written the way BasicSR runs it "
+                   "(fp32, eager, NCHW), and each row's speedup over it.")
+@click.option("--ablate", is_flag=True,
+              help="Instead of every combination of --compile, --cuda-graphs, --amp and "
+                   "--channels-last: the first of each, then that with each switch off alone.")
+@click.option("--d-num-feat", default=64, show_default=True, type=click.IntRange(min=1),
+              help="GAN rows: the discriminator's width (Real-ESRGAN's is 64).")
 @click.option("--batch-sizes", default="32", show_default=True, callback=_common.batch_sizes,
               help="Comma-separated; each one is its own configuration.")
 @click.option("--patch", default=256, show_default=True)
 @click.option("--scale", default=4, show_default=True)
-@click.option("--amp", default="auto", show_default=True)
-@click.option("--channels-last/--no-channels-last", default=True, show_default=True)
+@click.option("--amp", "amps", default="auto", show_default=True, callback=_amps,
+              help="auto, bf16, fp16, off or a comma list: srtrain's --amp, one "
+                   "configuration each.")
+@click.option("--channels-last", "layouts", default="on", show_default=True, callback=_switch,
+              help="on, off or on,off: srtrain's --channels-last.")
+@click.option("--no-channels-last", "nchw", is_flag=True, help="Short for --channels-last off.")
 @click.option("--compile", "compile_", default="auto", show_default=True, callback=_compiles,
               help="auto, off, model, blocks or a comma list: srtrain's --compile modes "
                    "(auto: blocks on one GPU, off on the CPU; rows say what ran).")
@@ -222,54 +499,89 @@ def _loaders(ctx, param, value: str) -> list[str]:
 @click.option("--md", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--op-table", type=click.Path(dir_okay=False, path_type=Path),
               help="Synthetic rows: append the profiler's ops by device time to this file.")
-def main(db, count, size, models, loaders, batch_sizes, patch, scale, amp, channels_last,
-         compile_, graphs, cudnn, tf32, dali_outputs, degradations, workers, device, steps,
-         warmup, out, md, op_table):
-    from srtrain.config import TrainConfig, resolve_amp
-    from srtrain.kernels import resolve_compile
+def main(db, count, size, models, loaders, stages, reference, ablate, d_num_feat, batch_sizes,
+         patch, scale, amps, layouts, nchw, compile_, graphs, cudnn, tf32, dali_outputs,
+         degradations, workers, device, steps, warmup, out, md, op_table):
     from srdata.loader import resolve_device
+    from srtrain.config import resolve_amp
     env = _common.environment() | _common.accelerator_environment()
     dev = resolve_device(device)
-    amp = resolve_amp(amp, dev)
+    amps = list(dict.fromkeys(resolve_amp(a, dev) for a in amps))
+    sets = switch_sets(compile_, graphs, amps, [False] if nchw else layouts, ablate)
     records = []
     with tempfile.TemporaryDirectory(prefix="srpipe-bench-") as tmp:
-        alone = loaders == ["synthetic"]  # the step alone needs no database
+        # the step alone needs no database
+        alone = loaders == ["synthetic"] or "l1" not in stages
         source = str(db) if db else ("one random batch" if alone else
                                      f"synthetic {size}x{size} jpeg q95")
         if not alone:
             db = db or _common.build_jpeg_db(tmp, count, size, min_size=patch)
-        for name, loader, bs, how, graph, bench, tf, outputs, deg in itertools.product(
-                models, loaders, batch_sizes, compile_, graphs, cudnn, tf32, dali_outputs,
-                degradations):
-            if loader != "dali" and outputs != dali_outputs[0]:
-                continue  # one row: the switch is DALI's
-            if loader == "synthetic" and deg != degradations[0]:
-                continue  # one row: the step alone makes no LR
-            outputs = outputs if loader == "dali" else None
-            cfg, _ = resolve_compile(TrainConfig(
-                db=str(db), loader=loader, model=name, scale=scale, batch_size=bs, patch=patch,
-                amp=amp, channels_last=channels_last, compile=how, cuda_graphs=graph,
-                workers=workers, schedule="constant", cudnn_benchmark=bench, tf32=tf,
-                degradation=deg), dev)
-            if cfg.cuda_graphs and cfg.compile == "off":
-                continue  # the graphs replay compiled code (srtrain refuses the pair)
-            r = measure(cfg, dev, steps, warmup, op_table if loader == "synthetic" else None,
-                        dali_outputs=outputs)
-            if r is None:
-                warnings.warn(f"{name} at batch {bs} ran out of GPU memory; skipped")
-                continue
-            records.append({
-                "benchmark": "train_throughput", "source": source, "model": name,
-                "loader": loader, "batch_size": bs, "patch": patch, "scale": scale,
-                "amp": amp, "channels_last": channels_last, "compile": cfg.compile,
-                "cuda_graphs": cfg.cuda_graphs, "cudnn_benchmark": bench, "tf32": tf,
-                **({"dali_outputs": outputs} if outputs else {}),
-                **({"degradation": deg} if loader != "synthetic" else {}),
-                "steps": steps, "warmup": warmup, **r, "env": env})
-            _common.emit(records[-1], out)
+        if "l1" in stages:
+            records += l1_rows(db, source, models, loaders, batch_sizes, patch, scale, sets,
+                               cudnn, tf32, dali_outputs, degradations, workers, dev, steps,
+                               warmup, op_table, env, out)
+        if "gan" in stages:
+            row = {"benchmark": "train_throughput", "source": "one random batch",
+                   "loader": "synthetic", "patch": patch, "scale": scale, "steps": steps,
+                   "warmup": warmup}
+            for name, bs in itertools.product(models, batch_sizes):
+                base = {"db": "unused", "model": name, "scale": scale, "batch_size": bs,
+                        "patch": patch, "schedule": "constant", "stage": "gan", "usm": True,
+                        "d_num_feat": d_num_feat}
+                records += gan_rows(base, [(*s, b, t) for s, b, t in itertools.product(
+                    sets, cudnn, tf32)], dev, steps, warmup, reference, row, env, out)
     if md:
         md.parent.mkdir(parents=True, exist_ok=True)
-        md.write_text(_table(records))
+        md.write_text(tables(records))
+
+
+def tables(records: list[dict]) -> str:
+    """The .md of a run: the L1 rows' table, then the GAN rows' (when there are any)."""
+    l1 = [r for r in records if r.get("stage", "l1") == "l1"]
+    gan = [r for r in records if r.get("stage") == "gan"]
+    return "\n".join(t for t in (_table(l1) if l1 else "", gan_table(gan) if gan else "") if t)
+
+
+def l1_rows(db, source, models, loaders, batch_sizes, patch, scale, sets, cudnn, tf32,
+            dali_outputs, degradations, workers, dev, steps, warmup, op_table, env, out
+            ) -> list[dict]:
+    """The L1 stage's rows: model x loader x batch size x each configuration."""
+    from srtrain.config import TrainConfig
+    from srtrain.kernels import resolve_compile
+    records, seen = [], set()
+    for name, loader, bs, (how, graph, amp, cl), bench, tf, outputs, deg in itertools.product(
+            models, loaders, batch_sizes, sets, cudnn, tf32, dali_outputs, degradations):
+        if loader != "dali" and outputs != dali_outputs[0]:
+            continue  # one row: the switch is DALI's
+        if loader == "synthetic" and deg != degradations[0]:
+            continue  # one row: the step alone makes no LR
+        outputs = outputs if loader == "dali" else None
+        cfg, _ = resolve_compile(TrainConfig(
+            db=str(db), loader=loader, model=name, scale=scale, batch_size=bs, patch=patch,
+            amp=amp, channels_last=cl, compile=how, cuda_graphs=graph,
+            workers=workers, schedule="constant", cudnn_benchmark=bench, tf32=tf,
+            degradation=deg), dev)
+        if cfg.cuda_graphs and cfg.compile == "off":
+            continue  # the graphs replay compiled code (srtrain refuses the pair)
+        key = (name, loader, bs, cfg.compile, cfg.cuda_graphs, amp, cl, bench, tf, outputs, deg)
+        if key in seen:
+            continue  # --ablate's switch that was off already: one row
+        seen.add(key)
+        r = measure(cfg, dev, steps, warmup, op_table if loader == "synthetic" else None,
+                    dali_outputs=outputs)
+        if r is None:
+            warnings.warn(f"{name} at batch {bs} ran out of GPU memory; skipped")
+            continue
+        records.append({
+            "benchmark": "train_throughput", "stage": "l1", "source": source, "model": name,
+            "loader": loader, "batch_size": bs, "patch": patch, "scale": scale,
+            "amp": amp, "channels_last": cl, "compile": cfg.compile,
+            "cuda_graphs": cfg.cuda_graphs, "cudnn_benchmark": bench, "tf32": tf,
+            **({"dali_outputs": outputs} if outputs else {}),
+            **({"degradation": deg} if loader != "synthetic" else {}),
+            "steps": steps, "warmup": warmup, **r, "env": env})
+        _common.emit(records[-1], out)
+    return records
 
 
 if __name__ == "__main__":  # spawned loader workers import this module as __mp_main__

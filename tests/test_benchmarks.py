@@ -97,12 +97,14 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
     # the quick default (the GPU one less DALI tuning and compile), most valuable first
     assert list(dict.fromkeys(s["part"] for s in steps)) == ["db", "headline", "epoch", "fetch",
                                                              "loaders", "kernels", "train",
-                                                             "batch", "ttq", "degradations"]
+                                                             "gan", "batch", "ttq",
+                                                             "degradations"]
     md = (out / "results.md").read_text()
     assert "| dali | jpeg | realesrgan | 2 | 1 |" in md  # the host's time per fetch
     for section in ("## Headline", "## One real epoch", "## Host time per fetch",
                     "## Loader throughput", "## Training throughput", "## Kernel switches",
-                    "## Batch size", "## esrgan fed with each LR degradation",
+                    "## GAN stage step", "## Batch size",
+                    "## esrgan fed with each LR degradation",
                     "## LR degradations", "quick mode", "--preset quick"):
         assert section in md
     epoch = json.loads((out / "real_epoch.jsonl").read_text())  # 24 images, 2% validation
@@ -116,6 +118,11 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
     assert "| esrgan | dali | 2 |" in md and "the users' 10,000 images" in md
     assert "| esrgan | synthetic | 2 |" in md  # the headline's step alone
     assert "| srcnn | dali | 2 |" in md  # the batch-size sweep
+    # the GAN stage's step: the reference first, then srtrain's defaults and a switch off
+    gan = [json.loads(x) for x in (out / "gan_step.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["channels_last"]) for r in gan] == [
+        ("reference", False), ("srtrain", True), ("srtrain", False)]
+    assert "| srcnn | reference (BasicSR's way) | 2 | off | off | off |" in md
     kernels = [json.loads(x) for x in (out / "kernels.jsonl").read_text().splitlines()]
     assert [(k["amp"], k["cudnn_benchmark"], k["tf32"]) for k in kernels] == [
         ("off", True, True), ("off", False, True), ("off", True, True), ("off", True, False)]
@@ -143,7 +150,7 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
 def test_gpu_suite_names_an_unknown_part_or_codec(tmp_path):
     r = subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), "--parts", "train,nope",
                         "--out", tmp_path], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "got nope, expected some of headline,fetch,loaders," in r.stderr
+    assert r.returncode == 2 and "got nope, expected some of headline,epoch,fetch," in r.stderr
     for bad, said in (("raw", "got 'raw', expected CODEC:QUALITY pairs"),
                       ("webp:90", "got webp, expected some of jpeg,png,raw")):
         r = subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), "--codecs", bad,
@@ -198,7 +205,7 @@ def test_loader_efficiency_reads_one_pass_of_the_loader():
 
     from srtrain.config import TrainConfig
     from srtrain.models import build_model
-    from srtrain.train import loader_efficiency
+    from srtrain.timing import loader_efficiency
 
     class Loader:
         starts = 0
@@ -219,14 +226,14 @@ def test_loader_efficiency_reads_one_pass_of_the_loader():
 def test_train_benchmark_skips_a_batch_that_runs_out_of_memory(monkeypatch):
     import torch
 
-    import srtrain.train
+    import srtrain.timing
     from srtrain.config import TrainConfig
     monkeypatch.syspath_prepend(str(BENCH))
     import train_throughput
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-    monkeypatch.setattr(srtrain.train, "loader_efficiency", oom)
+    monkeypatch.setattr(srtrain.timing, "loader_efficiency", oom)
     cfg = TrainConfig(db="db", model="srcnn", amp="off", schedule="constant")
     assert train_throughput.measure(cfg, torch.device("cpu"), steps=1, warmup=0) is None
 
@@ -239,7 +246,10 @@ def test_train_benchmark_comma_lists_name_what_they_take(monkeypatch):
                               ("--cudnn-benchmark", "", "got , expected some of on,off"),
                               ("--cuda-graphs", "auto,x", "expected some of on,off,auto"),
                               ("--compile", "fast", "expected some of auto,off,model,blocks"),
-                              ("--dali-outputs", "gpu", "expected some of host,stream")):
+                              ("--dali-outputs", "gpu", "expected some of host,stream"),
+                              ("--stages", "l1,gann", "expected some of l1,gan"),
+                              ("--amp", "bf61", "expected some of auto,bf16,fp16,off"),
+                              ("--channels-last", "yes", "expected some of on,off")):
         r = CliRunner().invoke(train_throughput.main, [option, bad])
         assert r.exit_code == 2 and said in r.output, (option, r.output)
     assert train_throughput._graphs(None, None, "on,auto,off") == [True, None, False]
@@ -412,3 +422,116 @@ def test_real_epoch_times_launch_to_last_step_and_sets_the_compile_window_apart(
     metrics.write_text(json.dumps({"event": "val", "psnr": 1.0, "time": 1.0}) + "\n")
     with pytest.raises(Exception, match="no train records"):
         real_epoch.epoch_summary(metrics, 0.0, 1.0)
+
+
+def test_train_benchmark_times_the_gan_step_beside_basicsrs(tmp_path):
+    lines = bench("train_throughput.py", "--stages", "l1,gan", "--loaders", "synthetic",
+                  "--reference", "--ablate", "--models", "srcnn", "--batch-sizes", "1,2",
+                  "--patch", 32, "--steps", 2, "--warmup", 1, "--d-num-feat", 8,
+                  "--out", tmp_path / "t.jsonl", "--md", tmp_path / "t.md", cwd=tmp_path)
+    assert len((tmp_path / "t.jsonl").read_text().splitlines()) == len(lines) == 10
+    l1 = [r for r in lines if r["stage"] == "l1"]
+    gan = [r for r in lines if r["stage"] == "gan"]
+    # --ablate on a CPU: srtrain's defaults, then channels_last off (compile, graphs and amp
+    # are off here already: one row, not four of the same)
+    assert [(r["batch_size"], r["channels_last"]) for r in l1] == [
+        (1, True), (1, False), (2, True), (2, False)]
+    assert [(r["batch_size"], r["step"], r["channels_last"], r["srtrain_defaults"])
+            for r in gan] == [(b, s, cl, d) for b in (1, 2) for s, cl, d in (
+                ("reference", False, False), ("srtrain", True, True),
+                ("srtrain", False, False))]
+    for r in gan:
+        assert r["img_per_s"] > 0 and r["peak_gpu_gib"] is None and not r["out_of_memory"]
+        assert r["vgg"] == "random weights (timing only)" and r["d_num_feat"] == 8
+        assert (r["amp"], r["compile"], r["cuda_graphs"]) == ("off", "off", False)
+        ref = next(x for x in gan if x["step"] == "reference"
+                   and x["batch_size"] == r["batch_size"])
+        want = None if r is ref else round(r["img_per_s"] / ref["img_per_s"], 3)
+        assert r["speedup_vs_reference"] == want
+    md = (tmp_path / "t.md").read_text()
+    assert "| srcnn | synthetic | 1 |" in md and "| srcnn | synthetic, NCHW | 2 |" in md
+    assert "| img/s | × reference | first step | peak GiB |" in md
+    assert "| srcnn | reference (BasicSR's way) | 1 | off | off | off |" in md
+    speedup = gan[4]["speedup_vs_reference"]
+    assert f"| srcnn | srtrain (defaults) | 2 | off | on | off | " in md
+    assert f"| {speedup:.2f}× |" in md
+    # both batch sizes: srtrain's defaults beside the reference, with their peak memory
+    assert "| srcnn | 2 | " in md and "| reference peak GiB |" in md
+    assert "VGG19 random weights (timing only)" in md
+
+
+def test_the_reference_gan_step_computes_what_srtrains_does():
+    """The yardstick does the same work: from the same weights, BasicSR's way of running
+    the iteration gives srtrain's losses, step after step (Adam = AdamW at decay 0)."""
+    import copy
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    from gan_reference import ReferenceStep, random_perceptual
+    from srtrain.config import TrainConfig
+    from srtrain.discriminator import UNetDiscriminatorSN
+    from srtrain.gan import GANConfig, GANStepper
+    from srtrain.models import build_model
+    torch.manual_seed(0)
+    gan = GANConfig(d_num_feat=8)
+    model, disc, percep = build_model("rrdbnet", 4, 8, 1, 4), UNetDiscriminatorSN(3, 8), \
+        random_perceptual()
+    ref = ReferenceStep(copy.deepcopy(model), copy.deepcopy(disc), copy.deepcopy(percep.vgg),
+                        gan, lr=1e-4, ema=0.999)
+    cfg = TrainConfig(db="unused", lr=1e-4, schedule="constant", amp="off", compile="off",
+                      cuda_graphs=False, channels_last=False)
+    ours = GANStepper(cfg, gan, model, model, torch.device("cpu"), "off", 100, disc, percep)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        lr, hr = torch.rand(2, 3, 8, 8, generator=g), torch.rand(2, 3, 32, 32, generator=g)
+        theirs, _ = ref(lr, hr)
+        mine, _ = ours(lr, hr)
+        assert set(theirs) == set(mine) - {"loss"}
+        for name, v in theirs.items():
+            assert mine[name].item() == pytest.approx(v, rel=1e-4, abs=1e-6), name
+    ema = dict(ref.net_g_ema.named_parameters())  # BasicSR's EMA: a fixed 0.999
+    assert not torch.equal(ema["conv_first.weight"], ref.net_g.conv_first.weight)
+
+
+def test_gan_rows_ablate_each_switch_and_show_where_memory_ran_out(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import render_results
+    import train_throughput
+    sets = train_throughput.switch_sets(["auto", "off"], [None], ["bf16"], [True, False])
+    assert len(sets) == 4  # every combination
+    assert train_throughput.switch_sets(["auto", "off"], [None], ["bf16"], [True, False],
+                                        ablate=True) == [
+        ("auto", None, "bf16", True), ("auto", False, "bf16", True),
+        ("off", False, "bf16", True), ("auto", None, "off", True),
+        ("auto", None, "bf16", False)]
+    env = {"gpu": "H100", "cpus": 16, "torch": "2.11", "date": "2026-12-04"}
+    row = {"stage": "gan", "model": "esrgan", "patch": 256, "scale": 4, "d_num_feat": 64,
+           "vgg": "random weights (timing only)", "steps": 30, "warmup": 10,
+           "cudnn_benchmark": True, "tf32": True, "env": env}
+    ref = row | {"step": "reference", "amp": "off", "channels_last": False, "compile": "off",
+                 "cuda_graphs": False, "srtrain_defaults": False, "speedup_vs_reference": None}
+    ours = row | {"step": "srtrain", "amp": "bf16", "channels_last": True, "compile": "blocks",
+                  "cuda_graphs": True, "srtrain_defaults": True}
+    rows = [ref | {"batch_size": 16, "img_per_s": 60.0, "first_step_s": 2.0,
+                   "peak_gpu_gib": 40.2, "out_of_memory": False},
+            ours | {"batch_size": 16, "img_per_s": 180.0, "first_step_s": 20.0,
+                    "peak_gpu_gib": 12.5, "out_of_memory": False,
+                    "speedup_vs_reference": 3.0},
+            ref | {"batch_size": 32, "img_per_s": None, "first_step_s": None,
+                   "peak_gpu_gib": None, "out_of_memory": True},
+            ours | {"batch_size": 32, "img_per_s": 190.0, "first_step_s": 21.0,
+                    "peak_gpu_gib": 24.0, "out_of_memory": False,
+                    "speedup_vs_reference": None}]
+    (tmp_path / "gan_step.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # a GAN row among the L1 ones: its own section only
+    (tmp_path / "train_throughput.jsonl").write_text(json.dumps(rows[1]) + "\n")
+    md = render_results.render(tmp_path).read_text()
+    assert "## GAN stage step" in md and "## Training throughput" not in md
+    assert ("| esrgan | srtrain (defaults) | 16 | bf16 | on | blocks + CUDA graphs | 180.0 | "
+            "3.00× | 20.0 s | 12.5 |") in md
+    assert "| esrgan | reference (BasicSR's way) | 32 | off | off | off | out of memory | - |" \
+        in md
+    assert "| esrgan | 32 | 190.0 | 24.0 | out of memory | - |" in md  # the memory table
+    assert "| esrgan | 16 | 180.0 | 12.5 | 60.0 | 40.2 |" in md
