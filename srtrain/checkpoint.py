@@ -152,17 +152,23 @@ def discriminator_weights(state: dict, ckpt: Path) -> dict:
 
 
 def export(ckpt: Path, out: Path, overwrite: bool = False,
-           discriminator: Path | None = None) -> dict:
-    """Write the weights of the checkpoint ``ckpt`` as BasicSR's ``.pth`` at ``out``, and
-    its discriminator's at ``discriminator`` if given (atomically; an existing file only
-    with ``overwrite``; both checked before either is written). Returns the run's model
-    facts."""
+           discriminator: Path | None = None, fmt: str | None = None) -> dict:
+    """Write the weights of the checkpoint ``ckpt`` at ``out`` in the format ``fmt`` (see
+    srtrain.exports: BasicSR's ``.pth``, a flat ``safetensors`` file, or the model as
+    ``onnx``; None: by OUTPUT's extension, else ``pth``), and its discriminator's as BasicSR's ``.pth`` at ``discriminator`` if given
+    (atomically; an existing file only with ``overwrite``; both checked before either is
+    written). Returns the run's model facts."""
+    from . import exports
     from .config import TrainConfig
+    fmt = exports.resolve_format(fmt, out)
+    if fmt == "onnx":
+        exports.require_onnx()
     outs = [Path(out)] + ([Path(discriminator)] if discriminator is not None else [])
     if len(outs) == 2 and os.path.abspath(outs[0]) == os.path.abspath(outs[1]):
         raise ValueError(f"the generator and the discriminator would both be written to "
                          f"{outs[0]}; give --discriminator another file (such as net_d.pth)")
-    for path, name in zip(outs, ("net_g.pth", "net_d.pth")):
+    suffix = ".pth" if fmt == "pth" else f".{fmt}"
+    for path, name in zip(outs, ("net_g" + suffix, "net_d.pth")):
         if path.is_dir():
             raise ValueError(f"the output {path} is a folder; give a file name such as "
                              f"{path / name}")
@@ -171,15 +177,29 @@ def export(ckpt: Path, out: Path, overwrite: bool = False,
     weights = plain_weights(state)
     for key, kind in (("params", "model"), ("params_ema", "ema")):
         check_finite(ckpt, weights.get(key, {}), kind)
-    files = [(outs[0], weights)]
-    if discriminator is not None:
-        files.append((outs[1], discriminator_weights(state, ckpt)))
-    for path, held in files:
-        save(path, held)
     cfg = TrainConfig.from_dict(state["config"])
-    return {"model": cfg.model, "scale": cfg.scale, "keys": sorted(weights),
+    # the weights the run validated and upscale uses: the EMA ones when kept
+    chosen = "params_ema" if "params_ema" in weights else "params"
+    if discriminator is not None:  # its refusals come before anything is written
+        net_d = discriminator_weights(state, ckpt)
+    if fmt == "onnx":
+        from .models import build_model
+        model = build_model(cfg.model, cfg.scale, cfg.num_feat, cfg.num_block, cfg.num_grow_ch)
+        model.load_state_dict(weights[chosen])
+        exports.write_onnx(outs[0], model)
+    elif fmt == "safetensors":
+        exports.write_safetensors(outs[0], weights[chosen])
+    else:
+        save(outs[0], weights)
+    if discriminator is not None:
+        save(outs[1], net_d)
+    grow = exports.grow_channels(weights["params"])
+    return {"model": cfg.model, "scale": cfg.scale, "format": fmt,
+            "keys": sorted(weights) if fmt == "pth" else [chosen],
             "tensors": len(weights["params"]),
-            "d_tensors": len(files[1][1]["params"]) if discriminator is not None else None}
+            "d_tensors": len(net_d["params"]) if discriminator is not None else None,
+            "spandrel": (None if fmt == "onnx" else
+                         exports.spandrel_note(cfg.model, cfg.scale, grow))}
 
 
 def check_output(out: Path, ckpt: Path, overwrite: bool) -> None:

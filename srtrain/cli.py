@@ -583,17 +583,27 @@ def upscale_cmd(ckpt, src, dst, tile, overlap, device, ema, overwrite, max_pixel
 @click.option("--ckpt", required=True, type=click.Path(exists=True, dir_okay=False),
               help="A checkpoint written by srtrain (last.pt or best.pt).")
 @click.argument("dst", metavar="OUTPUT", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["pth", "safetensors", "onnx"]),
+              help="pth: BasicSR's {\"params\", \"params_ema\"} file. safetensors: one flat "
+                   "state dict of the EMA weights (the raw ones if the run kept no EMA), as "
+                   "traiNNer-redux saves and chaiNNer/ComfyUI read. onnx: the model with those "
+                   "weights, fp32, input \"input\" (N,3,H,W RGB in 0..1), output "
+                   "\"output\", any batch, height and width; runs whatever the model's shape "
+                   "(needs pip install -e \".[onnx]\"). Not given: safetensors or onnx when "
+                   "OUTPUT ends in .safetensors or .onnx, else pth.")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing OUTPUT (and --discriminator file).")
 @click.option("--discriminator", type=click.Path(), metavar="PATH",
               help="Also write the discriminator of a --stage gan run as BasicSR's "
-                   '{"params": ...} (as RealESRGAN_x4plus_netD.pth).')
-def export_cmd(ckpt, dst, overwrite, discriminator):
-    """Write the checkpoint's weights as BasicSR / Real-ESRGAN read them: OUTPUT.pth holding
-    {"params": ..., "params_ema": ...} (params_ema when the run kept an EMA)."""
+                   '{"params": ...} .pth (as RealESRGAN_x4plus_netD.pth), whatever --format.')
+def export_cmd(ckpt, dst, fmt, overwrite, discriminator):
+    """Write the checkpoint's weights for other tools: by default as BasicSR / Real-ESRGAN
+    read them, OUTPUT.pth holding {"params": ..., "params_ema": ...} (params_ema when the
+    run kept an EMA); see --format for safetensors and ONNX."""
     from . import checkpoint
     try:
-        facts = checkpoint.export(ckpt, dst, overwrite=overwrite, discriminator=discriminator)
+        facts = checkpoint.export(ckpt, dst, overwrite=overwrite, discriminator=discriminator,
+                                  fmt=fmt)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     except (OSError, RuntimeError) as e:  # written atomically: OUTPUT holds what it held
@@ -601,15 +611,25 @@ def export_cmd(ckpt, dst, overwrite, discriminator):
         if failure is None:
             raise
         raise failure from None
-    click.echo(f"wrote {' and '.join(facts['keys'])} ({facts['tensors']} tensors each) of "
-               f"--model {facts['model']} x{facts['scale']} to {dst}")
+    what = f"--model {facts['model']} x{facts['scale']}"
+    if facts["format"] == "onnx":
+        from .exports import ONNX_OPSET
+        click.echo(f"wrote {what} with its {facts['keys'][0]} weights as ONNX (opset "
+                   f"{ONNX_OPSET}, input \"input\", output \"output\", any batch and size) "
+                   f"to {dst}")
+    else:
+        each = " each" if len(facts["keys"]) > 1 else ""
+        click.echo(f"wrote {' and '.join(facts['keys'])} ({facts['tensors']} tensors{each}) of "
+                   f"{what} as {facts['format']} to {dst}")
     if discriminator is not None:
         click.echo(f"wrote the discriminator's params ({facts['d_tensors']} tensors) to "
                    f"{discriminator}")
-    if facts["model"] == "srcnn" or facts["scale"] == 3:
+    if facts["format"] != "onnx" and (facts["model"] == "srcnn" or facts["scale"] == 3):
         click.echo("note: BasicSR and Real-ESRGAN have no network for this model and scale "
                    "(only RRDBNet x2 and x4); srtrain upscale and --init-weights read it",
                    err=True)
+    if facts["spandrel"]:
+        click.echo(f"note: {facts['spandrel']}", err=True)
 
 
 @main.command("demo")

@@ -88,6 +88,7 @@ def train(cfg: TrainConfig) -> dict:
 # to another run's files.
 # fewer validation images than this: a warning that the scores are noise
 FEW_VAL = 8
+FIRST_LOG = 10  # steps into a run: its first train record
 
 
 class Trainer:
@@ -296,6 +297,9 @@ class Trainer:
             self.log({"event": "profile", **profile})
         self.loader_start = self.loader.epoch
         self.log(self.start_record())
+        # the first loss early (it also times the start: compile, workers), then every
+        # --log-every steps
+        self.first_log = self.step + min(FIRST_LOG, cfg.log_every)
         result, t0 = {}, time.perf_counter()
         try:
             for epoch in range(self.loader.epoch, cfg.epochs):
@@ -373,7 +377,7 @@ class Trainer:
                 continue
             self.step += 1
             self.step_batch = self.loader.batch
-            if self.step % cfg.log_every == 0:
+            if self.step % cfg.log_every == 0 or self.step == self.first_log:
                 bar.set_postfix(self.flush(window, timer, epoch), refresh=False)
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self._save("last.pt")
