@@ -203,6 +203,17 @@ def alive(pid):
         return False
 
 
+def failure_line(cmd) -> tuple[str, str]:
+    """Run ``cmd`` (srtrain in a subprocess): it must fail with exit 1, no traceback and one
+    Error line; (that line, all of stderr)."""
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                       env=this_tree(OMP_NUM_THREADS="1"))
+    lines = [x for x in r.stderr.splitlines() if x.startswith("Error: ")]
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(lines) == 1, \
+        r.stderr[-3000:]
+    return lines[0], r.stderr
+
+
 def trained(out) -> bool:
     """Whether the run in ``out`` has logged a training step."""
     try:
@@ -282,11 +293,7 @@ def test_a_full_dev_shm_is_named_with_what_to_do(packed, tmp_path):
                                 "--workers", 1, "--epochs", 1))
     if cmd is None:
         pytest.skip("cannot mount a small /dev/shm here (unshare -rm)")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
-                       env=this_tree(OMP_NUM_THREADS="1"))
-    lines = [x for x in r.stderr.splitlines() if x.startswith("Error: ")]
-    assert r.returncode == 1 and "Traceback" not in r.stderr and len(lines) == 1, \
-        r.stderr[-3000:]
+    lines = [failure_line(cmd)[0]]
     assert "ran out of shared memory" in lines[0] and "killed by SIGBUS" in lines[0], lines
     assert re.search(r"/dev/shm has [\d.]+ of 0.1 MiB free", lines[0]), lines
     assert "--shm-size" in lines[0], lines
@@ -613,14 +620,10 @@ def test_a_nearly_full_tmpdir_under_dali_is_named(packed, tmp_path):
                                          "--workers", 1, "--epochs", 1), tmp)
     if cmd is None:
         pytest.skip("cannot mount a small TMPDIR here (unshare -rm)")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
-                       env=this_tree(OMP_NUM_THREADS="1"))
-    lines = [x for x in r.stderr.splitlines() if x.startswith("Error: ")]
-    assert r.returncode == 1 and "Traceback" not in r.stderr and len(lines) == 1, \
-        r.stderr[-3000:]
-    assert lines[0] == (f"Error: no space left on the device to write {tmp}; free some "
-                        "space, then start again"), lines
-    assert "AutoGraph" not in r.stderr and not out.exists()
+    line, err = failure_line(cmd)
+    assert line == (f"Error: no space left on the device to write {tmp}; free some space, "
+                    "then start again"), line
+    assert "AutoGraph" not in err and not out.exists()
 
 
 RRDB = ["--model", "rrdbnet", "--num-feat", "8", "--num-block", "1", "--num-grow-ch", "8"]
