@@ -216,3 +216,17 @@ def _write_photo(job) -> Path:
     path, h, w, seed = job
     write_image(path, synthetic_image(h, w, seed), quality=95)
     return path
+
+
+def first_and_rate(stepper, lr, hr, dev, steps: int, warmup: int) -> tuple[float, float]:
+    """(seconds of the first step: with --compile, the compile's cost; img/s of ``steps``
+    steps on the batch after ``warmup`` untimed ones, the first step among them)."""
+    import torch
+
+    from srtrain.timing import repeat, step_rate
+    first = time.perf_counter()
+    stepper(lr, hr)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    first = time.perf_counter() - first
+    return first, step_rate(stepper, repeat(lr, hr), steps, max(0, warmup - 1), dev)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from _common import read_lines
 from train_throughput import _table as train_table
-from train_throughput import gan_table
+from gan_rows import gan_table
 
 
 def _plt():
