@@ -202,17 +202,24 @@ def export(ckpt: Path, out: Path, overwrite: bool = False,
                          exports.spandrel_note(cfg.model, cfg.scale, grow))}
 
 
-def check_output(out: Path, ckpt: Path, overwrite: bool) -> None:
-    """Refuse to write ``out`` over the checkpoint ``ckpt`` (however spelled or linked) or any
-    other srtrain checkpoint, ``overwrite`` or not: a run resumes from them; refuse any other
-    existing file unless ``overwrite``."""
+def keep_checkpoints(out: Path, ckpts, command: str, hint: str = "") -> None:
+    """Refuse to write ``out`` over one of ``ckpts`` (however spelled or linked) or any other
+    srtrain checkpoint, --overwrite or not: a run resumes from them. ``command``: who
+    refuses (export, upscale); ``hint``: what to choose instead."""
     if not out.exists():
         return
-    if os.path.samefile(out, ckpt):
-        raise ValueError(f"the output {out} is the checkpoint {ckpt} itself; choose another "
-                         "OUTPUT (such as net_g.pth)")
+    for ckpt in ckpts:
+        if os.path.samefile(out, ckpt):
+            raise ValueError(f"the output {out} is the checkpoint {ckpt} itself; choose "
+                             f"another OUTPUT{hint}")
     if is_checkpoint(out):
-        raise ValueError(f"{out} is an srtrain checkpoint, which export never replaces "
-                         "(--overwrite or not); choose another OUTPUT (such as net_g.pth)")
-    if not overwrite:
+        raise ValueError(f"the output {out} is an srtrain checkpoint, which {command} never "
+                         f"replaces (--overwrite or not); choose another OUTPUT{hint}")
+
+
+def check_output(out: Path, ckpt: Path, overwrite: bool) -> None:
+    """Refuse to write ``out`` over a checkpoint (keep_checkpoints), and over any other
+    existing file unless ``overwrite``."""
+    keep_checkpoints(out, [ckpt], "export", " (such as net_g.pth)")
+    if out.exists() and not overwrite:
         raise ValueError(f"{out} already exists; pass --overwrite to replace it")

@@ -34,6 +34,7 @@ from srdata.schedule import BATCH_SCHEDULES, MAX_BATCH_GROWTH, PatchSchedule
 from .config import AMPS, COMPILES, SCHEDULES, STAGES, TrainConfig
 from .console import end_summary
 from .demo import EPOCHS as DEMO_EPOCHS, IMAGES as DEMO_IMAGES, resolve_loader
+from .exports import FORMATS
 from .models import MODELS
 from .upscale import MAX_PIXELS
 
@@ -274,9 +275,8 @@ def _saved_settings(ctx, opts: dict, db, compile_, quiet, scale):
         name = param.name
         if name in _NOT_INHERITED or name not in {*opts, *mine}:
             continue
-        source = ctx.get_parameter_source(name)
-        if source not in (click.core.ParameterSource.DEFAULT, None):
-            continue  # given (or set by an environment variable): the user's word
+        if _given(ctx, name):
+            continue  # the user's word
         field = _PARAM_FIELDS.get(name, name)
         if field not in saved:
             continue  # a setting newer than the run: its default
@@ -583,7 +583,7 @@ def upscale_cmd(ckpt, src, dst, tile, overlap, device, ema, overwrite, max_pixel
 @click.option("--ckpt", required=True, type=click.Path(exists=True, dir_okay=False),
               help="A checkpoint written by srtrain (last.pt or best.pt).")
 @click.argument("dst", metavar="OUTPUT", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["pth", "safetensors", "onnx"]),
+@click.option("--format", "fmt", type=click.Choice(FORMATS),
               help="pth: BasicSR's {\"params\", \"params_ema\"} file. safetensors: one flat "
                    "state dict of the EMA weights (the raw ones if the run kept no EMA), as "
                    "traiNNer-redux saves and chaiNNer/ComfyUI read. onnx: the model with those "

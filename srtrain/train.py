@@ -172,7 +172,6 @@ class Trainer:
                             cfg, parts, model, net, device, self.amp, self.total_steps, d))
         self.step, self.best, self.stale = 0, -math.inf, 0
         self.in_epoch, self.step_batch = False, 0  # the loader position of the last step
-        self.epoch_sums = {"loss": 0.0, "n": 0, "images": 0, "seconds": 0.0, "wait": 0.0}
         self.saved = {}  # checkpoint name -> the step it holds; every one has finite weights
         self.log = Logger(self.out, d.main, cfg.tensorboard, console=cfg.progress)
         if state is not None:

@@ -262,17 +262,9 @@ def _check_inputs_kept(pairs: list[tuple[Path, Path]], inputs: dict) -> None:
 def _check_protected(pairs: list[tuple[Path, Path]], protect) -> None:
     """Never write over a file of ``protect`` (the model's checkpoint) or any other srtrain
     checkpoint, --overwrite or not."""
-    from .checkpoint import is_checkpoint
-    kept = {_identity(Path(k)): k for k in protect}
+    from .checkpoint import keep_checkpoints
     for _, out in pairs:
-        if not out.exists():
-            continue
-        if _identity(out) in kept:
-            raise ValueError(f"the output {out} is the checkpoint {kept[_identity(out)]}; "
-                             "choose another OUTPUT")
-        if is_checkpoint(out):
-            raise ValueError(f"the output {out} is an srtrain checkpoint, which upscale "
-                             "never replaces; choose another OUTPUT")
+        keep_checkpoints(out, protect, "upscale")
 
 
 def _check_existing(pairs: list[tuple[Path, Path]], dst: Path, folder: bool) -> None:

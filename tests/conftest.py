@@ -1,3 +1,4 @@
+import errno
 import itertools
 import os
 import subprocess
@@ -36,6 +37,17 @@ def one_error_line(result):
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def zip_writer_full_disk(f, what: bytes = b"PK part of a file"):
+    """What torch.save's zip writer does on a full disk: write part of ``f``, then hide the
+    ENOSPC under a RuntimeError of its own ("unexpected pos")."""
+    f.write(what)
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                           "4160 vs 4096")
 
 
 def this_tree(**extra) -> dict:

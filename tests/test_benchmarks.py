@@ -453,7 +453,7 @@ def test_train_benchmark_times_the_gan_step_beside_basicsrs(tmp_path):
     assert "| img/s | × reference | first step | peak GiB |" in md
     assert "| srcnn | reference (BasicSR's way) | 1 | off | off | off |" in md
     speedup = gan[4]["speedup_vs_reference"]
-    assert f"| srcnn | srtrain (defaults) | 2 | off | on | off | " in md
+    assert "| srcnn | srtrain (defaults) | 2 | off | on | off | " in md
     assert f"| {speedup:.2f}× |" in md
     # both batch sizes: srtrain's defaults beside the reference, with their peak memory
     assert "| srcnn | 2 | " in md and "| reference peak GiB |" in md

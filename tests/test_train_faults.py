@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import one_error_line, read_only_folder, this_tree
+from conftest import one_error_line, read_only_folder, this_tree, zip_writer_full_disk
 from srtrain import checkpoint
 from srtrain.cli import main
 
@@ -457,12 +457,7 @@ def test_a_disk_full_under_the_zip_writers_error_gets_a_message(packed, tmp_path
         if len(saves) < 2:
             return real(path, state)
         with atomic_file(path, "wb") as f:
-            f.write(b"PK part of a checkpoint")
-            try:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            except OSError:
-                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected "
-                                   "pos 4160 vs 4096")
+            zip_writer_full_disk(f, b"PK part of a checkpoint")
     monkeypatch.setattr(checkpoint, "save", save)
     r = train(db, out, "--epochs", 2, "--save-every", 2, "--val-every", 5)
     assert r.exit_code == 1 and saves == ["last.pt"] * 2

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
-from conftest import one_error_line
+from conftest import one_error_line, zip_writer_full_disk
 from srdata.samples import synthetic_image, write_image
 from srtrain.cli import main
 from srtrain.upscale import read_rgb, upscale_image, upscale_path
@@ -377,15 +377,7 @@ def test_a_full_disk_under_an_export_or_upscale_is_one_line(rgb, tmp_path, ckpt,
     dst = tmp_path / "net_g.pth"
     dst.write_bytes(b"an earlier export")
     real = torch.save
-
-    def full(obj, f, *args, **kwargs):
-        f.write(b"PK part of a file")
-        try:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
-                               "4160 vs 4096")
-    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: zip_writer_full_disk(f))
     line = one_error_line(export_cli(ckpt, dst, "--overwrite"))
     assert line == f"Error: no space left on the device to write {dst}; free some space"
     assert dst.read_bytes() == b"an earlier export"
