@@ -70,9 +70,10 @@ def p90(sorted_times: list[float]) -> float:
 
 
 def render_markdown(records: list[dict]) -> str:
-    rows = ["| loader | codec | LR | batch | workers | host ms per fetch (median) | p90 |",
-            "|---|---|---|---:|---:|---:|---:|"]
-    rows += [f"| {r['loader']} | {r['codec']} | {r['degradation']} | {r['batch_size']} | "
+    rows = ["| loader | codec | LR | out | batch | workers | host ms per fetch (median) | p90 |",
+            "|---|---|---|---|---:|---:|---:|---:|"]
+    rows += [f"| {r['loader']} | {r['codec']} | {r['degradation']} | "
+             f"{r.get('dtype', 'uint8')} | {r['batch_size']} | "
              f"{r['workers']} | {r['fetch_ms']:.2f} | {r['fetch_ms_p90']:.2f} |"
              for r in records]
     env = records[0]["env"] if records else {}
@@ -95,6 +96,10 @@ def render_markdown(records: list[dict]) -> str:
 @click.option("--patch", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--scale", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default=None, help="cuda or cpu  [default: cuda if present]")
+@click.option("--dtype", default="uint8", show_default=True,
+              type=click.Choice(["uint8", "float32", "bfloat16"]),
+              help="The loader's output: uint8 leaves the float conversion to the step, as "
+                   "on a GPU; float32 is what srtrain asks for on a CPU.")
 @click.option("--pause", default=0.2, show_default=True, type=click.FloatRange(min=0),
               help="Seconds to let the loader get ahead before each fetch.")
 @click.option("--fetches", default=20, show_default=True, type=click.IntRange(min=1))
@@ -104,7 +109,7 @@ def render_markdown(records: list[dict]) -> str:
 @click.option("--profile", type=click.Path(dir_okay=False),
               help="Append cProfile's view of the timed fetches (the main thread's functions "
                    "by own and cumulative time) per configuration to this file.")
-def main(db, loaders, batch_sizes, degradation, workers, patch, scale, device, pause,
+def main(db, loaders, batch_sizes, degradation, workers, patch, scale, device, dtype, pause,
          fetches, warmup, out, md, profile):
     import cProfile
 
@@ -119,10 +124,9 @@ def main(db, loaders, batch_sizes, degradation, workers, patch, scale, device, p
     for name in loaders:
         for deg in degradation:
             for batch in batch_sizes:
-                # uint8 out: the float conversion is the device's work, not the fetch's
                 lo = srdata.make_loader(opened, name, batch_size=batch, patch_size=patch,
                                         scale=scale, workers=workers or None, device=dev,
-                                        dtype=torch.uint8, degradation=deg)
+                                        dtype=getattr(torch, dtype), degradation=deg)
                 prof = cProfile.Profile() if profile else None
                 times = sorted(fetch_times(lo, fetches, warmup, pause, prof))
                 used = lo.workers  # make_loader's default where --workers is 0
@@ -132,7 +136,7 @@ def main(db, loaders, batch_sizes, degradation, workers, patch, scale, device, p
                                   f"workers, {dev.type}: {fetches} fetches")
                 rec = {"benchmark": "fetch_host", "source": str(db), "codec": opened.codec,
                        "loader": name, "degradation": deg, "batch_size": batch,
-                       "workers": used,
+                       "workers": used, "dtype": dtype,
                        "patch": patch, "scale": scale, "device": dev.type, "pause_s": pause,
                        "fetches": fetches,
                        "fetch_ms": round(statistics.median(times) * 1e3, 3),

@@ -63,6 +63,31 @@ def test_stream_outputs_match_host_outputs_behind_a_busy_stream(packed, codec):
         assert torch.equal(lr1, lr2) and torch.equal(hr1, hr2)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_torch_loader_copies_from_its_pinned_ring_behind_a_busy_stream(packed, workers):
+    """The torch loader copies each batch to the GPU straight from a pinned ring slot, and
+    asynchronously: with the stream busy, a slot a worker wrote again before its copy ran
+    would give other pixels than the CPU loader's."""
+    path = packed("raw")
+    kw = KW | {"workers": workers}
+    lo = srdata.make_loader(path, "torch", **kw)
+    assert lo._ring.pinned and lo._ring.memory.is_pinned()
+    busy = torch.rand(2048, 2048, device="cuda")
+    for epoch_ in range(2):
+        got = []
+        for lr, hr in lo:
+            for _ in range(20):  # tens of ms queued ahead of the next batch's copy
+                busy = (busy @ busy).clamp_(-1, 1)
+            got.append((lr, hr))  # held on the device, not cloned
+        torch.cuda.synchronize()
+        ref = srdata.make_loader(path, "torch", **(kw | {"device": "cpu"}))
+        ref.set_epoch(epoch_)
+        want = list(ref)
+        assert len(got) == len(want) > 1
+        for (lr1, hr1), (lr2, hr2) in zip(got, want):
+            assert torch.equal(lr1.cpu(), lr2) and torch.equal(hr1.cpu(), hr2)
+
+
 def test_outputs_live_on_the_gpu_in_channels_last(packed):
     lr, hr = next(iter(srdata.make_loader(packed("jpeg"), "dali",
                                           **(KW | {"dtype": torch.float16}))))

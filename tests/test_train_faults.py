@@ -299,6 +299,20 @@ def test_a_full_dev_shm_is_named_with_what_to_do(packed, tmp_path):
     assert "--shm-size" in lines[0], lines
 
 
+def test_a_dev_shm_too_small_for_the_torch_ring_is_refused_at_start(packed, tmp_path,
+                                                                     monkeypatch):
+    real = os.statvfs
+
+    class Small:  # 0.1 of 1 MiB free
+        f_frsize, f_bsize, f_blocks, f_bavail = 4096, 4096, 256, 25
+    monkeypatch.setattr(os, "statvfs", lambda p: Small if p == "/dev/shm" else real(p))
+    line = one_error_line(train(packed("raw"), tmp_path / "run", "--epochs", 1,
+                                "--batch-size", 8, "--patch", 64))
+    assert re.search(r"need 0\.2 MiB of shared memory and /dev/shm has 0\.1 of 1\.0 MiB "
+                     r"free; lower --workers or the batch size", line), line
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_torch_saying_its_shared_memory_ran_out_is_one_line():
     """Both ways torch says it (a worker's failed allocation forwarded with its traceback,
     and a worker's bus error), whatever the exception they come wrapped in."""
