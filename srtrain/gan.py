@@ -126,7 +126,7 @@ class GANStepper(WeightEMA):
             self.sched_d = make_scheduler(self.opt_d, cfg.schedule, cfg.lr, total_steps)
         # one scaler for both nets (torch's multiple-optimizer recipe): updated once a step
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-        self.init_ema(model, cfg.ema)
+        self.init_ema(model, cfg.ema, warmup=not cfg.init_weights)
         self.micro = 0
 
     def _autocast(self):
@@ -211,7 +211,7 @@ class GANStepper(WeightEMA):
         d = self.disc is not None
         return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                 "scaler": self.scaler.state_dict(),
-                "ema": self.ema_state(),
+                **self.ema_state(),
                 "net_d": self.disc.state_dict() if d else None,
                 "optimizer_d": self.opt_d.state_dict() if d else None,
                 "scheduler_d": self.sched_d.state_dict() if d else None}
@@ -224,7 +224,7 @@ class GANStepper(WeightEMA):
         self.opt.load_state_dict(s["optimizer"])
         self.sched.load_state_dict(s["scheduler"])
         self.scaler.load_state_dict(s["scaler"])
-        self.load_ema(s.get("ema"))
+        self.load_ema(s)
         if self.disc is not None:
             self.disc.load_state_dict(s["net_d"])
             self.opt_d.load_state_dict(s["optimizer_d"])

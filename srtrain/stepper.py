@@ -19,15 +19,20 @@ from .config import AMP_DTYPES, TrainConfig
 
 class WeightEMA:
     """The generator's exponential moving average, for both stages' steppers: ``ema`` (an
-    AveragedModel, None at decay 0) with its decay warmed up by a count kept on the host."""
+    AveragedModel, None at decay 0). From random weights its decay is warmed up
+    (``ema_decay``) by a count kept on the host; from loaded weights (``--init-weights``)
+    it is the plain decay from the first update, as BasicSR's, since the EMA then starts
+    from weights worth keeping (the GAN stage starts from RealESRNet's)."""
 
-    def init_ema(self, model, decay: float) -> None:
+    def init_ema(self, model, decay: float, warmup: bool = True) -> None:
         self.model, self.ema_max, self.ema_updates = model, decay, 0
+        self.ema_warmup = warmup
         self.ema = AveragedModel(model, multi_avg_fn=self._ema_update) if decay else None
 
     def _ema_update(self, ema_params, params, _n_averaged) -> None:
         # the decay counted on the host: reading n_averaged would sync with the GPU
-        decay = ema_decay(self.ema_max, self.ema_updates)
+        decay = (ema_decay(self.ema_max, self.ema_updates) if self.ema_warmup
+                 else self.ema_max)
         torch._foreach_lerp_(ema_params, params, 1 - decay)
 
     def step_ema(self) -> None:
@@ -35,10 +40,15 @@ class WeightEMA:
             self.ema.update_parameters(self.model)
             self.ema_updates += 1
 
-    def ema_state(self) -> dict | None:
-        return self.ema.state_dict() if self.ema is not None else None
+    def ema_state(self) -> dict:
+        """The EMA's keys in a stepper's state. The warm-up is saved, not derived again: a
+        resumed run may drop --init-weights."""
+        return {"ema": self.ema.state_dict() if self.ema is not None else None,
+                "ema_warmup": self.ema_warmup}
 
-    def load_ema(self, saved: dict | None) -> None:
+    def load_ema(self, state: dict) -> None:
+        self.ema_warmup = bool(state.get("ema_warmup", True))  # older checkpoints: warmed up
+        saved = state.get("ema")
         if self.ema is not None and saved is not None:
             self.ema.load_state_dict(saved)
             self.ema_updates = int(self.ema.n_averaged)
@@ -59,7 +69,7 @@ class Stepper(WeightEMA):
         self.schedule, self.lr = cfg.schedule, cfg.lr
         self.sched = make_scheduler(self.opt, cfg.schedule, cfg.lr, total_steps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-        self.init_ema(model, cfg.ema)
+        self.init_ema(model, cfg.ema, warmup=not cfg.init_weights)
         self.micro = 0
 
     def replan(self, total_steps: int, done: int) -> None:
@@ -97,14 +107,13 @@ class Stepper(WeightEMA):
 
     def state_dict(self) -> dict:
         return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "ema": self.ema_state()}
+                "scaler": self.scaler.state_dict(), **self.ema_state()}
 
     def load_state_dict(self, s: dict) -> None:
         self.opt.load_state_dict(s["optimizer"])
         self.sched.load_state_dict(s["scheduler"])
         self.scaler.load_state_dict(s["scaler"])
-        self.load_ema(s.get("ema"))
+        self.load_ema(s)
 
 
 def ema_decay(decay: float, updates: int) -> float:

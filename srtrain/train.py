@@ -158,6 +158,10 @@ class Trainer:
         model = build_model(cfg.model, cfg.scale, cfg.num_feat, cfg.num_block, cfg.num_grow_ch)
         if cfg.init_weights and state is None:
             load_weights(model, cfg.init_weights)
+        elif cfg.stage == "gan" and state is None:
+            warnings.warn("--stage gan starts from random generator weights; Real-ESRGAN's "
+                          "second stage fine-tunes stage 1's: give --init-weights "
+                          "(e.g. runs/esrnet/best.pt, or RealESRNet_x4plus.pth)", stacklevel=2)
         fmt = torch.channels_last if cfg.channels_last else torch.preserve_format
         model = model.to(device, memory_format=fmt)
         net = model

@@ -100,7 +100,7 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
                                                              "gan", "batch", "ttq",
                                                              "degradations"]
     md = (out / "results.md").read_text()
-    assert "| dali | jpeg | realesrgan | 2 | 1 |" in md  # the host's time per fetch
+    assert "| dali | jpeg | realesrgan | uint8 | 2 | 1 |" in md  # the host's time per fetch
     for section in ("## Headline", "## One real epoch", "## Host time per fetch",
                     "## Loader throughput", "## Training throughput", "## Kernel switches",
                     "## GAN stage step", "## Batch size",
@@ -535,3 +535,24 @@ def test_gan_rows_ablate_each_switch_and_show_where_memory_ran_out(monkeypatch, 
         in md
     assert "| esrgan | 32 | 190.0 | 24.0 | out of memory | - |" in md  # the memory table
     assert "| esrgan | 16 | 180.0 | 12.5 | 60.0 | 40.2 |" in md
+
+
+def test_loader_efficiency_in_the_table_shares_one_step_alone_rate(monkeypatch):
+    """Each fed row times the step alone on its own model, and those rates differ by noise:
+    the table divides every row of one step by the fastest of them."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import train_throughput
+    env = {"gpu": "G", "cpus": 16, "torch": "t", "dali": "d", "date": "2026-12-04T00:00"}
+    row = {"model": "srcnn", "batch_size": 32, "patch": 256, "scale": 4, "amp": "bf16",
+           "channels_last": True, "compile": "blocks", "cuda_graphs": True,
+           "cudnn_benchmark": True, "tf32": True, "peak_gpu_gib": 1.0, "env": env}
+    rows = [row | {"loader": "dali", "synthetic_img_per_s": 3892.0,
+                   "loader_img_per_s": 3066.0, "loader_efficiency": 3066 / 3892},
+            row | {"loader": "torch", "synthetic_img_per_s": 3343.0,
+                   "loader_img_per_s": 3334.0, "loader_efficiency": 3334 / 3343},
+            row | {"loader": "dali", "batch_size": 64, "synthetic_img_per_s": 5000.0,
+                   "loader_img_per_s": 4000.0, "loader_efficiency": 0.8}]
+    md = train_throughput._table(rows)
+    assert "| srcnn | dali | 32 | 3,892.0 | 3,066.0 | 79% |" in md
+    assert "| srcnn | torch | 32 | 3,892.0 | 3,334.0 | 86% |" in md  # not its own 100%
+    assert "| srcnn | dali | 64 | 5,000.0 | 4,000.0 | 80% |" in md  # another step: its own

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -247,3 +248,22 @@ def test_usm_lr_makes_lr_from_the_sharpened_hr_and_keeps_hr_plain(packed, loader
     assert not np.array_equal(hr_sharp, hr_plain) and not np.array_equal(lr, lr_plain)
     with pytest.raises(ValueError, match="got usm='gt', expected False, True or 'lr'"):
         srdata.make_loader(packed("png"), loader, **kw, usm="gt")
+
+
+def test_a_gan_stage_from_random_weights_is_warned_about(packed, vgg, stage1, tmp_path):
+    args = gan_args(packed("png"), vgg, stage1)
+    at = args.index("--init-weights")
+    with pytest.warns(UserWarning) as said:
+        r = cli(*args[:at], *args[at + 2:], "--out", tmp_path / "random", "--epochs", 1)
+    assert r.exit_code == 0, r.output
+    mine = [str(w.message) for w in said if "random generator weights" in str(w.message)]
+    assert len(mine) == 1 and "give --init-weights" in mine[0], mine
+    saved = torch.load(tmp_path / "random" / "last.pt", weights_only=False)
+    assert saved["ema_warmup"] is True  # from random weights: the decay is warmed up
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        r = cli(*args, "--out", tmp_path / "init", "--epochs", 1)
+    assert r.exit_code == 0, r.output
+    assert not [w for w in said if "random generator weights" in str(w.message)]
+    saved = torch.load(tmp_path / "init" / "last.pt", weights_only=False)
+    assert saved["ema_warmup"] is False  # from stage 1's: BasicSR's plain 0.999

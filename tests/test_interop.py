@@ -235,6 +235,33 @@ def test_schedules_and_ema_decay():
     assert ema_decay(0.999, 1) == 2 / 11 and ema_decay(0.999, 10**5) == 0.999
 
 
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_from_loaded_weights_uses_the_plain_decay_as_basicsr(warmup):
+    """From random weights the decay is warmed up; from --init-weights it is BasicSR's
+    0.999 from the first update (its model_ema). A resume keeps what the run began with."""
+    from srtrain.stepper import WeightEMA
+    net = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    ema = WeightEMA()
+    ema.init_ema(net, 0.999, warmup=warmup)
+    ema.step_ema()  # AveragedModel's first update copies the weights
+    with torch.no_grad():
+        net.weight.fill_(2.0)
+    ema.step_ema()
+    decay = ema_decay(0.999, 1) if warmup else 0.999
+    got = ema.ema.module.weight.item()
+    assert math.isclose(got, decay * 1.0 + (1 - decay) * 2.0, rel_tol=1e-6)
+    state = ema.ema_state()
+    assert state["ema_warmup"] is warmup
+    again = WeightEMA()
+    again.init_ema(net, 0.999, warmup=not warmup)  # a resume without (or with) --init-weights
+    again.load_ema(state)
+    assert again.ema_warmup is warmup and again.ema_updates == 2
+    again.load_ema({"ema": state["ema"]})  # a checkpoint from before the flag: warmed up
+    assert again.ema_warmup is True
+
 def test_psnr_rgb_is_basicsrs_calculate_psnr():
     torch.manual_seed(0)
     sr, hr = torch.rand(2, 3, 20, 20), torch.rand(2, 3, 20, 20)
