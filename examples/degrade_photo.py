@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from srdata.degrade import make_lr, sample_params
+from srdata.degrade import make_lr
+from srdata.degrade_params import sample_params
 
 photo = np.array(Image.open(sys.argv[1]).convert("RGB"))
 h, w = photo.shape[0] // 4 * 4, photo.shape[1] // 4 * 4      # sides divisible by the scale

@@ -23,7 +23,7 @@ import lmdb
 import numpy as np
 
 from . import format as fmt
-from .reader import forget_replaced, open_shard
+from .shards import forget_replaced, open_shard
 
 META = "meta_info.txt"
 # Records whose whole value the identity digests, evenly spread (first and last included):

@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from . import format as fmt
 from .reader import PackedDB
+from .shards import open_shard
 from .warm import shard_files
 
 
@@ -81,7 +82,6 @@ def _check_record(db: PackedDB, i: int) -> str | None:
 
 def _open_shards(db: PackedDB) -> dict[int, str]:
     """Shard number -> why it cannot be read at all (missing, truncated, not LMDB...)."""
-    from .reader import open_shard
     broken = {}
     for k, shard in enumerate(db.manifest["shards"]):
         path = db.path / shard["name"]

@@ -32,6 +32,8 @@ import math
 import cv2
 import numpy as np
 
+from .degrade_params import sample_params
+
 ID, Y, X, HFLIP, VFLIP, TRANSPOSE = range(6)
 AUGMENTS = ("all", "hflip", "none")
 DEGRADATIONS = ("nn", "bicubic", "realesrgan")
@@ -136,10 +138,9 @@ class Sampler:
     def degradation_params(self, epoch: int, start: int = 0, stop: int | None = None) -> dict:
         """Real-ESRGAN degradation parameters of this rank's rows ``start:stop`` of
         ``epoch`` (indices into ``plan(epoch)``): ``{name: array}`` as
-        ``srdata.degrade.sample_params``. Row j's parameters depend only on
+        ``srdata.degrade_params.sample_params``. Row j's parameters depend only on
         ``(seed, epoch, j)``: the same on every number of ranks, after a resume, and in both
         loaders. Only the blocks of PARAM_BLOCK rows that hold the asked rows are drawn."""
-        from .degrade import sample_params  # torch: only where this degradation is asked for
         j = self.rank + np.arange(self.per_rank)[start:stop] * self.world_size  # global rows
         blocks = np.unique(j // PARAM_BLOCK)
         if not len(blocks):

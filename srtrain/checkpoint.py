@@ -16,6 +16,11 @@ import torch
 
 from srdata.format import atomic_file
 
+from . import exports
+from .config import TrainConfig
+from .models import build_model
+from .weights import load_error, nonfinite
+
 
 def save(path: Path, state: dict) -> None:
     """Write ``state`` to ``path`` so that a crash leaves the old file or the new one."""
@@ -43,28 +48,6 @@ def load(path: Path) -> dict:
     return state
 
 
-def load_error(e: Exception) -> str:
-    """Why torch.load(weights_only=True) failed, in one line ("" if it does not say). An
-    UnpicklingError's own text advises weights_only=False, which runs whatever the file
-    holds: it is not passed on."""
-    if isinstance(e, pickle.UnpicklingError):
-        return "not tensors and plain data"
-    lines = str(e).splitlines()
-    return lines[0] if lines else ""
-
-
-def nonfinite(state_dict: dict) -> list[str]:
-    """The names of the floating-point tensors in ``state_dict`` holding NaN or inf."""
-    names = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()]
-    if not names:
-        return []
-    # NaN and inf propagate into a sum: summing is the cheap screen (one host sync, 8x less
-    # than isfinite on every element); a sum of finite values that overflowed is told apart
-    finite = torch.stack([state_dict[k].sum(dtype=torch.float32) for k in names]).isfinite()
-    return [k for k, ok in zip(names, finite.tolist())
-            if not ok and not torch.isfinite(state_dict[k]).all()]
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain model under DistributedDataParallel and torch.compile wrappers."""
     while True:
@@ -88,8 +71,6 @@ def model_weights(state: dict, ema: bool = True) -> tuple[dict, str]:
 
 def load_model(path: Path, ema: bool = True) -> torch.nn.Module:
     """The trained model a checkpoint holds, built from its config, in eval mode."""
-    from .config import TrainConfig
-    from .models import build_model
     state = load(path)
     cfg = TrainConfig.from_dict(state["config"])
     model = build_model(cfg.model, cfg.scale, cfg.num_feat, cfg.num_block, cfg.num_grow_ch)
@@ -158,8 +139,6 @@ def export(ckpt: Path, out: Path, overwrite: bool = False,
     ``onnx``; None: by OUTPUT's extension, else ``pth``), and its discriminator's as BasicSR's ``.pth`` at ``discriminator`` if given
     (atomically; an existing file only with ``overwrite``; both checked before either is
     written). Returns the run's model facts."""
-    from . import exports
-    from .config import TrainConfig
     fmt = exports.resolve_format(fmt, out)
     if fmt == "onnx":
         exports.require_onnx()
@@ -183,7 +162,6 @@ def export(ckpt: Path, out: Path, overwrite: bool = False,
     if discriminator is not None:  # its refusals come before anything is written
         net_d = discriminator_weights(state, ckpt)
     if fmt == "onnx":
-        from .models import build_model
         model = build_model(cfg.model, cfg.scale, cfg.num_feat, cfg.num_block, cfg.num_grow_ch)
         model.load_state_dict(weights[chosen])
         exports.write_onnx(outs[0], model)

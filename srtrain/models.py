@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn import init
 
-from .checkpoint import load_error
+from .weights import load_error, nonfinite
 
 SCALES = (2, 3, 4)
 
@@ -243,7 +243,6 @@ def load_weights(model: nn.Module, source, what: str = "weights") -> str | None:
                      ("shape mismatches", shapes)) if items]
         raise ValueError(f"{what} in {name} do not fit the model (check --model and --scale "
                          "match the weights):" + "".join(problems))
-    from .checkpoint import nonfinite
     bad = nonfinite(state)
     if bad:  # training would start from NaN and stop at the first loss it reads
         raise ValueError(f"{what} in {name} hold NaN or inf (in {bad[0]}"

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_error
+from .weights import load_error
 
 VGG_FILE = "vgg19-dcbb9e9d.pth"
 VGG_URL = f"https://download.pytorch.org/models/{VGG_FILE}"

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from srdata import degrade
+from srdata.degrade_params import sample_params
 
 from . import metrics
 
@@ -30,7 +31,7 @@ def make_lr(hr: torch.Tensor, ids, scale: int, degradation: str) -> torch.Tensor
     """The validation LR (uint8 NCHW) of uint8 NCHW crops of images ``ids``."""
     params = None
     if degradation == "realesrgan":  # each image's own draw, the same in every epoch and run
-        drawn = [degrade.sample_params(np.random.default_rng([VAL_SEED, int(i)]), 1)
+        drawn = [sample_params(np.random.default_rng([VAL_SEED, int(i)]), 1)
                  for i in ids]
         params = {k: np.concatenate([d[k] for d in drawn]) for k in drawn[0]}
     return degrade.make_lr(hr, scale, degradation, params).contiguous()

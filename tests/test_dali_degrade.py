@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from srdata import degrade as d
+from srdata.degrade_params import sample_params
 from srdata.samples import synthetic_image
 
 pytest.importorskip("nvidia.dali", reason="the DALI degradation needs DALI: pip install '.[dali]'")
@@ -54,7 +55,7 @@ def test_each_stage_matches_reference(batch):
     imgs, hr = batch
     x = hr.float() / 255
     fimgs = [im.astype(np.float32) / 255 for im in imgs]
-    p = d.sample_params(np.random.default_rng(0), N)
+    p = sample_params(np.random.default_rng(0), N)
     kernels = dd.dali_inputs(p, H, H, S)["kernel1"]
     sizes = np.array([[23, 29], [89, 83], [9, 10]] * 3, np.float32)[:N]
     q = np.linspace(30, 95, N).astype(np.int32)
@@ -102,14 +103,14 @@ def test_noise_levels_match_reference():
 
 def test_whole_chain_against_reference(batch):
     imgs, hr = batch
-    p = d.sample_params(np.random.default_rng(3), N)
+    p = sample_params(np.random.default_rng(3), N)
     (lr,) = run(lambda img, a: (dd.degrade(img, a),), imgs, dd.dali_inputs(p, H, H, S))
     assert lr.shape == (N, H // S, H // S, 3) and lr.dtype == np.uint8
     ref = nhwc(d.realesrgan_degrade(hr, p, S)) * 255
     diff = lr - ref
     # noise realisations differ (each side draws its own): compare statistics over the batch
     assert abs(diff.mean()) < 2 and diff.std() < 20
-    other = nhwc(d.realesrgan_degrade(hr, d.sample_params(np.random.default_rng(4), N), S))
+    other = nhwc(d.realesrgan_degrade(hr, sample_params(np.random.default_rng(4), N), S))
     assert (lr - other * 255).std() > diff.std()
     # without noise and with bilinear resizes every stage is exact: within one grey level
     p = exact(p)
@@ -135,7 +136,7 @@ def test_usm_and_the_lr_of_the_sharpened_hr_match_reference(batch):
     (sharp,) = run(lambda img, a: (dd.usm_sharpen(img),), fimgs, {})
     sharp_ref = d.usm_sharpen(hr.float() / 255)
     assert np.abs(sharp - nhwc(sharp_ref)).max() * 255 < 0.01
-    p = exact(d.sample_params(np.random.default_rng(5), N))
+    p = exact(sample_params(np.random.default_rng(5), N))
     inputs = dd.dali_inputs(p, H, H, S)
     lr, bic, nn = run(lambda img, a: (dd.degrade(img, a, usm=True),
                                       dd.bicubic_downscale(img, H, S, usm=True),
@@ -149,7 +150,7 @@ def test_usm_and_the_lr_of_the_sharpened_hr_match_reference(batch):
 
 
 def test_dali_inputs_dtypes():
-    p = d.sample_params(np.random.default_rng(0), 3)
+    p = sample_params(np.random.default_rng(0), 3)
     a = dd.dali_inputs(p, 64, 48, 4)
     assert set(a) == set(dd.INPUTS)
     assert all(a[k].dtype == dd.INPUTS[k] and len(a[k]) == 3 for k in a)

@@ -5,9 +5,10 @@ import torch
 from PIL import Image
 
 from srdata import degrade as d
+from srdata.degrade_params import REALESRGAN_X4PLUS, sample_params
 from srdata.samples import synthetic_image
 
-CFG = d.REALESRGAN_X4PLUS
+CFG = REALESRGAN_X4PLUS
 
 
 def nchw(img):
@@ -69,9 +70,9 @@ def test_bicubic_against_pil_and_opencv(scale):
 
 def test_sample_params_deterministic_and_in_range():
     n = 4000
-    p = d.sample_params(np.random.default_rng(5), n)
-    q = d.sample_params(np.random.default_rng(5), n)
-    r = d.sample_params(np.random.default_rng(6), n)
+    p = sample_params(np.random.default_rng(5), n)
+    q = sample_params(np.random.default_rng(5), n)
+    r = sample_params(np.random.default_rng(6), n)
     assert p.keys() == q.keys()
     assert all(np.array_equal(p[k], q[k]) for k in p)
     assert not np.array_equal(p["sigma_x1"], r["sigma_x1"])
@@ -112,11 +113,11 @@ def test_sample_params_deterministic_and_in_range():
     assert p["final_sinc"].mean() == pytest.approx(CFG.final_sinc_prob, abs=0.03)
     assert p["sinc_first"].mean() == pytest.approx(0.5, abs=0.03)
     assert np.pi / 3 <= p["omega_final"].min() and p["omega_final"].max() <= np.pi
-    assert len(d.sample_params(np.random.default_rng(0), 0)["jpeg1"]) == 0
+    assert len(sample_params(np.random.default_rng(0), 0)["jpeg1"]) == 0
 
 
 def test_kernels_shapes_sums_and_shapes_of_blur():
-    p = d.sample_params(np.random.default_rng(1), 64)
+    p = sample_params(np.random.default_rng(1), 64)
     for which in ("1", "2", "final"):
         k = d.make_kernels(p, which)
         assert k.shape == (64, 21, 21) and k.dtype == np.float32
@@ -189,7 +190,7 @@ def test_stages_filter_resize_noise_jpeg():
 def test_realesrgan_degrade_batch():
     hr = torch.from_numpy(np.stack([synthetic_image(64, 64, i) for i in range(4)]))
     hr = hr.permute(0, 3, 1, 2)
-    p = d.sample_params(np.random.default_rng(0), 4)
+    p = sample_params(np.random.default_rng(0), 4)
     lr = d.realesrgan_degrade(hr, p, 4)
     assert lr.shape == (4, 3, 16, 16) and lr.dtype == torch.float32
     assert 0 <= lr.min() and lr.max() <= 1
@@ -197,13 +198,13 @@ def test_realesrgan_degrade_batch():
     # a sample's LR depends on its parameters only, not on the batch or the input dtype
     first = {k: v[1:3] for k, v in p.items()}
     assert torch.equal(lr[1:3], d.realesrgan_degrade(hr[1:3].float() / 255, first, 4))
-    other = {k: v[1:] for k, v in d.sample_params(np.random.default_rng(1), 2).items()}
+    other = {k: v[1:] for k, v in sample_params(np.random.default_rng(1), 2).items()}
     assert not torch.equal(lr[1:2], d.realesrgan_degrade(hr[1:2], other, 4))
     # degraded but still the same picture: close to the bicubic LR on average
     bic = d.bicubic_downscale(hr.float() / 255, 4).clamp(0, 1)
     assert (lr - bic).abs().mean() < 0.15
     with pytest.raises(ValueError, match="expected 4"):
-        d.realesrgan_degrade(hr, d.sample_params(np.random.default_rng(0), 5), 4)
+        d.realesrgan_degrade(hr, sample_params(np.random.default_rng(0), 5), 4)
     with pytest.raises(ValueError, match="expected N x 3 x H x W"):
         d.realesrgan_degrade(hr[0], p, 4)
 

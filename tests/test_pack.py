@@ -232,16 +232,16 @@ def test_readers_pickle_and_share_one_environment(image_dir, tmp_path, small_cfg
 
 def test_forked_child_opens_its_own_environment(image_dir, tmp_path, small_cfg):
     import multiprocessing as mp
-    import srdata.reader as reader
+    import srdata.shards as shards
     pack(image_dir, tmp_path / "db", small_cfg(), progress=False)
     db = PackedDB(tmp_path / "db")
     db.read(0)
-    assert reader._ENVS_PID == os.getpid()
+    assert shards._ENVS_PID == os.getpid()
     with mp.get_context("fork").Pool(1) as pool:
         value, reopened = pool.apply(_read_in_child, (db,))
     assert value == db.read(1) and reopened
 
 
 def _read_in_child(db):
-    import srdata.reader as reader
-    return db.read(1), reader._ENVS_PID == os.getpid()
+    import srdata.shards as shards
+    return db.read(1), shards._ENVS_PID == os.getpid()
