@@ -38,10 +38,10 @@ import _common
 from srdata import warm
 from srdata.reader import open_db
 
-LOADERS = {  # name -> make_loader arguments
-    "dali": {"loader": "dali", "roi_decode": False},
-    "dali-roi": {"loader": "dali", "roi_decode": True},
-    "torch": {"loader": "torch"},
+LOADERS = {  # name -> (loader, DaliTuning's roi_decode)
+    "dali": ("dali", False),
+    "dali-roi": ("dali", True),
+    "torch": ("torch", None),
 }
 
 
@@ -70,11 +70,15 @@ def build_loader(db, name, batch_size, workers, args, degradation="nn", tuning=N
     import srdata
     # + 1: the first batch of an epoch is not timed (see epoch_seconds)
     ratio = min(1.0, (args["batches"] + 1) * batch_size / len(db))
-    return srdata.make_loader(db, batch_size=batch_size, patch_size=args["patch"],
+    loader, roi = LOADERS[name]
+    dali = None if loader == "torch" else srdata.DaliTuning(
+        roi_decode=roi, threads=(tuning or {}).get("dali_threads"),
+        hw_decoder_load=(tuning or {}).get("hw_decoder_load"),
+        decoder_hints=(tuning or {}).get("decoder_hints"))
+    return srdata.make_loader(db, loader, batch_size=batch_size, patch_size=args["patch"],
                               scale=args["scale"], sample_ratio=ratio, workers=workers,
                               dtype=args["dtype"], device=args["device"],
-                              degradation=degradation, **LOADERS[name],
-                              **(tuning or {}))
+                              degradation=degradation, dali=dali)
 
 
 def measure(db, name, batch_size, workers, args, degradation="nn", tuning=None) -> dict:
@@ -213,8 +217,8 @@ def render_plot(records: list[dict], path: Path) -> None:
 
 def tunings(db, thread_counts: list[int], hw_loads: list[float], prealloc_modes: list[str]
             ) -> list[dict]:
-    """make_loader's DALI tuning arguments, one dict per combination asked for ({}: DALI's
-    defaults). Preallocation hints: buffers for the largest image, so the decoders never
+    """DaliTuning's knobs (under their result-field names), one dict per combination
+    asked for ({}: DALI's defaults). Preallocation hints: buffers for the largest image, so the decoders never
     grow them mid-run."""
     side = int(max(db.heights.max(), db.widths.max()))
     hints = {"preallocate_width_hint": side, "preallocate_height_hint": side}

@@ -24,7 +24,7 @@ from . import dali_degrade as dd
 from . import format as fmt
 from ._proc import WorkerDied, killed, raise_when_a_worker_dies, shm_space
 from .dali_source import PairedSource, PatchSource
-from .loader_base import DALI_OUTPUTS, Loader
+from .loader_base import DaliTuning, Loader
 from .sampler import ID
 
 try:
@@ -41,8 +41,6 @@ MISSING_DALI = ("NVIDIA DALI is not installed: `pip install '.[dali]'` (nvidia-d
 # third to CPU Huffman decoding and made 7,511 img/s against 11,230 at 1.0 (same call,
 # benchmarks/results/h100-2026-11-27-2); GPUs without one ignore it.
 HW_DECODER_LOAD = 1.0
-DECODER_HINTS = ("device_memory_padding", "host_memory_padding", "preallocate_width_hint",
-                 "preallocate_height_hint", "hybrid_huffman_threshold")
 
 
 def decoder_args(gpu: bool, hw_decoder_load: float | None, hints: dict | None) -> dict:
@@ -143,29 +141,17 @@ def _sr_pipeline(source, raw, patch, scale, gpu, roi, workers, dec, degradation=
 
 class DaliLoader(Loader):
     def __init__(self, db, sampler, scale, device, dtype, channels_last, workers: int,
-                 roi_decode: bool = True, lr=None, degradation: str = "nn",
-                 usm: bool = False, schedule=None, threads: int | None = None,
-                 hw_decoder_load: float | None = None, decoder_hints: dict | None = None,
-                 outputs: str = "host"):
+                 lr=None, degradation: str = "nn", usm: bool = False, schedule=None,
+                 tuning: DaliTuning = DaliTuning()):
         if pipeline_def is None:
             raise ImportError(MISSING_DALI)
-        if threads is not None and threads < 1:
-            raise ValueError(f"got dali_threads={threads}, expected >= 1")
-        if hw_decoder_load is not None and not 0 <= hw_decoder_load <= 1:
-            raise ValueError(f"got hw_decoder_load={hw_decoder_load}, expected 0 to 1")
-        if outputs not in DALI_OUTPUTS:
-            raise ValueError(f"got dali_outputs={outputs!r}, expected "
-                             f"{' or '.join(DALI_OUTPUTS)}")
-        unknown = sorted(set(decoder_hints or {}) - set(DECODER_HINTS))
-        if unknown:
-            raise ValueError(f"got decoder_hints {', '.join(unknown)}, expected some of "
-                             f"{', '.join(DECODER_HINTS)}")
         super().__init__(db, sampler, scale, device, dtype, channels_last, lr, degradation,
                          usm, schedule)
-        self.workers, self.roi_decode = max(1, workers), roi_decode
-        self.threads = threads or self.workers  # DALI's CPU threads; workers read LMDB
-        self.dec = decoder_args(device.type == "cuda", hw_decoder_load, decoder_hints)
-        self.outputs = outputs
+        self.workers, self.roi_decode = max(1, workers), tuning.roi_decode
+        self.threads = tuning.threads or self.workers  # DALI's CPU threads; workers read LMDB
+        self.dec = decoder_args(device.type == "cuda", tuning.hw_decoder_load,
+                                tuning.decoder_hints)
+        self.outputs = tuning.outputs
         self._pipe, self._pipe_at = None, None  # the pipeline and the (epoch, batch) it is at
         self._watching = False
         self._pipe_sampler = None  # the sampler (patch, batch size) the pipeline was built for

@@ -26,7 +26,7 @@ import os
 import torch
 
 from ._proc import main_script_problem
-from .loader_base import Loader, check_patch
+from .loader_base import DaliTuning, Loader, check_patch
 from .sampler import DEGRADATIONS, Sampler
 from .schedule import PatchSchedule
 
@@ -66,21 +66,16 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
                 scale: int = 4, seed: int = 0, sample_ratio: float = 1.0, rank: int = 0,
                 world_size: int = 1, device=None, dtype: torch.dtype = torch.float32,
                 channels_last: bool = True, augment: bool | str = True, drop_last: bool = True,
-                workers: int | None = None, roi_decode: bool = True,
-                ids=None, lr_db=None, patch_schedule=None, degradation: str = "nn",
-                usm: bool | str = False, dali_threads: int | None = None,
-                hw_decoder_load: float | None = None, decoder_hints: dict | None = None,
-                dali_outputs: str | None = None) -> Loader:
+                workers: int | None = None, ids=None, lr_db=None, patch_schedule=None,
+                degradation: str = "nn", usm: bool | str = False,
+                dali: DaliTuning | None = None) -> Loader:
     """An iterable of ``(lr, hr)`` batches from the database ``db`` (a path or an open one).
 
     ``augment``: the flips drawn per patch (``srdata.sampler``): ``"all"`` (or True), the
     eight symmetries of the square; ``"hflip"``, left-right flips only (Real-ESRGAN's
     x4plus); ``"none"`` (or False).
     ``workers``: CPU processes reading the database (torch: DataLoader workers; dali:
-    external-source workers); default all cores but one. ``roi_decode`` (dali only, default
-    on): decode just the patch's region of each JPEG; 1.7x the full decode on the CPU
-    (benchmarks/results/cpu-2core-2026-11-26) and as fast or faster with ``mixed`` decode on
-    an H100 (+1% to +40%, benchmarks/results/h100-2026-11-27-2). ``ids``:
+    external-source workers); default all cores but one. ``ids``:
     draw from these images only (e.g. the training part of a train/validation split).
     ``lr_db``: paired training (a path or an open database): ``lr`` is the crop of this
     database's image of the same name (see ``srdata.paired``) instead of a downscale of
@@ -95,15 +90,8 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
     is the sharpened HR, and ``lr`` is made from it; ``"lr"``: ``lr`` is made from the
     sharpened HR and ``hr`` is the plain one (Real-ESRGAN's GAN stage sharpens the target
     of its pixel and perceptual losses and shows the discriminator the plain HR).
-    DALI tuning: ``dali_threads`` (the pipeline's CPU threads; default ``workers``), and for
-    GPU decode ``hw_decoder_load`` (the share of JPEGs sent to the hardware decoder; default
-    1.0, not DALI's 0.65, as measured on an H100) and ``decoder_hints`` (the decoders'
-    ``device_memory_padding``, ``host_memory_padding``, ``preallocate_width_hint``,
-    ``preallocate_height_hint``, ``hybrid_huffman_threshold``; DALI's defaults, which the
-    H100 run found as fast as hints sized to the images). ``dali_outputs`` (GPU): ``"host"``
-    (default) takes each batch from DALI synchronised with the host, ``"stream"`` on the
-    current CUDA stream, so the thread that launches the training step never waits for
-    DALI's GPU work (``benchmarks/train_throughput.py --dali-outputs host,stream``).
+    ``dali``: how the DALI loader runs (``srdata.loader_base.DaliTuning``: ROI decode, its
+    CPU threads, the GPU decoders' knobs, how a batch is handed over); refused with torch.
     """
     from .reader import open_db
     if loader not in LOADERS:
@@ -149,19 +137,15 @@ def make_loader(db, loader: str = "dali", batch_size: int = 32, patch_size: int 
     if workers is None:
         workers = max(1, len(os.sched_getaffinity(0)) - 1)
     if loader == "torch":
-        given = [k for k, v in (("dali_threads", dali_threads), ("decoder_hints", decoder_hints),
-                                ("hw_decoder_load", hw_decoder_load),
-                                ("dali_outputs", dali_outputs)) if v is not None]
-        if given:
-            raise ValueError(f"got {', '.join(given)} with loader='torch': they tune DALI; "
-                             "drop them or use loader='dali'")
+        if dali is not None:
+            raise ValueError(f"got dali={dali} with loader='torch': it tunes DALI; drop it "
+                             "or use loader='dali'")
         # Each implementation is imported when asked for: a torch run never pays for
         # DALI's import (~0.6 s)
         from .torch_loader import TorchLoader
         return TorchLoader(db, sampler, scale, device, dtype, channels_last, workers, lr=lr,
                            degradation=degradation, usm=usm, schedule=patch_schedule)
     from .dali_loader import DaliLoader
-    return DaliLoader(db, sampler, scale, device, dtype, channels_last, workers, roi_decode,
-                      lr=lr, degradation=degradation, usm=usm, schedule=patch_schedule,
-                      threads=dali_threads, hw_decoder_load=hw_decoder_load,
-                      decoder_hints=decoder_hints, outputs=dali_outputs or "host")
+    return DaliLoader(db, sampler, scale, device, dtype, channels_last, workers, lr=lr,
+                      degradation=degradation, usm=usm, schedule=patch_schedule,
+                      tuning=dali or DaliTuning())

@@ -7,6 +7,8 @@ base.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .sampler import RowParams, Sampler
@@ -16,6 +18,45 @@ from .schedule import PatchSchedule
 # default), or on the current CUDA stream. Here, not in srdata.dali_loader, so that tools
 # can name the choices without importing DALI.
 DALI_OUTPUTS = ("host", "stream")
+# The GPU decoders' buffer hints DaliTuning passes on (DALI's own argument names)
+DECODER_HINTS = ("device_memory_padding", "host_memory_padding", "preallocate_width_hint",
+                 "preallocate_height_hint", "hybrid_huffman_threshold")
+
+
+@dataclass(frozen=True)
+class DaliTuning:
+    """How the DALI loader runs, apart from what it yields: knobs for benchmarks and the GPU
+    suite, each default the measured best. ``make_loader(..., dali=DaliTuning(...))``.
+
+    ``roi_decode``: decode just the patch's region of each JPEG (within a grey level of the
+    full decode); 1.7x the full decode on 2 vCPUs (benchmarks/results/cpu-2core-2026-11-26),
+    +1% to +40% with ``mixed`` decode on an H100 (benchmarks/results/h100-2026-11-27-2).
+    ``threads``: the pipeline's CPU threads (default: ``workers``). GPU decode only:
+    ``hw_decoder_load``, the share of JPEGs sent to the hardware decoder (default 1.0, not
+    DALI's 0.65: 11,230 against 7,511 img/s on an H100); ``decoder_hints``, some of
+    ``DECODER_HINTS`` (DALI's defaults were as fast as hints sized to the images).
+    ``outputs`` (GPU): ``"host"`` takes each batch from DALI synchronised with the host,
+    ``"stream"`` on the current CUDA stream, so the thread that launches the step never
+    waits for DALI's GPU work (no faster on an H200, 2026-11-28)."""
+    roi_decode: bool = True
+    threads: int | None = None
+    hw_decoder_load: float | None = None
+    decoder_hints: dict | None = None
+    outputs: str = "host"
+
+    def __post_init__(self):
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"got DaliTuning(threads={self.threads}), expected >= 1")
+        load = self.hw_decoder_load
+        if load is not None and not 0 <= load <= 1:
+            raise ValueError(f"got DaliTuning(hw_decoder_load={load}), expected 0 to 1")
+        if self.outputs not in DALI_OUTPUTS:
+            raise ValueError(f"got DaliTuning(outputs={self.outputs!r}), expected "
+                             f"{' or '.join(DALI_OUTPUTS)}")
+        unknown = sorted(set(self.decoder_hints or {}) - set(DECODER_HINTS))
+        if unknown:
+            raise ValueError(f"got DaliTuning(decoder_hints) {', '.join(unknown)}, expected "
+                             f"some of {', '.join(DECODER_HINTS)}")
 
 
 class Loader:

@@ -102,7 +102,8 @@ def loader_efficiency(cfg: TrainConfig, model, device, amp: str, steps: int = 20
                                     dtype=AMP_DTYPES[amp], channels_last=cfg.channels_last,
                                     workers=loader_workers(cfg.workers), lr_db=cfg.lr_db,
                                     degradation=cfg.degradation, usm=cfg.usm,
-                                    dali_outputs=dali_outputs)
+                                    dali=srdata.DaliTuning(outputs=dali_outputs)
+                                    if dali_outputs else None)
 
     # one pass over the loader for both runs: a second iter() would start its workers (and
     # build a DALI pipeline) again, the first one left half-read

@@ -30,7 +30,7 @@ def epoch(loader):
                                              ("jpeg", True, 1)])
 def test_mixed_decode_matches_the_torch_loader(packed, codec, roi, tol):
     path = packed(codec)
-    dali = srdata.make_loader(path, "dali", roi_decode=roi, **KW)
+    dali = srdata.make_loader(path, "dali", dali=srdata.DaliTuning(roi_decode=roi), **KW)
     ref = srdata.make_loader(path, "torch", **KW)
     for _ in range(2):  # two epochs: the pipeline's end-of-epoch reset on the GPU too
         a, b = epoch(ref), epoch(dali)
@@ -43,7 +43,7 @@ def test_mixed_decode_matches_the_torch_loader(packed, codec, roi, tol):
 
 @pytest.mark.parametrize("codec", ["raw", "jpeg"])
 def test_stream_outputs_match_host_outputs_behind_a_busy_stream(packed, codec):
-    """dali_outputs="stream": the batch is ordered on the current stream, not waited for.
+    """DaliTuning(outputs="stream"): the batch is ordered on the current stream, not waited for.
     Each fetch comes while that stream is still busy with queued work, and DALI goes on
     into the next batches meanwhile, so a copy that did not wait for DALI, or read memory
     DALI had already handed back, would give other pixels than the host-synchronised run."""
@@ -52,7 +52,8 @@ def test_stream_outputs_match_host_outputs_behind_a_busy_stream(packed, codec):
     runs = {}
     for how in ("host", "stream"):
         got = []
-        for lr, hr in srdata.make_loader(path, "dali", dali_outputs=how, **KW):
+        for lr, hr in srdata.make_loader(path, "dali", dali=srdata.DaliTuning(outputs=how),
+                                          **KW):
             for _ in range(20):  # tens of ms queued ahead of the next batch's copy
                 busy = (busy @ busy).clamp_(-1, 1)
             got.append((lr.clone(), hr.clone()))

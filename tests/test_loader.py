@@ -45,8 +45,9 @@ def assert_same(a, b, tol=0.0):
                                                ("png", 2, False)])
 def test_loaders_yield_the_sampler_s_samples_bit_exact(packed, loader, codec, scale, roi):
     path = packed(codec)
-    kw = KW | {"scale": scale, "drop_last": False, "roi_decode": roi}  # a short last batch
-    lo = srdata.make_loader(path, loader, **kw)
+    kw = KW | {"scale": scale, "drop_last": False}  # a short last batch
+    dali = srdata.DaliTuning(roi_decode=roi) if loader == "dali" else None
+    lo = srdata.make_loader(path, loader, dali=dali, **kw)
     assert len(lo) == 3
     db = PackedDB(path)
     for epoch in range(2):
@@ -61,7 +62,7 @@ def test_loaders_yield_the_sampler_s_samples_bit_exact(packed, loader, codec, sc
 def test_dali_jpeg_within_one_grey_level_of_torch(packed, roi):
     path = packed("jpeg")
     a = run(srdata.make_loader(path, "torch", **KW))
-    b = run(srdata.make_loader(path, "dali", roi_decode=roi, **KW))
+    b = run(srdata.make_loader(path, "dali", dali=srdata.DaliTuning(roi_decode=roi), **KW))
     assert_same(a, b, tol=1.0)
 
 
@@ -313,22 +314,21 @@ def test_dali_tuning_knobs_are_validated_and_applied(packed):
     db = packed("jpeg")
     kw = dict(batch_size=2, patch_size=32, scale=4, workers=1, device="cpu", dtype=torch.uint8,
               sample_ratio=0.5)
-    lo = srdata.make_loader(db, "dali", dali_threads=2, hw_decoder_load=0.9,
-                            decoder_hints={"preallocate_width_hint": 512},
-                            dali_outputs="stream", **kw)
+    tuned = srdata.DaliTuning(threads=2, hw_decoder_load=0.9,
+                              decoder_hints={"preallocate_width_hint": 512}, outputs="stream")
+    lo = srdata.make_loader(db, "dali", dali=tuned, **kw)
     assert lo.threads == 2 and lo.dec == {}  # the CPU decoder takes no GPU tuning
     lr, hr = next(iter(lo))  # "stream" outputs: on the CPU there is no stream to take
     assert hr.shape[-2:] == (32, 32) and lr.shape[-2:] == (8, 8)
     assert decoder_args(True, 0.9, {"device_memory_padding": 1 << 20}) == {
         "hw_decoder_load": 0.9, "device_memory_padding": 1 << 20}
     assert decoder_args(True, None, None) == {"hw_decoder_load": 1.0}  # measured, not 0.65
-    for bad, match in (({"dali_threads": 0}, "dali_threads=0"),
+    for bad, match in (({"threads": 0}, r"DaliTuning\(threads=0\), expected >= 1"),
                        ({"hw_decoder_load": 1.5}, "hw_decoder_load=1.5"),
-                       ({"decoder_hints": {"bogus": 1}}, "decoder_hints bogus"),
-                       ({"dali_outputs": "device"}, "dali_outputs='device', expected host or")):
+                       ({"decoder_hints": {"bogus": 1}}, r"decoder_hints\) bogus"),
+                       ({"outputs": "device"}, "outputs='device'\\), expected host or")):
         with pytest.raises(ValueError, match=match):
-            srdata.make_loader(db, "dali", **bad, **kw)
-    with pytest.raises(ValueError, match="dali_threads with loader='torch'"):
-        srdata.make_loader(db, "torch", dali_threads=2, **kw)
-    with pytest.raises(ValueError, match="dali_outputs with loader='torch'"):
-        srdata.make_loader(db, "torch", dali_outputs="host", **kw)
+            srdata.DaliTuning(**bad)
+    with pytest.raises(ValueError, match=r"got dali=DaliTuning\(.*threads=2.*\) with "
+                                         "loader='torch': it tunes DALI"):
+        srdata.make_loader(db, "torch", dali=srdata.DaliTuning(threads=2), **kw)
