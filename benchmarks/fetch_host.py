@@ -1,19 +1,24 @@
 """The host's own time in one fetch of a batch, when the loader is ahead of the step.
 
     python benchmarks/fetch_host.py --db DB [--loaders dali,torch] [--batch-sizes 32] \
-        [--degradation nn,realesrgan] [--workers 0] [--pause 0.2] [--fetches 20] \
-        [--out F.jsonl] [--md F.md] [--profile F.txt]
+        [--degradation nn,realesrgan] [--workers 0] [--per-run 0,1] [--pause 0.2] \
+        [--fetches 20] [--out F.jsonl] [--md F.md] [--profile F.txt]
 
 A training step replayed from CUDA graphs leaves the host little to do, so whatever the
 host spends fetching the next batch the GPU spends idle (the fifth GPU session: DALI 2.3 ms
 a batch, ``torch`` 0.4-0.7 ms; ``srcnn`` fed by DALI lost 26% of its 8 ms step). Before
 each fetch this waits ``--pause`` seconds, for the workers and the pipeline to get ahead,
 then times ``next()``: what is left is the main thread's own work (receiving the workers'
-batch, feeding DALI, handing the outputs over as tensors), not the decode. Median and 90th
-percentile of ``--fetches`` fetches after ``--warmup``; one JSON line per configuration.
+batch, feeding DALI, handing the outputs over as tensors), not the decode; apart, the
+median of the fetches that began an epoch. Mean, median and
+90th percentile of ``--fetches`` fetches after ``--warmup``; one JSON line per
+configuration. DALI making several training batches a run (``--per-run``, a comma list:
+0 is the loader's default) puts the run's cost on its first batch only: the mean per batch
+is the figure to compare then.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
@@ -26,10 +31,11 @@ LOADERS = ("dali", "torch")
 
 
 def fetch_times(loader, fetches: int, warmup: int, pause: float,
-                profiler=None) -> list[float]:
+                profiler=None, starts: list | None = None) -> list[float]:
     """Seconds of each timed ``next()``, each after ``pause`` seconds of letting the loader
     get ahead (epochs are chained: a small database still gives every fetch).
-    ``profiler`` (a ``cProfile.Profile``): on during the timed fetches only."""
+    ``profiler`` (a ``cProfile.Profile``): on during the timed fetches only. ``starts``:
+    where given, also gets the seconds of the timed fetches that began an epoch."""
     import torch
 
     from srtrain.timing import forever
@@ -48,6 +54,8 @@ def fetch_times(loader, fetches: int, warmup: int, pause: float,
             times.append(time.perf_counter() - t0)
             if profiler is not None:
                 profiler.disable()
+            if starts is not None and loader.batch == 1:  # the epoch's first batch
+                starts.append(times[-1])
     return times
 
 
@@ -69,13 +77,18 @@ def p90(sorted_times: list[float]) -> float:
     return sorted_times[math.ceil(0.9 * len(sorted_times)) - 1]
 
 
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def render_markdown(records: list[dict]) -> str:
-    rows = ["| loader | codec | LR | out | batch | workers | host ms per fetch (median) | p90 |",
-            "|---|---|---|---|---:|---:|---:|---:|"]
+    rows = ["| loader | codec | LR | out | batch | batches a run | workers | host ms per fetch "
+            "(mean) | median | p90 | an epoch's first |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     rows += [f"| {r['loader']} | {r['codec']} | {r['degradation']} | "
-             f"{r.get('dtype', 'uint8')} | {r['batch_size']} | "
-             f"{r['workers']} | {r['fetch_ms']:.2f} | {r['fetch_ms_p90']:.2f} |"
-             for r in records]
+             f"{r.get('dtype', 'uint8')} | {r['batch_size']} | {r.get('per_run') or '-'} | "
+             f"{r['workers']} | {_ms(r.get('fetch_ms_mean'))} | {r['fetch_ms']:.2f} | "
+             f"{r['fetch_ms_p90']:.2f} | {_ms(r.get('epoch_start_ms'))} |" for r in records]
     env = records[0]["env"] if records else {}
     rows += ["", f"{env.get('gpu') or 'no GPU'}, {env.get('cpus')} CPUs, torch "
              f"{env.get('torch')}, DALI {env.get('dali')}, {str(env.get('date'))[:10]}; "
@@ -93,6 +106,10 @@ def render_markdown(records: list[dict]) -> str:
               callback=_common.degradations, help="How LR is made (comma-separated).")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
               help="CPU workers per loader; 0 means all cores but one.")
+@click.option("--per-run", default="0", show_default=True,
+              callback=lambda c, p, v: _common.numbers(v),
+              help="DALI: training batches per pipeline run (DaliTuning.batches_per_run; "
+                   "0: the loader's default; a comma list, one configuration each).")
 @click.option("--patch", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--scale", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default=None, help="cuda or cpu  [default: cuda if present]")
@@ -109,8 +126,8 @@ def render_markdown(records: list[dict]) -> str:
 @click.option("--profile", type=click.Path(dir_okay=False),
               help="Append cProfile's view of the timed fetches (the main thread's functions "
                    "by own and cumulative time) per configuration to this file.")
-def main(db, loaders, batch_sizes, degradation, workers, patch, scale, device, dtype, pause,
-         fetches, warmup, out, md, profile):
+def main(db, loaders, batch_sizes, degradation, workers, per_run, patch, scale, device, dtype,
+         pause, fetches, warmup, out, md, profile):
     import cProfile
 
     import torch
@@ -121,29 +138,35 @@ def main(db, loaders, batch_sizes, degradation, workers, patch, scale, device, d
     opened = open_db(db)
     env = _common.environment() | _common.accelerator_environment()
     records = []
-    for name in loaders:
-        for deg in degradation:
-            for batch in batch_sizes:
-                lo = srdata.make_loader(opened, name, batch_size=batch, patch_size=patch,
-                                        scale=scale, workers=workers or None, device=dev,
-                                        dtype=getattr(torch, dtype), degradation=deg)
-                prof = cProfile.Profile() if profile else None
-                times = sorted(fetch_times(lo, fetches, warmup, pause, prof))
-                used = lo.workers  # make_loader's default where --workers is 0
-                del lo
-                if prof is not None:
-                    write_profile(prof, profile, f"{name}, {deg} LR, batch {batch}, {used} "
-                                  f"workers, {dev.type}: {fetches} fetches")
-                rec = {"benchmark": "fetch_host", "source": str(db), "codec": opened.codec,
-                       "loader": name, "degradation": deg, "batch_size": batch,
-                       "workers": used, "dtype": dtype,
-                       "patch": patch, "scale": scale, "device": dev.type, "pause_s": pause,
-                       "fetches": fetches,
-                       "fetch_ms": round(statistics.median(times) * 1e3, 3),
-                       "fetch_ms_p90": round(p90(times) * 1e3, 3),
-                       "env": env}
-                _common.emit(rec, out)
-                records.append(rec)
+    for name, deg, batch, runs in itertools.product(loaders, degradation, batch_sizes, per_run):
+        if name != "dali" and runs != per_run[0]:
+            continue  # one row: the option is DALI's
+        lo = srdata.make_loader(opened, name, batch_size=batch, patch_size=patch,
+                                scale=scale, workers=workers or None, device=dev,
+                                dtype=getattr(torch, dtype), degradation=deg,
+                                dali=srdata.DaliTuning(batches_per_run=runs)
+                                if name == "dali" and runs else None)
+        prof, starts = cProfile.Profile() if profile else None, []
+        times = sorted(fetch_times(lo, fetches, warmup, pause, prof, starts))
+        used = lo.workers  # make_loader's default where --workers is 0
+        made = getattr(lo, "per_run", None)  # DALI: training batches a run
+        del lo
+        if prof is not None:
+            write_profile(prof, profile, f"{name}, {deg} LR, batch {batch}, {used} workers, "
+                          f"{made or 1} batch(es) a run, {dev.type}: {fetches} fetches")
+        rec = {"benchmark": "fetch_host", "source": str(db), "codec": opened.codec,
+               "loader": name, "degradation": deg, "batch_size": batch,
+               "workers": used, "dtype": dtype, "per_run": made,
+               "patch": patch, "scale": scale, "device": dev.type, "pause_s": pause,
+               "fetches": fetches,
+               "fetch_ms_mean": round(statistics.mean(times) * 1e3, 3),
+               "fetch_ms": round(statistics.median(times) * 1e3, 3),
+               "fetch_ms_p90": round(p90(times) * 1e3, 3),
+               # an epoch's first fetch: where a pipeline that ends its epochs starts empty
+               "epoch_start_ms": round(statistics.median(starts) * 1e3, 3) if starts else None,
+               "env": env}
+        _common.emit(rec, out)
+        records.append(rec)
     if md:
         with open(md, "w") as f:
             f.write(render_markdown(records))

@@ -112,6 +112,8 @@ PRESETS = {
              "degradation_loaders": "dali,torch",
              # the H200 run (2026-11-28) found the stream hand-over no faster: host only
              "dali_outputs": "host",
+             # DALI's default batches per pipeline run, and one a run as before it
+             "dali_per_run": "0,1",
              "fetches": 20, "pause": 0.2,
              # one real epoch of the users' 10K images with srtrain's defaults
              "epoch_count": 10_000, "epoch_args": [],
@@ -120,9 +122,9 @@ PRESETS = {
              "gan_model": "esrgan", "gan_sizes": "8,16", "gan_args": [],
              # gan: the BasicSR-style step, srtrain's defaults and four switches each off
              # alone, three of them compiling the generator's blocks again (~15 s each)
-             "est": {"db": 40, "headline": 130, "epoch": 200, "fetch": 60, "loaders": 70, "tuning": 50,
+             "est": {"db": 40, "headline": 130, "epoch": 200, "fetch": 75, "loaders": 70, "tuning": 50,
                      "kernels": 80, "tf32": 90, "compile": 100, "compile_fed": 120,
-                     "compile_model": 160, "train": 90, "gan": 300, "gan_batch": 150,
+                     "compile_model": 160, "train": 110, "gan": 300, "gan_batch": 150,
                      "batch": 150, "ttq": 150,
                      "degradations": 200, "train_degradation": 130, "codecs": 60,
                      "quality": 200}},
@@ -138,6 +140,7 @@ PRESETS = {
             "step_model": "esrgan",
             "quality_models": "srcnn,fast,light,esrgan", "quality_epochs": 30,
             "degradation_loaders": "dali,torch", "dali_outputs": "host",  # no CUDA stream
+            "dali_per_run": "0,1",
             "fetches": 10, "pause": 1.0,  # DALI's CPU threads make the LR meanwhile
             # VGG19 and the discriminator at 256² dominate the GAN step on a CPU: the small
             # generator, the users' batch only
@@ -156,7 +159,7 @@ PRESETS = {
               "step_model": "srcnn",
               "quality_models": "srcnn", "quality_epochs": 1,
               "degradation_loaders": "dali",  # three pipeline builds: the plumbing only
-              "dali_outputs": "host",
+              "dali_outputs": "host", "dali_per_run": "0,1",
               "fetches": 2, "pause": 0.05,
               "epoch_count": 24, "epoch_args": ["--model", "srcnn", "--batch-size", 2],
               "gan_model": "srcnn", "gan_sizes": None, "gan_args": ["--d-num-feat", 8],
@@ -293,7 +296,8 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
             s.run("fetch", py, "fetch_host.py", "--db", db, "--loaders", "dali,torch",
                   "--degradation", "nn,realesrgan", "--batch-sizes", p["train_batch"],
                   "--patch", p["patch"], "--workers", workers or 0, "--fetches", p["fetches"],
-                  "--pause", p["pause"], "--out", out / "fetch_host.jsonl",
+                  "--pause", p["pause"], "--per-run", p["dali_per_run"],
+                  "--out", out / "fetch_host.jsonl",
                   "--md", out / "fetch_host.md", "--profile", out / "fetch_profile.txt")
         if part == "loaders" and db:
             s.run("loaders", py, "loader_throughput.py", "--db", db, "--loaders",
@@ -331,7 +335,7 @@ def run_suite(s: Suite, parts: list[str], workers: int | None) -> None:
         if part == "train" and db:
             s.run("train", *fed, "--models", p["models"], "--loaders", "dali,torch",
                   "--batch-sizes", p["train_batch"], "--dali-outputs", p["dali_outputs"],
-                  "--out", out / "train_throughput.jsonl")
+                  "--dali-per-run", p["dali_per_run"], "--out", out / "train_throughput.jsonl")
         if part == "gan":  # the step alone: no database
             gan = [py, "train_throughput.py", "--stages", "gan", "--reference", "--models",
                    p["gan_model"], *train, *p["gan_args"], "--out", out / "gan_step.jsonl"]

@@ -6,7 +6,8 @@ the fastest synthetic rate of the same step in the run: ``step_alone``).
         [--models esrgan,fast,srcnn] [--loaders dali,torch] [--batch-sizes 32] [--patch 256] \
         [--amp auto,off] [--channels-last on,off] [--compile off,model,blocks] \
         [--cuda-graphs on,off] [--cudnn-benchmark on,off] [--tf32 on,off] \
-        [--dali-outputs host,stream] [--degradations nn,bicubic,realesrgan] \
+        [--dali-outputs host,stream] [--dali-per-run 0,1] \
+        [--degradations nn,bicubic,realesrgan] \
         [--stages l1,gan] [--reference] [--ablate] [--d-num-feat 64] [--out F.jsonl] [--md F.md]
 
 The step is srtrain's own (``srtrain.stepper.Stepper``: autocast, channels_last, fused AdamW,
@@ -17,7 +18,8 @@ memory (``--batch-sizes 8,16,32,64``: how throughput and memory grow with the ba
 Fed rows also give, per timed step, how long the GPU sat idle for data and the host's
 median time fetching a batch (ms): a loader that makes the host wait for the GPU fetches
 for as long as a step takes. ``--dali-outputs host,stream`` measures both ways DALI can
-hand over a batch (``srdata.make_loader``'s ``dali_outputs``). ``--degradations`` makes the
+hand over a batch (``srdata.DaliTuning``'s ``outputs``), ``--dali-per-run 0,1`` DALI's
+default batches per pipeline run against one (``batches_per_run``). ``--degradations`` makes the
 LR of fed rows as srtrain's ``--degradation`` does, each kind a row: what making Real-ESRGAN's
 LR in the loader costs the step.
 
@@ -101,6 +103,8 @@ def _table(records: list[dict]) -> str:
         mem = f"{r['peak_gpu_gib']:.1f}" if r["peak_gpu_gib"] is not None else "-"
         fed = r["loader_img_per_s"]
         loader = r["loader"] + (", stream outputs" if r.get("dali_outputs") == "stream" else "")
+        if (r.get("dali_per_run") or 1) > 1:
+            loader += f", {r['dali_per_run']} batches a run"
         if r.get("degradation", "nn") != "nn":
             loader += f", {r['degradation']} LR"
         loader += _unlike(r, records[0])
@@ -171,11 +175,12 @@ def write_op_table(stepper, lr, hr, dev, path: Path, title: str, steps: int = 5)
 
 
 def measure(cfg, dev, steps: int, warmup: int, trace: Path | None = None,
-            dali_outputs: str | None = None) -> dict | None:
+            dali=None) -> dict | None:
     """One configuration's img/s (synthetic and fed) and peak GPU memory; None on OOM.
     ``trace``: see synthetic_rate (synthetic data only). With CUDA graphs, also how many
     compiled graphs torch.compile ran without them (``cudagraph_skips``; all on a CPU).
-    Fed rows also give the fed step's waits (``srtrain.timing.loader_efficiency``)."""
+    Fed rows also give the fed step's waits (``srtrain.timing.loader_efficiency``);
+    ``dali``: their DALI loader's ``srdata.DaliTuning``."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -192,8 +197,7 @@ def measure(cfg, dev, steps: int, warmup: int, trace: Path | None = None,
         if cfg.loader == "synthetic":
             r = synthetic_rate(cfg, model, dev, steps, warmup, trace)
         else:
-            r = loader_efficiency(cfg, model, dev, cfg.amp, steps, warmup,
-                                  dali_outputs=dali_outputs)
+            r = loader_efficiency(cfg, model, dev, cfg.amp, steps, warmup, dali=dali)
     except torch.cuda.OutOfMemoryError:
         return None
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
@@ -298,6 +302,10 @@ def _loaders(ctx, param, value: str) -> list[str]:
 @click.option("--dali-outputs", default="host", show_default=True, callback=_outputs,
               help="host, stream or host,stream: how dali rows take each batch (make_loader's "
                    "dali_outputs; one configuration each).")
+@click.option("--dali-per-run", default="0", show_default=True,
+              callback=lambda c, p, v: _common.numbers(v),
+              help="Training batches per DALI pipeline run for dali rows (DaliTuning's "
+                   "batches_per_run; 0: its default; a comma list, one configuration each).")
 @click.option("--degradations", default="nn", show_default=True, callback=_common.degradations,
               help="How fed rows make the LR (srtrain's --degradation; a comma list, one "
                    "configuration each): nn, bicubic, realesrgan.")
@@ -311,7 +319,7 @@ def _loaders(ctx, param, value: str) -> list[str]:
               help="Synthetic rows: append the profiler's ops by device time to this file.")
 def main(db, count, size, models, loaders, stages, reference, ablate, d_num_feat, batch_sizes,
          patch, scale, amps, layouts, nchw, compile_, graphs, cudnn, tf32, dali_outputs,
-         degradations, workers, device, steps, warmup, out, md, op_table):
+         dali_per_run, degradations, workers, device, steps, warmup, out, md, op_table):
     from srdata.loader import resolve_device
     from srtrain.config import resolve_amp
     env = _common.environment() | _common.accelerator_environment()
@@ -328,8 +336,8 @@ def main(db, count, size, models, loaders, stages, reference, ablate, d_num_feat
             db = db or _common.build_jpeg_db(tmp, count, size, min_size=patch)
         if "l1" in stages:
             records += l1_rows(db, source, models, loaders, batch_sizes, patch, scale, sets,
-                               cudnn, tf32, dali_outputs, degradations, workers, dev, steps,
-                               warmup, op_table, env, out)
+                               cudnn, tf32, dali_outputs, dali_per_run, degradations,
+                               workers, dev, steps, warmup, op_table, env, out)
         if "gan" in stages:
             row = {"benchmark": "train_throughput", "source": "one random batch",
                    "loader": "synthetic", "patch": patch, "scale": scale, "steps": steps,
@@ -353,19 +361,23 @@ def tables(records: list[dict]) -> str:
 
 
 def l1_rows(db, source, models, loaders, batch_sizes, patch, scale, sets, cudnn, tf32,
-            dali_outputs, degradations, workers, dev, steps, warmup, op_table, env, out
-            ) -> list[dict]:
+            dali_outputs, dali_per_run, degradations, workers, dev, steps, warmup, op_table,
+            env, out) -> list[dict]:
     """The L1 stage's rows: model x loader x batch size x each configuration."""
+    from srdata import DaliTuning
     from srtrain.config import TrainConfig
     from srtrain.kernels import resolve_compile
     records, seen = [], set()
-    for name, loader, bs, (how, graph, amp, cl), bench, tf, outputs, deg in itertools.product(
-            models, loaders, batch_sizes, sets, cudnn, tf32, dali_outputs, degradations):
-        if loader != "dali" and outputs != dali_outputs[0]:
-            continue  # one row: the switch is DALI's
+    for name, loader, bs, (how, graph, amp, cl), bench, tf, outputs, runs, deg in \
+            itertools.product(models, loaders, batch_sizes, sets, cudnn, tf32, dali_outputs,
+                              dali_per_run, degradations):
+        if loader != "dali" and (outputs, runs) != (dali_outputs[0], dali_per_run[0]):
+            continue  # one row: the switches are DALI's
         if loader == "synthetic" and deg != degradations[0]:
             continue  # one row: the step alone makes no LR
-        outputs = outputs if loader == "dali" else None
+        tuning = DaliTuning(outputs=outputs, batches_per_run=runs or None) \
+            if loader == "dali" else None
+        outputs, runs = (outputs, runs) if tuning else (None, None)
         cfg, _ = resolve_compile(TrainConfig(
             db=str(db), loader=loader, model=name, scale=scale, batch_size=bs, patch=patch,
             amp=amp, channels_last=cl, compile=how, cuda_graphs=graph,
@@ -373,12 +385,13 @@ def l1_rows(db, source, models, loaders, batch_sizes, patch, scale, sets, cudnn,
             degradation=deg), dev)
         if cfg.cuda_graphs and cfg.compile == "off":
             continue  # the graphs replay compiled code (srtrain refuses the pair)
-        key = (name, loader, bs, cfg.compile, cfg.cuda_graphs, amp, cl, bench, tf, outputs, deg)
+        key = (name, loader, bs, cfg.compile, cfg.cuda_graphs, amp, cl, bench, tf, outputs,
+               runs, deg)
         if key in seen:
             continue  # --ablate's switch that was off already: one row
         seen.add(key)
         r = measure(cfg, dev, steps, warmup, op_table if loader == "synthetic" else None,
-                    dali_outputs=outputs)
+                    dali=tuning)
         if r is None:
             warnings.warn(f"{name} at batch {bs} ran out of GPU memory; skipped")
             continue

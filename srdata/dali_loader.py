@@ -151,7 +151,7 @@ class DaliLoader(Loader):
         self.threads = tuning.threads or self.workers  # DALI's CPU threads; workers read LMDB
         self.dec = decoder_args(device.type == "cuda", tuning.hw_decoder_load,
                                 tuning.decoder_hints)
-        self.outputs = tuning.outputs
+        self.outputs, self.tuning = tuning.outputs, tuning
         self._pipe, self._pipe_at = None, None  # the pipeline and the (epoch, batch) it is at
         self._watching = False
         self._pipe_sampler = None  # the sampler (patch, batch size) the pipeline was built for
@@ -162,6 +162,7 @@ class DaliLoader(Loader):
         self._origin = None  # (first epoch, rows skipped) the source was built with
         self._pos = None  # the (epoch, batch) the pipeline's next output is
         self._restore = None  # a loaded state's pipeline checkpoint, for the next build
+        self.per_run = 1  # training batches per run of the pipeline (DaliTuning.per_run)
 
     def _build(self, epoch: int, start: int):
         s, gpu = self.sampler, self.device.type == "cuda"
@@ -170,6 +171,10 @@ class DaliLoader(Loader):
         r, self._restore, rng = self._restore or self._snapshot(), None, {}
         self._pipe = None  # a stage switch: let the old pipeline and its workers go first
         first, skip, padded = epoch, start * s.batch_size, len(s) * s.batch_size
+        # DALI's checkpoint is taken between runs: one batch a run keeps every batch a
+        # place to resume from with the same noise
+        self.per_run = 1 if self._rng else min(
+            self.tuning.per_run(s.batch_size, self.device.type == "cuda"), len(s))
         if self._rng:
             rng["enable_checkpointing"] = True
             if r is not None and r["at"] == [epoch, start] and \
@@ -178,16 +183,18 @@ class DaliLoader(Loader):
                 rng["checkpoint"] = r["checkpoint"]
         if self.lr is None:
             real = self.degradation == "realesrgan"
-            source = PatchSource(self.db, s, first, skip, padded, self.scale if real else 0)
+            source = PatchSource(self.db, s, first, skip, padded, self.scale if real else 0,
+                                 self.per_run)
             build = _sr_pipeline(source, self.db.codec == "raw", s.patch, self.scale, gpu,
                                  self.roi_decode, self.workers, self.dec, self.degradation,
                                  self.usm)
         else:
-            source = PairedSource(self.db, self.lr, s, self.scale, epoch, skip, padded)
+            source = PairedSource(self.db, self.lr, s, self.scale, epoch, skip, padded,
+                                  self.per_run)
             build = _paired_pipeline(source, self.db.codec == "raw", self.lr.codec == "raw",
                                      s.patch, self.scale, gpu, self.roi_decode, self.workers,
                                      self.dec)
-        args = dict(batch_size=s.batch_size, num_threads=self.threads,
+        args = dict(batch_size=s.batch_size * self.per_run, num_threads=self.threads,
                     device_id=self.device.index if gpu else None, prefetch_queue_depth=2,
                     seed=s.seed)
         try:
@@ -227,21 +234,19 @@ class DaliLoader(Loader):
         # for by this thread (DALI's dynamic executor, the default for our pipelines)
         stream = (torch.cuda.current_stream(self.device)
                   if self.outputs == "stream" and self.device.type == "cuda" else None)
-        for b in range(start, len(s)):
+        size, k = s.batch_size, self.per_run
+        for b in range(start, len(s), k):  # a run: batches b to b + k - 1, or to the end
             try:
                 lr, hr = pipe.run(stream)
-            except StopIteration:
-                raise RuntimeError("DALI ended the epoch early; this is a bug") from None
             except Exception as e:  # DALI raises several types; name the bad record
                 raise self._explain(epoch, b, e) from e
-            n = min(s.batch_size, s.per_rank - b * s.batch_size)
-            self._pos = (epoch, b + 1)
-            yield self._to_torch(lr, n), self._target(self._to_torch(hr, n, output=False))
-        try:
-            pipe.run()  # the source's StopIteration: DALI's end of epoch
-        except StopIteration:
-            pipe.reset()
-            self._pipe_at = self._pos = (epoch + 1, 0)
+            n = min(k * size, s.per_rank - b * size)  # rows past the epoch's end: padding
+            self._pos = (epoch, min(b + k, len(s)))
+            lr, hr = self._to_torch(lr, n), self._target(self._to_torch(hr, n, output=False))
+            for i in range(0, n, size):  # views, in the output's memory format
+                yield lr[i:i + size], hr[i:i + size]
+        # the source goes on into the next epoch (dali_source.PatchSource): no reset
+        self._pipe_at = self._pos = (epoch + 1, 0)
 
     def _snapshot(self) -> dict | None:
         """The pipeline's checkpoint and what its source was built with, when it stands at
@@ -273,7 +278,11 @@ class DaliLoader(Loader):
             out = torch.empty(t.shape(), dtype=torch.uint8, device=self.device)
             feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device))
         else:
-            out = torch.from_numpy(np.array(t))
+            # DALI's own buffer, valid until its next run: a float output or a sharpened
+            # target is converted from it right away; uint8 is copied out of it here
+            out = torch.from_numpy(np.asarray(t))
+            if self.dtype == torch.uint8:
+                out = out[:n].clone()
         out = out[:n].permute(0, 3, 1, 2)
         return self._output(out) if output else out
 
@@ -287,7 +296,7 @@ class DaliLoader(Loader):
                 return WorkerDied(dead)
             time.sleep(0.1)  # its exit code can lag the closed pipe
         s = self.sampler
-        rows = s.plan(epoch)[b * s.batch_size:(b + 3) * s.batch_size]
+        rows = s.plan(epoch)[b * s.batch_size:(b + 3 * self.per_run) * s.batch_size]
         for row in rows:
             try:
                 self.db.image(int(row[ID]))

@@ -22,9 +22,12 @@ from .sampler import HFLIP, ID, TRANSPOSE, X, Y, RowParams, crop_and_flip, lr_ro
 class PatchSource:
     """The batch callback of the external source; picklable, and stateless per batch.
 
-    Batch ``info.iteration`` of DALI epoch ``info.epoch_idx`` is rows ``iteration *
-    batch_size + skip`` onwards of sampler epoch ``first_epoch + epoch_idx`` (``skip`` rows,
-    a resumed run's already-seen batches, apply to the first epoch only). Raw records are
+    One DALI epoch that never ends: run ``info.iteration`` goes on from ``skip`` rows (a
+    resumed run's already-seen batches) into sampler epoch ``first_epoch`` and on through
+    the epochs after it, each run ``per_run`` training batches, the last of an epoch shorter.
+    Without an end, DALI has the next epoch's first runs ready when the last one is
+    handed out, as mid-epoch (an end and reset left the pipeline empty: a stall of a
+    whole run at each epoch's start). Raw records are
     cut here, at no cost; encoded ones go whole to the decoder with the crops as arguments.
     ``realesrgan_scale``: also hand over the rows' Real-ESRGAN degradation inputs
     (``dali_degrade.dali_inputs`` of the sampler's parameters, in ``INPUTS`` order) for LR
@@ -38,9 +41,10 @@ class PatchSource:
     """
 
     def __init__(self, db, sampler, first_epoch: int, skip: int, padded_len: int,
-                 realesrgan_scale: int = 0):
+                 realesrgan_scale: int = 0, per_run: int = 1):
         self._shared = Handoff((db, sampler))  # their arrays grow with the database
         self.first_epoch, self.skip, self.padded_len = first_epoch, skip, padded_len
+        self.per_run = per_run
         self.realesrgan_scale = realesrgan_scale
         self._epoch, self._rows, self._params = None, None, None
         # DALI starts the worker processes from the thread that builds the pipeline: this one
@@ -56,19 +60,23 @@ class PatchSource:
         return self._shared.get()[1]
 
     def _batch(self, info) -> np.ndarray:
-        """The indices into the epoch's plan of this batch's rows (StopIteration past the
-        epoch's end); a short last batch is padded with the epoch's last row."""
+        """The indices into its epoch's plan of this run's rows (``self._rows``, read for
+        that epoch); a short last training batch is padded with the epoch's last row."""
         if self._pid != os.getpid():  # first call in a worker process
             self._pid = os.getpid()
             die_with_parent(self._parent, self._by_main_thread)
-        epoch, size = self.first_epoch + info.epoch_idx, self.sampler.batch_size
-        j = info.iteration * size + (self.skip if info.epoch_idx == 0 else 0)
-        if j >= self.padded_len:
-            raise StopIteration
+        size = self.sampler.batch_size * self.per_run
+        left = -(-(self.padded_len - self.skip) // size)  # runs left in the first epoch
+        if info.iteration < left:
+            epoch, j = self.first_epoch, self.skip + info.iteration * size
+        else:
+            later, run = divmod(info.iteration - left, -(-self.padded_len // size))
+            epoch, j = self.first_epoch + 1 + later, run * size
         if self._epoch != epoch:
             self._epoch, self._rows = epoch, self.sampler.plan(epoch)
             self._params = RowParams(self.sampler, epoch)
-        return np.minimum(np.arange(j, j + size), len(self._rows) - 1)
+        # the epoch's last run may be shorter: DALI takes any batch up to its batch_size
+        return np.minimum(np.arange(j, min(j + size, self.padded_len)), len(self._rows) - 1)
 
     def _degradation_inputs(self, idx: np.ndarray) -> tuple:
         """The rows' Real-ESRGAN inputs, or nothing without that degradation."""
@@ -147,8 +155,8 @@ class PairedSource(PatchSource):
     shared by both."""
 
     def __init__(self, db, lr, sampler, scale: int, first_epoch: int, skip: int,
-                 padded_len: int):
-        super().__init__(db, sampler, first_epoch, skip, padded_len)
+                 padded_len: int, per_run: int = 1):
+        super().__init__(db, sampler, first_epoch, skip, padded_len, per_run=per_run)
         self._lr, self.scale = Handoff(lr), scale
 
     @property

@@ -18,6 +18,11 @@ from .schedule import PatchSchedule
 # default), or on the current CUDA stream. Here, not in srdata.dali_loader, so that tools
 # can name the choices without importing DALI.
 DALI_OUTPUTS = ("host", "stream")
+# Samples one DALI pipeline run makes by default on a GPU (DaliTuning.batches_per_run): 4
+# training batches of 32. A run's Python cost on the host (~1.6 ms on an H200, DALI's own)
+# is paid once for all 4; the outputs are copied on the device, not the host. A GPU run
+# decides whether more pays (train_throughput.py --dali-per-run 0,1).
+RUN_SAMPLES = 128
 # The GPU decoders' buffer hints DaliTuning passes on (DALI's own argument names)
 DECODER_HINTS = ("device_memory_padding", "host_memory_padding", "preallocate_width_hint",
                  "preallocate_height_hint", "hybrid_huffman_threshold")
@@ -37,16 +42,22 @@ class DaliTuning:
     ``DECODER_HINTS`` (DALI's defaults were as fast as hints sized to the images).
     ``outputs`` (GPU): ``"host"`` takes each batch from DALI synchronised with the host,
     ``"stream"`` on the current CUDA stream, so the thread that launches the step never
-    waits for DALI's GPU work (no faster on an H200, 2026-11-28)."""
+    waits for DALI's GPU work (no faster on an H200, 2026-11-28).
+    ``batches_per_run``: training batches made by one run of the pipeline, handed out one
+    by one (default: ``per_run``). DALI's Python costs about the same per run at any batch
+    size, so the host's time per training batch falls with it; a Real-ESRGAN degradation
+    drawn by DALI keeps 1, where DALI's checkpoint makes resume exact."""
     roi_decode: bool = True
     threads: int | None = None
     hw_decoder_load: float | None = None
     decoder_hints: dict | None = None
     outputs: str = "host"
+    batches_per_run: int | None = None
 
     def __post_init__(self):
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"got DaliTuning(threads={self.threads}), expected >= 1")
+        for name in ("threads", "batches_per_run"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"got DaliTuning({name}={getattr(self, name)}), expected >= 1")
         load = self.hw_decoder_load
         if load is not None and not 0 <= load <= 1:
             raise ValueError(f"got DaliTuning(hw_decoder_load={load}), expected 0 to 1")
@@ -57,6 +68,15 @@ class DaliTuning:
         if unknown:
             raise ValueError(f"got DaliTuning(decoder_hints) {', '.join(unknown)}, expected "
                              f"some of {', '.join(DECODER_HINTS)}")
+
+    def per_run(self, batch_size: int, gpu: bool) -> int:
+        """Training batches per pipeline run: ``batches_per_run``, or on a GPU as many as
+        make ``RUN_SAMPLES`` samples (at least one); on the CPU one, as there the outputs
+        are copied out of DALI on the host, and a copy 4 times larger cost more than the
+        runs it saved (benchmarks/results/cpu2-2026-12-05)."""
+        if self.batches_per_run:
+            return self.batches_per_run
+        return max(1, RUN_SAMPLES // batch_size) if gpu else 1
 
 
 class Loader:

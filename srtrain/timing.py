@@ -88,13 +88,15 @@ def timing_stepper(cfg: TrainConfig, model, device, amp: str) -> Stepper:
 
 
 def loader_efficiency(cfg: TrainConfig, model, device, amp: str, steps: int = 20,
-                      warmup: int = 5, loader=None, dali_outputs: str | None = None) -> dict:
+                      warmup: int = 5, loader=None, dali=None) -> dict:
     """Loader efficiency: img/s with the loader ÷ img/s on synthetic (pre-made) batches.
 
     Also, per fed step: how long the GPU sat idle for data (``fed_data_wait_ms``, the
-    trainer's data wait: the wall time on a CPU) and the median time the host spent
-    fetching a batch (``fed_fetch_ms``). A loader that makes the host wait for the GPU
-    shows a fetch as long as a step; one that is slow on the host, a GPU wait."""
+    trainer's data wait: the wall time on a CPU) and the median and mean time the host
+    spent fetching a batch (``fed_fetch_ms``, ``fed_fetch_ms_mean``: DALI making several
+    batches a run puts the run's cost on one fetch in several). A loader that makes the host
+    wait for the GPU shows a fetch as long as a step; one that is slow on the host, a GPU
+    wait. ``dali``: the ``srdata.DaliTuning`` of a DALI loader made here."""
     set_kernels(cfg, device)
     if loader is None:
         loader = srdata.make_loader(cfg.db, cfg.loader, cfg.batch_size, cfg.patch, cfg.scale,
@@ -102,8 +104,7 @@ def loader_efficiency(cfg: TrainConfig, model, device, amp: str, steps: int = 20
                                     dtype=AMP_DTYPES[amp], channels_last=cfg.channels_last,
                                     workers=loader_workers(cfg.workers), lr_db=cfg.lr_db,
                                     degradation=cfg.degradation, usm=cfg.usm,
-                                    dali=srdata.DaliTuning(outputs=dali_outputs)
-                                    if dali_outputs else None)
+                                    dali=dali)
 
     # one pass over the loader for both runs: a second iter() would start its workers (and
     # build a DALI pipeline) again, the first one left half-read
@@ -119,7 +120,10 @@ def loader_efficiency(cfg: TrainConfig, model, device, amp: str, steps: int = 20
     return {"synthetic_img_per_s": synthetic, "loader_img_per_s": fed,
             "loader_efficiency": fed / synthetic,
             "fed_data_wait_ms": 1000 * waited / n if n else None,
-            "fed_fetch_ms": 1000 * statistics.median(fetches) if n else None}
+            "fed_fetch_ms": 1000 * statistics.median(fetches) if n else None,
+            "fed_fetch_ms_mean": 1000 * statistics.mean(fetches) if n else None,
+            # DALI's batches a pipeline run, as the loader made them
+            **({"dali_per_run": loader.per_run} if hasattr(loader, "per_run") else {})}
 
 
 def timed_fetches(batches, skip: int, timer: DataTimer, seconds: list | None = None):

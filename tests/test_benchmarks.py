@@ -68,13 +68,16 @@ def test_loader_benchmark_writes_lines_table_and_plot(tmp_path):
 def test_train_benchmark_reports_loader_efficiency(tmp_path):
     pytest.importorskip("nvidia.dali")
     lines = bench("train_throughput.py", "--count", 8, "--size", 64, "--patch", 32,
-                  "--models", "srcnn,fast", "--loaders", "dali,torch", "--batch-sizes", "1,2",
+                  "--models", "srcnn", "--loaders", "dali,torch", "--batch-sizes", "1,2",
                   "--steps", 3, "--warmup", 1, "--workers", 1, "--dali-outputs", "host,stream",
-                  "--md", tmp_path / "t.md", cwd=tmp_path)
-    # DALI's switch makes a row each for dali only
-    assert [(r["model"], r["loader"], r["batch_size"], r.get("dali_outputs")) for r in lines] \
-        == [(m, lo, b, out) for m in ("srcnn", "fast") for lo in ("dali", "torch")
-            for b in (1, 2) for out in (("host", "stream") if lo == "dali" else (None,))]
+                  "--dali-per-run", "2,0", "--md", tmp_path / "t.md", cwd=tmp_path)
+    # DALI's switches make a row each for dali only; batches a run as the loader made them
+    # (0: the default, one on the CPU)
+    assert [(r["loader"], r["batch_size"], r.get("dali_outputs"), r.get("dali_per_run"))
+            for r in lines] == [
+        (lo, b, out, runs) for lo in ("dali", "torch") for b in (1, 2)
+        for out in (("host", "stream") if lo == "dali" else (None,))
+        for runs in ((2, 1) if lo == "dali" else (None,))]
     assert all(r["synthetic_img_per_s"] > 0 and r["loader_efficiency"] > 0 for r in lines)
     # two timed fetches a row (the first timed step's batch comes before the clock starts);
     # on the CPU the data wait is the wall time in the loader, so at least the median's half
@@ -82,7 +85,8 @@ def test_train_benchmark_reports_loader_efficiency(tmp_path):
     # srtrain's --compile auto, as the rows say it ran: nothing compiled on the CPU
     assert {(r["compile"], r["cuda_graphs"]) for r in lines} == {("off", False)}
     table = (tmp_path / "t.md").read_text()
-    assert "| fast | torch | 2 |" in table and "| srcnn | dali, stream outputs | 1 |" in table
+    assert "| srcnn | torch | 2 |" in table
+    assert "| srcnn | dali, stream outputs, 2 batches a run | 1 |" in table
     assert "| GPU wait ms / step | fetch ms / step |" in table
 
 
@@ -100,7 +104,7 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
                                                              "gan", "batch", "ttq",
                                                              "degradations"]
     md = (out / "results.md").read_text()
-    assert "| dali | jpeg | realesrgan | uint8 | 2 | 1 |" in md  # the host's time per fetch
+    assert "| dali | jpeg | realesrgan | uint8 | 2 | 1 | 1 |" in md  # host time per fetch
     for section in ("## Headline", "## One real epoch", "## Host time per fetch",
                     "## Loader throughput", "## Training throughput", "## Kernel switches",
                     "## GAN stage step", "## Batch size",
@@ -112,7 +116,12 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
     assert 0 < epoch["first_window_s"] <= epoch["train_s"] <= epoch["total_s"]
     assert "| esrgan | dali, realesrgan LR | 2 |" in md  # esrgan fed with Real-ESRGAN's LR
     profile = (out / "fetch_profile.txt").read_text()  # cProfile of the timed fetches
-    assert "## dali, realesrgan LR, batch 2, 1 workers, cpu: 2 fetches" in profile
+    assert "## dali, realesrgan LR, batch 2, 1 workers, 1 batch(es) a run, cpu: 2 fetches" \
+        in profile
+    # the suite's --per-run 0,1: on the CPU the default is one batch a run too
+    fetches = [json.loads(x) for x in (out / "fetch_host.jsonl").read_text().splitlines()]
+    assert [(r["loader"], r["per_run"]) for r in fetches if r["degradation"] == "nn"] == [
+        ("dali", 1), ("dali", 1), ("torch", None)]
     assert "Ordered by: cumulative time" in profile
     assert "| dali | 4 | 1 | on | realesrgan |" in md
     assert "| esrgan | dali | 2 |" in md and "the users' 10,000 images" in md

@@ -14,24 +14,17 @@ def sampler_of(db, batch=4, patch=64, drop_last=False):
     return Sampler(db.heights, db.widths, batch, patch, seed=3, drop_last=drop_last)
 
 
-def batches(source, epoch=0):
-    """Every batch of one DALI epoch, until the source's StopIteration."""
-    out = []
-    for it in range(100):
-        try:
-            out.append(source(types.BatchInfo(it, epoch)))
-        except StopIteration:
-            return out
-    raise AssertionError("the source never ended the epoch")
+def runs(source, n):
+    """The source's first ``n`` runs: its one DALI epoch goes on through the sampler's."""
+    return [source(types.BatchInfo(it, 0)) for it in range(n)]
 
 
 def test_raw_batches_are_one_array_of_cut_patches_the_last_one_padded(packed):
     db = open_db(packed("raw"))
     s = sampler_of(db)  # 10 images, batches of 4: 4, 4, 2 rows padded to 4
-    got = batches(PatchSource(db, s, 0, 0, len(s) * 4))
-    plan = s.plan(0)
-    rows = plan[[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9]]
-    assert [len(b) for b in got] == [1, 1, 1]  # one output: the patches, no inputs
+    got = runs(PatchSource(db, s, 0, 0, len(s) * 4), 4)
+    rows = np.concatenate([s.plan(0)[[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9]], s.plan(1)[:4]])
+    assert [len(b) for b in got] == [1, 1, 1, 1]  # one output: the patches, no inputs
     assert all(b[0].shape == (4, 64, 64, 3) and b[0].dtype == np.uint8 for b in got)
     want = np.stack([crop_and_flip(db.image(int(r[ID])), r, 64) for r in rows])
     np.testing.assert_array_equal(np.concatenate([b[0] for b in got]), want)
@@ -76,15 +69,29 @@ def test_records_of_very_different_lengths_go_unpadded(tmp_path):
 
 
 def test_skipped_rows_apply_to_the_first_epoch_only(packed):
-    """A resumed run's source starts after the batches it saw, and the next epoch from its
-    first row."""
+    """A resumed run's source starts after the batches it saw, and goes on into the next
+    epochs from their first rows."""
     db = open_db(packed("jpeg"))
     s = sampler_of(db, drop_last=True)  # 2 batches of 4
-    source = PatchSource(db, s, 5, 4, len(s) * 4)
-    first = batches(source, 0)
-    assert len(first) == 1
-    np.testing.assert_array_equal(first[0][1][:, 1:], s.plan(5)[4:8, [Y, X]])
-    np.testing.assert_array_equal(batches(source, 1)[0][1][:, 1:], s.plan(6)[0:4, [Y, X]])
+    got = runs(PatchSource(db, s, 5, 4, len(s) * 4), 4)
+    want = [s.plan(5)[4:8], s.plan(6)[0:4], s.plan(6)[4:8], s.plan(7)[0:4]]
+    for (_, where, _), rows in zip(got, want):
+        np.testing.assert_array_equal(where[:, 1:], rows[:, [Y, X]])
+
+
+def test_runs_of_several_batches_end_with_the_epoch(packed):
+    """per_run=2 over 3 batches an epoch: 8 rows, then the epoch's last 4 (its last batch
+    padded), then the next epoch's first 8; resumed after one batch, 8 rows to its end."""
+    db = open_db(packed("jpeg"))
+    s = sampler_of(db)  # 10 images: rows 0-9 and two padding rows
+    pad = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9]
+    cases = (((0, 0), [s.plan(0)[pad[:8]], s.plan(0)[pad[8:]], s.plan(1)[pad[:8]]]),
+             ((3, 4), [s.plan(3)[pad[4:]], s.plan(4)[pad[:8]], s.plan(4)[pad[8:]]]))
+    for (first, skip), want in cases:
+        got = runs(PatchSource(db, s, first, skip, len(s) * 4, per_run=2), 3)
+        for (_, where, flags), rows in zip(got, want):
+            np.testing.assert_array_equal(where[:, 1:], rows[:, [Y, X]])
+            np.testing.assert_array_equal(flags, rows[:, HFLIP:TRANSPOSE + 1])
 
 
 def test_realesrgan_inputs_are_one_array_each_the_rows_own(packed):

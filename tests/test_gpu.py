@@ -32,13 +32,14 @@ def test_mixed_decode_matches_the_torch_loader(packed, codec, roi, tol):
     path = packed(codec)
     dali = srdata.make_loader(path, "dali", dali=srdata.DaliTuning(roi_decode=roi), **KW)
     ref = srdata.make_loader(path, "torch", **KW)
-    for _ in range(2):  # two epochs: the pipeline's end-of-epoch reset on the GPU too
+    for _ in range(2):  # two epochs: the pipeline running on into the next on the GPU too
         a, b = epoch(ref), epoch(dali)
         assert len(a) == len(b) > 0
         for (lr1, hr1), (lr2, hr2) in zip(a, b):
             assert hr2.shape == hr1.shape and lr2.shape == lr1.shape
             assert (hr1.float() - hr2.float()).abs().mean() <= tol
             assert (lr1.float() - lr2.float()).abs().mean() <= tol
+    assert dali.per_run == len(dali) == 2  # a GPU's default: several batches a run
 
 
 @pytest.mark.parametrize("codec", ["raw", "jpeg"])

@@ -58,6 +58,27 @@ def test_loaders_yield_the_sampler_s_samples_bit_exact(packed, loader, codec, sc
     assert lo.state_dict()["epoch"] == 2
 
 
+@pytest.mark.parametrize("codec", ["png", "raw"])
+def test_dali_runs_of_several_batches_hand_out_the_same_batches(packed, codec):
+    """DaliTuning(batches_per_run=3): one pipeline run makes three training batches; the
+    epoch's last run is shorter and its last batch short; a resume mid-run starts there."""
+    path = packed(codec)
+    kw = KW | {"batch_size": 3, "drop_last": False}
+    tuning = srdata.DaliTuning(batches_per_run=3)
+    lo = srdata.make_loader(path, "dali", dali=tuning, **kw)
+    assert len(lo) == 4
+    db = PackedDB(path)
+    expect = reference(db, lo, 0) + reference(db, lo, 1)
+    got = run(lo) + run(lo)
+    assert [hr.shape[0] for _, hr in got] == [3, 3, 3, 1] * 2
+    assert_same(got, expect)
+    first = srdata.make_loader(path, "dali", dali=tuning, **kw)
+    head = run(first, 1)
+    resumed = srdata.make_loader(path, "dali", dali=tuning, **kw)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert_same(head + run(resumed) + run(resumed), expect)
+
+
 @pytest.mark.parametrize("roi", [False, True])
 def test_dali_jpeg_within_one_grey_level_of_torch(packed, roi):
     path = packed("jpeg")
@@ -324,6 +345,7 @@ def test_dali_tuning_knobs_are_validated_and_applied(packed):
         "hw_decoder_load": 0.9, "device_memory_padding": 1 << 20}
     assert decoder_args(True, None, None) == {"hw_decoder_load": 1.0}  # measured, not 0.65
     for bad, match in (({"threads": 0}, r"DaliTuning\(threads=0\), expected >= 1"),
+                       ({"batches_per_run": 0}, r"batches_per_run=0\), expected >= 1"),
                        ({"hw_decoder_load": 1.5}, "hw_decoder_load=1.5"),
                        ({"decoder_hints": {"bogus": 1}}, r"decoder_hints\) bogus"),
                        ({"outputs": "device"}, "outputs='device'\\), expected host or")):
