@@ -9,12 +9,11 @@ host spends fetching the next batch the GPU spends idle (the fifth GPU session: 
 a batch, ``torch`` 0.4-0.7 ms; ``srcnn`` fed by DALI lost 26% of its 8 ms step). Before
 each fetch this waits ``--pause`` seconds, for the workers and the pipeline to get ahead,
 then times ``next()``: what is left is the main thread's own work (receiving the workers'
-batch, feeding DALI, handing the outputs over as tensors), not the decode; apart, the
-median of the fetches that began an epoch. Mean, median and
-90th percentile of ``--fetches`` fetches after ``--warmup``; one JSON line per
-configuration. DALI making several training batches a run (``--per-run``, a comma list:
-0 is the loader's default) puts the run's cost on its first batch only: the mean per batch
-is the figure to compare then.
+batch, feeding DALI, handing the outputs over as tensors), not the decode. Mean, median and
+90th percentile of ``--fetches`` fetches after ``--warmup``, and apart the median of those
+that began an epoch; one JSON line per configuration. DALI making several training
+batches a run (``--per-run``, a comma list: 0 is the loader's default) puts the run's cost
+on its first batch only: the mean per batch is the figure to compare then.
 """
 from __future__ import annotations
 
@@ -137,15 +136,19 @@ def main(db, loaders, batch_sizes, degradation, workers, per_run, patch, scale, 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     opened = open_db(db)
     env = _common.environment() | _common.accelerator_environment()
-    records = []
+    records, seen = [], set()
     for name, deg, batch, runs in itertools.product(loaders, degradation, batch_sizes, per_run):
         if name != "dali" and runs != per_run[0]:
             continue  # one row: the option is DALI's
+        tuning = srdata.DaliTuning(batches_per_run=runs or None) if name == "dali" else None
+        # one row per batches a run resolved: 0 (the default) may be one of the numbers given
+        key = (name, deg, batch, tuning and tuning.per_run(batch, dev.type == "cuda"))
+        if key in seen:
+            continue
+        seen.add(key)
         lo = srdata.make_loader(opened, name, batch_size=batch, patch_size=patch,
                                 scale=scale, workers=workers or None, device=dev,
-                                dtype=getattr(torch, dtype), degradation=deg,
-                                dali=srdata.DaliTuning(batches_per_run=runs)
-                                if name == "dali" and runs else None)
+                                dtype=getattr(torch, dtype), degradation=deg, dali=tuning)
         prof, starts = cProfile.Profile() if profile else None, []
         times = sorted(fetch_times(lo, fetches, warmup, pause, prof, starts))
         used = lo.workers  # make_loader's default where --workers is 0

@@ -300,8 +300,8 @@ def _loaders(ctx, param, value: str) -> list[str]:
 @click.option("--tf32", default="on", show_default=True, callback=_switch,
               help="on, off or on,off: TF32 for fp32 convolutions and matmuls (CUDA).")
 @click.option("--dali-outputs", default="host", show_default=True, callback=_outputs,
-              help="host, stream or host,stream: how dali rows take each batch (make_loader's "
-                   "dali_outputs; one configuration each).")
+              help="host, stream or host,stream: how dali rows take each batch (DaliTuning's "
+                   "outputs; one configuration each).")
 @click.option("--dali-per-run", default="0", show_default=True,
               callback=lambda c, p, v: _common.numbers(v),
               help="Training batches per DALI pipeline run for dali rows (DaliTuning's "
@@ -377,7 +377,9 @@ def l1_rows(db, source, models, loaders, batch_sizes, patch, scale, sets, cudnn,
             continue  # one row: the step alone makes no LR
         tuning = DaliTuning(outputs=outputs, batches_per_run=runs or None) \
             if loader == "dali" else None
-        outputs, runs = (outputs, runs) if tuning else (None, None)
+        # the batches a run it resolves to: 0 (the default) may be one of the numbers given
+        outputs, runs = (outputs, tuning.per_run(bs, dev.type == "cuda")) if tuning \
+            else (None, None)
         cfg, _ = resolve_compile(TrainConfig(
             db=str(db), loader=loader, model=name, scale=scale, batch_size=bs, patch=patch,
             amp=amp, channels_last=cl, compile=how, cuda_graphs=graph,
@@ -388,7 +390,8 @@ def l1_rows(db, source, models, loaders, batch_sizes, patch, scale, sets, cudnn,
         key = (name, loader, bs, cfg.compile, cfg.cuda_graphs, amp, cl, bench, tf, outputs,
                runs, deg)
         if key in seen:
-            continue  # --ablate's switch that was off already: one row
+            continue  # --ablate's switch that was off already, or the default batches a
+            # run given again by number: one row
         seen.add(key)
         r = measure(cfg, dev, steps, warmup, op_table if loader == "synthetic" else None,
                     dali=tuning)

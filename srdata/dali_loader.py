@@ -280,9 +280,9 @@ class DaliLoader(Loader):
         else:
             # DALI's own buffer, valid until its next run: a float output or a sharpened
             # target is converted from it right away; uint8 is copied out of it here
-            out = torch.from_numpy(np.asarray(t))
+            out = torch.from_numpy(np.asarray(t))[:n]
             if self.dtype == torch.uint8:
-                out = out[:n].clone()
+                out = out.clone()
         out = out[:n].permute(0, 3, 1, 2)
         return self._output(out) if output else out
 
